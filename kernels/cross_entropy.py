@@ -1,0 +1,273 @@
+"""Fused lm_head + cross-entropy: the loss from hidden states without the full [N, V] logits.
+
+``loss = CE(softcap(h @ W.T + b), target)`` over N tokens, hidden size H, vocab V. Eager code
+materialises the logits (N x V in the model dtype), an fp32 copy for the loss, its softmax
+and the fp32 gradient: at Llama-3.1-8B's V = 128256 and N = 16384 that is ~8.4 GB per fp32
+copy. Here tokens go through in chunks of ``chunk_rows`` rows (Liger Kernel's approach): for
+each chunk
+
+1. ``logits = h_c @ W.T (+ b)`` with cuBLAS, in the input dtype (c x V);
+2. one Triton program per row reads the row twice: an online log-sum-exp over the vocab in
+   blocks (max and rescaled sum in fp32), then ``dlogits = (softmax - onehot(target)) * scale``
+   (times ``1 - tanh^2`` under softcapping), written over the logits in place;
+3. ``grad_h_c = dlogits @ W``, ``grad_W += dlogits.T @ h_c``, ``grad_b += dlogits.sum(0)``.
+
+So the gradients are finished when the forward returns; backward only multiplies them by the
+incoming gradient when it is not 1. Peak extra memory is one chunk of logits plus the
+gradients themselves (grad_W only when the lm_head is trained; it is frozen under LoRA).
+
+Numerics: logits are rounded to the input dtype once, as eager ``lm_head(h).float()`` does;
+log-sum-exp, softmax and softcapping run in fp32; dlogits are rounded to the input dtype
+before the two gradient matmuls (as eager autograd's bf16 grad of bf16 logits). ``grad_W`` is
+accumulated in W's dtype with ``addmm_`` (fp32 accumulation inside each chunk's matmul, one
+rounding per chunk), ``grad_b`` in fp32.
+
+Reductions: ``'sum'``, or ``'mean'`` = sum over non-ignored tokens divided by
+``num_items_in_batch`` when given (the token count of the whole accumulated batch, so that
+micro-batch losses add up to the true token mean) else by this call's non-ignored count
+(clamped to 1: a batch with every target ignored gives loss 0 and zero gradients, not NaN).
+Targets are aligned with rows (shift labels before calling). ``ignore_index`` rows
+contribute nothing.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._tl_rounding import cast_for_store
+
+MIN_CHUNK_ROWS = 1024
+MAX_BLOCK_V = 4096
+
+
+def chunk_rows_for(n_rows: int, hidden: int, vocab: int) -> int:
+    """Rows per chunk: ``clamp(next_pow2(ceil(N * H / V)), 1024, next_pow2(N))``.
+
+    Two constraints set it:
+
+    - memory: one chunk of logits (c x V) should cost no more than the hidden states it comes
+      from (N x H), Liger's rule, so c ~ N * H / V. The loss then never needs more than about
+      twice the activation memory it is fed;
+    - speed: the logits matmul reads W (V x H) once per chunk for 2 * c * V * H FLOPs, i.e.
+      c FLOP per byte of bf16 W, and ``grad_W += dlogits.T @ h_c`` reads and writes grad_W for
+      the same FLOPs, c / 2 FLOP per byte. An H200 needs ~210 FLOP/byte (990 TFLOP/s over
+      4.8 TB/s) to be matmul-bound, so c >= 1024 keeps both GEMMs well clear of it.
+
+    Worked example, Llama-3.1-8B (H = 4096, V = 128256) at 4 x 4096 = 16384 tokens:
+    N * H / V = 16384 * 4096 / 128256 = 523.3 -> 524 -> next power of two 1024 (also the floor):
+    16 chunks of 1024 rows; one chunk's bf16 logits are 1024 * 128256 * 2 B = 263 MB, against
+    16384 * 128256 * 4 B = 8.4 GB for one fp32 copy of the full logits in eager code.
+    At 4096 tokens the memory rule gives 131 -> 256 rows, the floor raises it to 1024
+    (4 chunks, still 263 MB). A small vocab moves it up: V = 32000, N = 65536, H = 8192 gives
+    16777 -> 32768 rows (2 chunks, 2.1 GB of logits against 1.07 GB of hidden states).
+    """
+    if n_rows <= 0:
+        return 1
+    by_memory = triton.next_power_of_2(triton.cdiv(n_rows * hidden, vocab))
+    return min(max(by_memory, MIN_CHUNK_ROWS), triton.next_power_of_2(n_rows))
+
+
+@triton.jit
+def _tanh(y):
+    # tanh without libdevice (the CPU interpreter lacks it): odd Taylor series near 0, where
+    # (1 - e) / (1 + e) would cancel, else the exp form on |y| (e in (0, 1), never overflows).
+    a = tl.abs(y)
+    e = tl.exp(-2.0 * a)
+    big = (1.0 - e) / (1.0 + e)
+    y2 = a * a
+    small = a * (1.0 + y2 * (-1.0 / 3.0 + y2 * (2.0 / 15.0 + y2 * (-17.0 / 315.0))))
+    t = tl.where(a < 0.125, small, big)
+    return tl.where(y < 0, -t, t)
+
+
+@triton.jit
+def _cross_entropy_rows_kernel(
+    logits_ptr, stride_row, target_ptr, loss_ptr, scale_ptr,
+    n_cols, ignore_index, softcap,
+    HAS_SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """One row: loss = lse(z) - z[target], z = softcap(logits); optionally dlogits in place."""
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * stride_row
+    target = tl.load(target_ptr + row).to(tl.int64)
+    valid = target != ignore_index
+    t_idx = tl.where(valid, target, 0)
+
+    # Pass 1: online max / sum of exp over the vocab in BLOCK_V blocks (fp32).
+    m = float("-inf")
+    s = 0.0
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < n_cols
+        x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            x = softcap * _tanh(x / softcap)
+        x = tl.where(mask, x, float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m = m_new
+    lse = m + tl.log(s)
+
+    x_t = tl.load(base + t_idx).to(tl.float32)
+    if HAS_SOFTCAP:
+        x_t = softcap * _tanh(x_t / softcap)
+    tl.store(loss_ptr + row, tl.where(valid, lse - x_t, 0.0))
+
+    if COMPUTE_GRAD:
+        # Pass 2: d loss_row * scale / d logits = (softmax - onehot) * scale * dz/dlogits.
+        row_scale = tl.where(valid, tl.load(scale_ptr), 0.0)
+        for start in range(0, n_cols, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            mask = cols < n_cols
+            x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_SOFTCAP:
+                t = _tanh(x / softcap)
+                x = softcap * t
+            g = tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)
+            g = g * row_scale
+            if HAS_SOFTCAP:
+                g = g * (1.0 - t * t)
+            tl.store(base + cols, cast_for_store(g, logits_ptr), mask=mask)
+
+
+def cross_entropy_rows_(
+    logits: torch.Tensor, target: torch.Tensor, loss_out: torch.Tensor, scale: torch.Tensor,
+    ignore_index: int, softcap: float | None, compute_grad: bool,
+) -> None:
+    """Launch the row kernel on a (c, V) contiguous logits chunk; overwrites it with dlogits."""
+    rows, vocab = logits.shape
+    if rows == 0:
+        return
+    block_v = min(triton.next_power_of_2(vocab), MAX_BLOCK_V)
+    _cross_entropy_rows_kernel[(rows,)](
+        logits, logits.stride(0), target, loss_out, scale,
+        vocab, ignore_index, float(softcap or 0.0),
+        HAS_SOFTCAP=softcap is not None, COMPUTE_GRAD=compute_grad, BLOCK_V=block_v,
+        num_warps=8 if block_v >= 2048 else 4,
+    )
+
+
+def _loss_scale(target, ignore_index, reduction, num_items_in_batch) -> torch.Tensor:
+    """(1,) fp32 on target's device: 1 / denominator for 'mean', 1 for 'sum'; no host sync."""
+    dev = target.device
+    if reduction == "sum":
+        return torch.ones(1, dtype=torch.float32, device=dev)
+    if num_items_in_batch is None:
+        denom = (target != ignore_index).sum().clamp_min(1).float()
+    else:
+        denom = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=dev)
+    return (1.0 / denom).reshape(1)
+
+
+class TunedagFusedLinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, target, bias, ignore_index, reduction,
+                num_items_in_batch, softcap, chunk_rows):
+        n, h = hidden.shape
+        v = weight.shape[0]
+        need_h, need_w, _, need_b = ctx.needs_input_grad[:4]
+        compute_grad = need_h or need_w or need_b
+        scale = _loss_scale(target, ignore_index, reduction, num_items_in_batch)
+        loss_rows = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_b = torch.zeros(v, dtype=torch.float32, device=hidden.device) if need_b else None
+        c = chunk_rows or chunk_rows_for(n, h, v)
+        w_t = weight.t()
+        for s in range(0, n, c):
+            e = min(s + c, n)
+            h_c = hidden[s:e]
+            logits = torch.addmm(bias, h_c, w_t) if bias is not None else h_c @ w_t  # (c, V)
+            cross_entropy_rows_(logits, target[s:e], loss_rows[s:e], scale, ignore_index,
+                                softcap, compute_grad)
+            if need_h:
+                torch.mm(logits, weight, out=grad_h[s:e])  # (c, V) @ (V, H)
+            if need_w:
+                grad_w.addmm_(logits.t(), h_c)  # (V, c) @ (c, H)
+            if need_b:
+                grad_b += logits.sum(0, dtype=torch.float32)
+            del logits
+        loss = loss_rows.sum() * scale[0]
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        if not torch.equal(grad_out, torch.ones_like(grad_out)):  # one host sync, like Liger
+            grad_h = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+            grad_w = grad_w * grad_out.to(grad_w.dtype) if grad_w is not None else None
+            grad_b = grad_b * grad_out if grad_b is not None else None
+        if grad_b is not None:
+            grad_b = grad_b.to(ctx.bias_dtype)
+        return grad_h, grad_w, None, grad_b, None, None, None, None, None
+
+
+def _check_args(hidden, weight, target, reduction, softcap):
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden size {hidden.shape[-1]} does not match lm_head weight {tuple(weight.shape)}"
+        )
+    if hidden.shape[:-1].numel() != target.numel():
+        raise ValueError(
+            f"{hidden.shape[:-1].numel()} hidden rows but {target.numel()} targets "
+            "(shift labels before calling)"
+        )
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: int | torch.Tensor | None = None,
+    softcap: float | None = None,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Scalar fp32 loss of ``softcap(hidden @ weight.T + bias)`` against ``target``.
+
+    hidden (..., H), weight (V, H), target (...) int64 aligned with hidden's rows.
+    ``chunk_rows`` overrides ``chunk_rows_for`` (tests use it to force several chunks).
+    """
+    _check_args(hidden, weight, target, reduction, softcap)
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    if not hidden.is_contiguous():
+        hidden = hidden.contiguous()
+    target = target.reshape(-1).contiguous()
+    return TunedagFusedLinearCrossEntropyFunction.apply(
+        hidden, weight, target, bias, ignore_index, reduction, num_items_in_batch, softcap,
+        chunk_rows,
+    )
+
+
+def fused_linear_cross_entropy_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: int | torch.Tensor | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Eager PyTorch, as Hugging Face models compute it: full logits, upcast to fp32."""
+    _check_args(hidden, weight, target, reduction, softcap)
+    logits = F.linear(hidden.reshape(-1, hidden.shape[-1]), weight, bias).float()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    target = target.reshape(-1)
+    loss = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum")
+    if reduction == "sum":
+        return loss
+    if num_items_in_batch is None:
+        return loss / (target != ignore_index).sum().clamp_min(1)
+    return loss / num_items_in_batch
