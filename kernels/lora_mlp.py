@@ -1,0 +1,246 @@
+"""LoRA-fused gated MLP: ``y = down(act(gate(x)) * up(x))`` with a hand-written backward.
+
+Each projection is ``p(x) = x @ W.T + s * (x @ A.T) @ B.T`` with W (out, in) frozen (a dense
+bf16/fp16/fp32 tensor or an ``NF4Weight`` dequantised on the fly by the Triton kernel in
+``nf4.py``), A (r, in) and B (out, r) trained, s = lora_alpha / r. ``act`` is SiLU (SwiGLU:
+Llama, Mistral, Qwen) or GELU-tanh (GeGLU: Gemma). No bias, no dropout on this path.
+
+What is saved for backward (N tokens, H hidden, I intermediate, r rank):
+x (N, H), the gate and up pre-activations g, u (N, I), and the rank-r products x A_g^T,
+x A_u^T, h A_d^T (N, r each). Not saved: h = act(g) * u (recomputed in backward by the same
+Triton pass that computes dg and du), and no dense copy of an NF4 weight (dequantised again in
+backward). Eager PyTorch + peft keeps x, g, act(g), u, h and the LoRA intermediates in both the
+adapter's and the model's dtype.
+
+Backward, with dY (N, H):
+  dh = dY @ W_d + s (dY @ B_d) @ A_d                        (N, I)
+  h, dg, du = act(g) u,  dh * u * act'(g),  dh * act(g)     one Triton pass, in place over
+                                                            dh, g, u (backward runs once)
+  grad A_d = s (dY B_d)^T h,  grad B_d = s dY^T (h A_d^T)
+  grad A_g = s (dg B_g)^T x,  grad B_g = s dg^T (x A_g^T)   (same for up)
+  dx = dg W_g + du W_u + s (dg B_g) A_g + s (du B_u) A_u
+
+The matmuls are cuBLAS (``torch.mm``/``addmm_``) in x's dtype; the LoRA A/B are cast to x's
+dtype once per call (they are tiny) and their gradients returned in their own dtype. The
+activation and its derivative are computed in fp32 and rounded once.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._tl_rounding import cast_for_store
+from .nf4 import NF4Weight, dequantize_nf4_reference, maybe_dequantize
+
+ACTIVATIONS = ("silu", "gelu_tanh")
+_ELEMWISE_BLOCK = 1024
+
+
+@triton.jit
+def _tanh(y):
+    # tanh without libdevice (absent in the CPU interpreter); series near 0 avoids cancellation.
+    a = tl.abs(y)
+    e = tl.exp(-2.0 * a)
+    big = (1.0 - e) / (1.0 + e)
+    y2 = a * a
+    small = a * (1.0 + y2 * (-1.0 / 3.0 + y2 * (2.0 / 15.0 + y2 * (-17.0 / 315.0))))
+    t = tl.where(a < 0.125, small, big)
+    return tl.where(y < 0, -t, t)
+
+
+@triton.jit
+def _act_and_grad(g, ACT: tl.constexpr):
+    """(act(g), act'(g)) in fp32. ACT 0: SiLU; 1: GELU with the tanh approximation."""
+    if ACT == 0:
+        sig = 1.0 / (1.0 + tl.exp(-g))
+        a = g * sig
+        da = sig * (1.0 + g * (1.0 - sig))
+    else:
+        k0 = 0.7978845608028654  # sqrt(2 / pi)
+        k1 = 0.044715
+        t = _tanh(k0 * (g + k1 * g * g * g))
+        a = 0.5 * g * (1.0 + t)
+        da = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * k0 * (1.0 + 3.0 * k1 * g * g)
+    return a, da
+
+
+@triton.jit
+def _act_mul_fwd_kernel(g_ptr, u_ptr, h_ptr, n, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    a, _ = _act_and_grad(g, ACT)
+    tl.store(h_ptr + offs, cast_for_store(a * u, h_ptr), mask=mask)
+
+
+@triton.jit
+def _act_mul_bwd_kernel(g_ptr, u_ptr, dh_ptr, n, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    # In place: dh_ptr <- h = act(g) u, g_ptr <- dg, u_ptr <- du.
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dh = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    a, da = _act_and_grad(g, ACT)
+    tl.store(dh_ptr + offs, cast_for_store(a * u, dh_ptr), mask=mask)
+    tl.store(g_ptr + offs, cast_for_store(dh * u * da, g_ptr), mask=mask)
+    tl.store(u_ptr + offs, cast_for_store(dh * a, u_ptr), mask=mask)
+
+
+def _act_id(activation: str) -> int:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return ACTIVATIONS.index(activation)
+
+
+def act_mul(g: torch.Tensor, u: torch.Tensor, activation: str) -> torch.Tensor:
+    """h = act(g) * u for contiguous g, u of one shape."""
+    h = torch.empty_like(g)
+    n = g.numel()
+    _act_mul_fwd_kernel[(triton.cdiv(n, _ELEMWISE_BLOCK),)](
+        g, u, h, n, ACT=_act_id(activation), BLOCK=_ELEMWISE_BLOCK, num_warps=4)
+    return h
+
+
+def act_mul_backward_(g: torch.Tensor, u: torch.Tensor, dh: torch.Tensor, activation: str):
+    """Overwrite dh with h, g with dg, u with du; returns (h, dg, du)."""
+    n = g.numel()
+    _act_mul_bwd_kernel[(triton.cdiv(n, _ELEMWISE_BLOCK),)](
+        g, u, dh, n, ACT=_act_id(activation), BLOCK=_ELEMWISE_BLOCK, num_warps=4)
+    return dh, g, u
+
+
+def check_frozen_base(*weights) -> None:
+    for w in weights:
+        if isinstance(w, torch.Tensor) and w.requires_grad and torch.is_grad_enabled():
+            raise ValueError(
+                "the LoRA-fused path trains only the adapters: the base weight must be frozen "
+                "(call weight.requires_grad_(False)) or use the plain torch engine"
+            )
+
+
+def save_weights(ctx, weights) -> list:
+    """Dense base weights go through save_for_backward, NF4 weights stay on ctx."""
+    ctx.nf4 = [w if isinstance(w, NF4Weight) else None for w in weights]
+    return [w if not isinstance(w, NF4Weight) else None for w in weights]
+
+
+def restore_weights(ctx, dense) -> list:
+    return [q if q is not None else d for q, d in zip(ctx.nf4, dense)]
+
+
+class TunedagLoRAMLPFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gate_w, gate_a, gate_b, up_w, up_a, up_b, down_w, down_a, down_b,
+                scaling, activation):
+        dt = x.dtype
+        s = float(scaling)
+        ag, bg, au, bu, ad, bd = (t.to(dt) for t in (gate_a, gate_b, up_a, up_b, down_a, down_b))
+
+        w = maybe_dequantize(gate_w, dt)
+        xag = x @ ag.t()  # (N, r)
+        g = x @ w.t()  # (N, I)
+        g.addmm_(xag, bg.t(), alpha=s)
+        w = maybe_dequantize(up_w, dt)
+        xau = x @ au.t()
+        u = x @ w.t()
+        u.addmm_(xau, bu.t(), alpha=s)
+        del w
+
+        h = act_mul(g, u, activation)  # (N, I)
+        w = maybe_dequantize(down_w, dt)
+        hd = h @ ad.t()  # (N, r)
+        y = h @ w.t()  # (N, H)
+        y.addmm_(hd, bd.t(), alpha=s)
+        del h, w
+
+        dense = save_weights(ctx, (gate_w, up_w, down_w))
+        ctx.save_for_backward(x, g, u, xag, xau, hd, ag, bg, au, bu, ad, bd, *dense)
+        ctx.scaling = s
+        ctx.activation = activation
+        ctx.ab_dtypes = [t.dtype for t in (gate_a, gate_b, up_a, up_b, down_a, down_b)]
+        ctx.done = False
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        if ctx.done:
+            raise RuntimeError("TunedagLoRAMLPFunction's backward overwrites its saved "
+                               "activations and can run only once (no retain_graph)")
+        ctx.done = True
+        x, g, u, xag, xau, hd, ag, bg, au, bu, ad, bd, *dense = ctx.saved_tensors
+        gate_w, up_w, down_w = restore_weights(ctx, dense)
+        s = ctx.scaling
+        dt = x.dtype
+        dy = dy.contiguous().to(dt)
+
+        w = maybe_dequantize(down_w, dt)
+        dyb = dy @ bd  # (N, r)
+        dh = dy @ w  # (N, I)
+        dh.addmm_(dyb, ad, alpha=s)
+        del w
+        h, dg, du = act_mul_backward_(g, u, dh, ctx.activation)
+
+        grad_ad = (dyb.t() @ h).mul_(s)  # (r, I)
+        grad_bd = (dy.t() @ hd).mul_(s)  # (H, r)
+        del h
+        dgb = dg @ bg  # (N, r)
+        dub = du @ bu
+        grad_ag = (dgb.t() @ x).mul_(s)
+        grad_bg = (dg.t() @ xag).mul_(s)
+        grad_au = (dub.t() @ x).mul_(s)
+        grad_bu = (du.t() @ xau).mul_(s)
+
+        dx = None
+        if ctx.needs_input_grad[0]:
+            w = maybe_dequantize(gate_w, dt)
+            dx = dg @ w  # (N, H)
+            w = maybe_dequantize(up_w, dt)
+            dx.addmm_(du, w)
+            del w
+            dx.addmm_(dgb, ag, alpha=s)
+            dx.addmm_(dub, au, alpha=s)
+
+        grads = [t.to(d) for t, d in zip(
+            (grad_ag, grad_bg, grad_au, grad_bu, grad_ad, grad_bd), ctx.ab_dtypes)]
+        return (dx, None, grads[0], grads[1], None, grads[2], grads[3], None, grads[4],
+                grads[5], None, None)
+
+
+def lora_mlp(
+    x: torch.Tensor,
+    gate_w: torch.Tensor | NF4Weight, gate_a: torch.Tensor, gate_b: torch.Tensor,
+    up_w: torch.Tensor | NF4Weight, up_a: torch.Tensor, up_b: torch.Tensor,
+    down_w: torch.Tensor | NF4Weight, down_a: torch.Tensor, down_b: torch.Tensor,
+    scaling: float, activation: str = "silu",
+) -> torch.Tensor:
+    """Gated MLP with LoRA on gate/up/down. x (..., H) -> (..., H); grads for x and A/B only."""
+    _act_id(activation)
+    check_frozen_base(gate_w, up_w, down_w)
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).contiguous()
+    y = TunedagLoRAMLPFunction.apply(
+        x2, gate_w, gate_a, gate_b, up_w, up_a, up_b, down_w, down_a, down_b, scaling,
+        activation)
+    return y.reshape(*shape[:-1], y.shape[-1])
+
+
+def lora_linear_reference(x, w, a, b, scaling):
+    """peft's LoRA Linear: base in x's dtype, LoRA path in the adapter's dtype, cast back."""
+    if isinstance(w, NF4Weight):
+        w = dequantize_nf4_reference(w, x.dtype)
+    base = F.linear(x, w.to(x.dtype))
+    xl = x.to(a.dtype)
+    return base + (F.linear(F.linear(xl, a), b) * scaling).to(x.dtype)
+
+
+def lora_mlp_reference(x, gate_w, gate_a, gate_b, up_w, up_a, up_b, down_w, down_a, down_b,
+                       scaling, activation="silu"):
+    """Plain eager PyTorch + peft-style unfused LoRA on each projection."""
+    g = lora_linear_reference(x, gate_w, gate_a, gate_b, scaling)
+    u = lora_linear_reference(x, up_w, up_a, up_b, scaling)
+    act = F.silu(g) if activation == "silu" else F.gelu(g, approximate="tanh")
+    return lora_linear_reference(act * u, down_w, down_a, down_b, scaling)
