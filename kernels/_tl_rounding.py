@@ -15,7 +15,7 @@ def cast_for_store(x, ptr):
     """``x`` (fp32) converted to ``ptr``'s element type, rounding to nearest even."""
     if ptr.dtype.element_ty == tl.bfloat16:
         b = x.to(tl.uint32, bitcast=True)
-        b = (b + (0x7FFF + ((b >> 16) & 1))) & 0xFFFF0000  # NaN stays NaN, overflow -> inf
+        b = ((b + (0x7FFF + ((b >> 16) & 1))) >> 16) << 16  # NaN stays NaN, overflow -> inf
         return b.to(tl.float32, bitcast=True).to(tl.bfloat16)
     else:
         return x.to(ptr.dtype.element_ty)
