@@ -207,29 +207,25 @@ def dequantize_nf4_reference(w: NF4Weight, dtype: torch.dtype | None = None) -> 
 @triton.jit
 def _nf4_dequant_kernel(
     packed_ptr, absmax_q_ptr, absmax_scale_ptr, offset_ptr, code2_ptr, nf4_ptr, out_ptr,
-    n_bytes, n_elem,
-    BLOCK_BYTES: tl.constexpr,
+    n_elem,
+    BLOCK: tl.constexpr,
 ):
-    # Each program turns BLOCK_BYTES bytes into 2 * BLOCK_BYTES weights (high nibble first).
+    # Each program writes BLOCK consecutive weights (one wide, coalesced store per thread);
+    # neighbouring lanes re-read the same byte, which the cache serves.
     pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
-    mask = offs < n_bytes
-    byte = tl.load(packed_ptr + offs, mask=mask, other=0).to(tl.int32)
-    hi = (byte >> 4) & 0xF
-    lo = byte & 0xF
-    # Both elements of a byte share one 64-block (64 is even): block = 2 * byte // 64.
-    blk = offs // (64 // 2)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_elem
+    byte = tl.load(packed_ptr + offs // 2, mask=mask, other=0).to(tl.int32)
+    shift = (1 - (offs & 1).to(tl.int32)) * 4  # even element: high nibble
+    nib = (byte >> shift) & 0xF
+    blk = offs // 64
     q = tl.load(absmax_q_ptr + blk, mask=mask, other=0).to(tl.int32)
     c2 = tl.load(code2_ptr + q, mask=mask, other=0.0)
     s2 = tl.load(absmax_scale_ptr + blk // 256, mask=mask, other=0.0)
-    offset = tl.load(offset_ptr)
     absmax = c2 * s2
-    absmax = absmax + offset
-    v0 = tl.load(nf4_ptr + hi, mask=mask, other=0.0) * absmax
-    v1 = tl.load(nf4_ptr + lo, mask=mask, other=0.0) * absmax
-    e0 = offs * 2
-    tl.store(out_ptr + e0, cast_for_store(v0, out_ptr), mask=mask)
-    tl.store(out_ptr + e0 + 1, cast_for_store(v1, out_ptr), mask=mask & (e0 + 1 < n_elem))
+    absmax = absmax + tl.load(offset_ptr)
+    v = tl.load(nf4_ptr + nib, mask=mask, other=0.0) * absmax
+    tl.store(out_ptr + offs, cast_for_store(v, out_ptr), mask=mask)
 
 
 _NF4_CACHE: dict[torch.device, torch.Tensor] = {}
@@ -255,15 +251,14 @@ def dequantize_nf4(
         out = torch.empty(w.shape, dtype=dtype, device=w.device)
     elif out.shape != torch.Size(w.shape) or out.dtype != dtype or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {tuple(w.shape)} {dtype} tensor")
-    n_bytes = w.packed.numel()
-    block = 1024
-    grid = (triton.cdiv(n_bytes, block),)
+    block = 2048
+    grid = (triton.cdiv(n, block),)
     kwargs = {}
     if os.environ.get("TRITON_INTERPRET") != "1":
         kwargs["enable_fp_fusion"] = False  # round product and sum separately, as bitsandbytes
     _nf4_dequant_kernel[grid](
         w.packed, w.absmax_q, w.absmax_scale, w.absmax_offset, w.code2, _nf4_table(w.device),
-        out, n_bytes, n, BLOCK_BYTES=block, num_warps=4, **kwargs,
+        out, n, BLOCK=block, num_warps=4, **kwargs,
     )
     return out
 
