@@ -114,6 +114,8 @@ def bench_flce(n, train_head, ceiling, args, first):
         record(op, shape, name, fn, params, flops, ceiling)
 
     run("ours", lambda: fused_linear_cross_entropy(h, w, t))
+    for c in args.chunk_sweep:
+        run(f"ours-c{c}", lambda c=c: fused_linear_cross_entropy(h, w, t, chunk_rows=c))
     run("eager", lambda: fused_linear_cross_entropy_reference(h, w, t))
     if first and can_compile(args):
         comp = torch.compile(fused_linear_cross_entropy_reference, dynamic=False)
@@ -174,6 +176,10 @@ def bench_mlp(n, ceiling, args, first):
 
     record(op, shape, "ours", mlp_call(lora_mlp, ws, ab32), [x, *ab32], flops, ceiling)
     record(op, shape, "ours-nf4", mlp_call(lora_mlp, q4, ab32), [x, *ab32], flops, ceiling)
+    record(op, shape, "ours-bf16ab", mlp_call(lora_mlp, ws, ab16), [x, *ab16], flops, ceiling)
+    if first and args.profile:
+        profile(f"mlp_N{n}", {"ours": mlp_call(lora_mlp, ws, ab32),
+                              "eager": mlp_call(lora_mlp_reference, ws, ab16)}, [x, *ab32, *ab16])
     record(op, shape, "eager", mlp_call(lora_mlp_reference, ws, ab16), [x, *ab16], flops,
            ceiling)
     record(op, shape, "peft", mlp_call(lora_mlp_reference, ws, ab32), [x, *ab32], flops,
@@ -193,7 +199,7 @@ def bench_mlp(n, ceiling, args, first):
     # NF4 dequantisation alone, for the record: bytes moved / time.
     ms = do_bench(lambda: dequantize_nf4(q4[0], torch.bfloat16), return_mode="median")
     nbytes = ws[0].numel() * (2 + 0.5 + 1 / 64)
-    print(f"nf4 dequant {I}x{H}: {ms * 1e3:.1f} us, {nbytes / ms / 1e9:.0f} GB/s", flush=True)
+    print(f"nf4 dequant {I}x{H}: {ms * 1e3:.1f} us, {nbytes / ms / 1e6:.0f} GB/s", flush=True)
 
 
 def bench_attn(n, ceiling, args, first):
@@ -218,6 +224,13 @@ def bench_attn(n, ceiling, args, first):
 
     record(op, shape, "ours", call(lora_qkv, lora_o, ws, ab32), [x, *ab32], flops, ceiling)
     record(op, shape, "ours-nf4", call(lora_qkv, lora_o, q4, ab32), [x, *ab32], flops, ceiling)
+    record(op, shape, "ours-bf16ab", call(lora_qkv, lora_o, ws, ab16), [x, *ab16], flops,
+           ceiling)
+    if first and args.profile:
+        profile(f"qkv_N{n}", {
+            "ours": call(lora_qkv, lora_o, ws, ab32),
+            "ours-bf16ab": call(lora_qkv, lora_o, ws, ab16),
+            "eager": call(lora_qkv_reference, lora_o_reference, ws, ab16)}, [x, *ab32, *ab16])
     record(op, shape, "eager", call(lora_qkv_reference, lora_o_reference, ws, ab16),
            [x, *ab16], flops, ceiling)
     record(op, shape, "peft", call(lora_qkv_reference, lora_o_reference, ws, ab32),
@@ -226,6 +239,39 @@ def bench_attn(n, ceiling, args, first):
         cq = torch.compile(lora_qkv_reference, dynamic=False)
         co = torch.compile(lora_o_reference, dynamic=False)
         record(op, shape, "compile", call(cq, co, ws, ab16), [x, *ab16], flops, ceiling)
+
+
+def profile(tag, fns, params, iters=10):
+    """Wall time vs summed GPU kernel time per iteration; top kernels to $OUT/profile_*.txt."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    out = Path(os.environ.get("OUT", "bench_out"))
+    out.mkdir(parents=True, exist_ok=True)
+    text = []
+    for name, fn in fns.items():
+        for _ in range(3):
+            fn()
+            for p in params:
+                p.grad = None
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fn()
+                for p in params:
+                    p.grad = None
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - t0) / iters * 1e3
+        avg = prof.key_averages()
+        gpu = sum(getattr(e, "self_device_time_total", 0) or 0 for e in avg) / iters / 1e3
+        kernels = sum(e.count for e in avg
+                      if (getattr(e, "self_device_time_total", 0) or 0) > 0) / iters
+        line = (f"profile {tag} {name}: wall {wall:.3f} ms/iter (profiled), GPU kernels "
+                f"{gpu:.3f} ms/iter, ~{kernels:.0f} kernel launches/iter")
+        print(line, flush=True)
+        text += [line, avg.table(sort_by="self_device_time_total", row_limit=14), ""]
+    (out / f"profile_{tag}.txt").write_text("\n".join(text))
 
 
 def write_outputs(meta: str):
@@ -268,6 +314,10 @@ def main():
     ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
     ap.add_argument("--ops", nargs="+", default=["ce", "mlp", "attn"],
                     choices=["ce", "mlp", "attn"])
+    ap.add_argument("--chunk-sweep", type=int, nargs="*", default=[],
+                    help="also time fused linear-CE with these chunk_rows")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile LoRA QKV+O and MLP at the first token count to $OUT")
     ap.add_argument("--budget-s", type=float, default=330.0,
                     help="skip torch.compile baselines once this many seconds have passed")
     args = ap.parse_args()
