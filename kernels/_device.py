@@ -1,12 +1,5 @@
-"""Launch facts the kernels share: interpreter or GPU, and how many programs fill the device."""
-import os
-
+"""Launch facts the kernels share: how many programs fill the device."""
 import torch
-
-
-def is_interpreting() -> bool:
-    """True when Triton runs kernels on the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def multiprocessor_count(device: torch.device) -> int:

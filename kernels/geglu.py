@@ -20,7 +20,8 @@ from torch import nn
 
 from .swiglu import _check, _rows
 
-BLOCK = 1024
+BLOCK = 1024  # as swiglu.BLOCK
+NUM_WARPS = 4
 
 _APPROXIMATIONS = {"none": 0, "tanh": 1}
 
@@ -83,7 +84,7 @@ def geglu_forward(a: torch.Tensor, b: torch.Tensor, approximate: str = "none") -
     c = torch.empty((n_rows, n_cols), dtype=a.dtype, device=a.device)
     grid = (n_rows, triton.cdiv(n_cols, BLOCK))
     _geglu_forward_kernel[grid](
-        c, c.stride(0), a2, a2.stride(0), b2, b2.stride(0), n_cols, TANH=tanh, BLOCK=BLOCK, num_warps=4
+        c, c.stride(0), a2, a2.stride(0), b2, b2.stride(0), n_cols, TANH=tanh, BLOCK=BLOCK, num_warps=NUM_WARPS
     )
     return c.view(a.shape)
 
@@ -101,7 +102,7 @@ def geglu_backward(
     grid = (n_rows, triton.cdiv(n_cols, BLOCK))
     _geglu_backward_kernel[grid](
         da2, da2.stride(0), db2, db2.stride(0), dc2, dc2.stride(0), a2, a2.stride(0), b2, b2.stride(0),
-        n_cols, TANH=tanh, BLOCK=BLOCK, num_warps=4,
+        n_cols, TANH=tanh, BLOCK=BLOCK, num_warps=NUM_WARPS,
     )
     if in_place:
         torch.autograd.graph.increment_version(a)

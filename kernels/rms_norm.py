@@ -27,7 +27,9 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from ._device import is_interpreting, multiprocessor_count
+from ._device import multiprocessor_count
+
+BACKWARD_PROGRAMS_PER_SM = 2  # backward programs per multiprocessor (each sums dw over its rows)
 
 
 @triton.jit
@@ -163,7 +165,7 @@ def rms_norm_backward(
     rstd: torch.Tensor,
     gemma: bool,
     dh: torch.Tensor | None = None,
-    programs_per_sm: int = 2,
+    programs_per_sm: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the backward. ``x`` is what was normalised (the new residual when fused), ``dh`` the
     gradient arriving at the new residual. Returns ``(dx, dweight)``; with a residual, ``dx`` is
@@ -175,7 +177,7 @@ def rms_norm_backward(
     dh2 = _as_rows(dh) if dh is not None else dy2
     # A few programs per multiprocessor, each walking a contiguous run of rows and summing its
     # share of dw in registers: the partial buffer is (programs, hidden) float32, small next to x.
-    programs = min(n_rows, multiprocessor_count(x.device) * programs_per_sm)
+    programs = min(n_rows, multiprocessor_count(x.device) * (programs_per_sm or BACKWARD_PROGRAMS_PER_SM))
     programs = max(programs, 1)
     rows_per_program = triton.cdiv(n_rows, programs)
     programs = triton.cdiv(n_rows, rows_per_program)

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+NUM_WARPS = 4  # per program (one token: all its q and k heads)
+
 
 @triton.jit
 def _rotate_heads(
@@ -118,8 +120,18 @@ def _launch(q_in, q_out, k_in, k_out, cos, sin, backward: bool) -> None:
         k_in, *k_in.stride()[:3], k_out, *k_out.stride()[:3],
         cos, sin, cs_sb, cs_ss,
         seq_len, n_q_heads, n_k_heads, half,
-        BACKWARD=backward, BLOCK_QH=block_qh, BLOCK_KH=block_kh, BLOCK_D=block_d, num_warps=4,
+        BACKWARD=backward, BLOCK_QH=block_qh, BLOCK_KH=block_kh, BLOCK_D=block_d, num_warps=NUM_WARPS,
     )
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    """True when ``t``'s elements fill its memory exactly (any dimension order, no gaps or overlaps)."""
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 class TunedagRopeFunction(torch.autograd.Function):
@@ -138,17 +150,22 @@ class TunedagRopeFunction(torch.autograd.Function):
         torch.autograd.graph.increment_version(q)
         torch.autograd.graph.increment_version(k)
         ctx.save_for_backward(cos, sin)
+        # Gradients go out in q's and k's own layout (HF: views of (B, S, H*D) projection
+        # outputs), so the projections' backward needs no transposing copy.
+        ctx.layouts = tuple(t.stride() if _is_dense(t) else None for t in (q, k))
         return q, k
 
     @staticmethod
     def backward(ctx, dq, dk):
         cos, sin = ctx.saved_tensors
         # Incoming gradients can be expanded (a .sum() gives stride-0 ones) or shared with other
-        # nodes: read them as they are where the last stride is 1, write fresh buffers laid out
-        # like them (empty_like keeps a dense layout, e.g. HF's transposed (B, S, H, D) one).
+        # nodes: read them as they are where the last stride is 1, and write fresh buffers.
         dq = dq if dq.stride(-1) == 1 else dq.contiguous()
         dk = dk if dk.stride(-1) == 1 else dk.contiguous()
-        dq_out, dk_out = torch.empty_like(dq), torch.empty_like(dk)
+        dq_out, dk_out = (
+            torch.empty_strided(g.shape, layout, dtype=g.dtype, device=g.device) if layout else torch.empty_like(g)
+            for g, layout in zip((dq, dk), ctx.layouts)
+        )
         _launch(dq, dq_out, dk, dk_out, cos, sin, backward=True)
         return dq_out, dk_out, None, None
 
@@ -160,8 +177,11 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
     ``(q, k)`` (the same tensors, rotated). The inputs must not be needed unrotated afterwards.
     """
     for name, t in (("q", q), ("k", k)):
-        if t.is_leaf and t.requires_grad and torch.is_grad_enabled():
-            raise ValueError(f"rope rotates {name} in place: pass a computed tensor, not a leaf that requires grad")
+        base = t if t._base is None else t._base
+        if base.is_leaf and base.requires_grad and torch.is_grad_enabled():
+            raise ValueError(
+                f"rope rotates {name} in place: pass a computed tensor, not a leaf that requires grad (or a view of one)"
+            )
     return TunedagRopeFunction.apply(q, k, cos, sin)
 
 

@@ -23,6 +23,7 @@ import triton.language as tl
 from torch import nn
 
 BLOCK = 1024  # columns per program: 8 bf16 elements (16 bytes) per thread at 4 warps
+NUM_WARPS = 4
 
 
 @triton.jit
@@ -76,7 +77,7 @@ def swiglu_forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     n_rows, n_cols = a2.shape
     c = torch.empty((n_rows, n_cols), dtype=a.dtype, device=a.device)
     grid = (n_rows, triton.cdiv(n_cols, BLOCK))
-    _swiglu_forward_kernel[grid](c, c.stride(0), a2, a2.stride(0), b2, b2.stride(0), n_cols, BLOCK=BLOCK, num_warps=4)
+    _swiglu_forward_kernel[grid](c, c.stride(0), a2, a2.stride(0), b2, b2.stride(0), n_cols, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return c.view(a.shape)
 
 
@@ -93,7 +94,7 @@ def swiglu_backward(
     grid = (n_rows, triton.cdiv(n_cols, BLOCK))
     _swiglu_backward_kernel[grid](
         da2, da2.stride(0), db2, db2.stride(0), dc2, dc2.stride(0), a2, a2.stride(0), b2, b2.stride(0),
-        n_cols, BLOCK=BLOCK, num_warps=4,
+        n_cols, BLOCK=BLOCK, num_warps=NUM_WARPS,
     )
     if in_place:
         torch.autograd.graph.increment_version(a)

@@ -15,6 +15,7 @@ import torch
 # Largest relative error of one float32 -> bfloat16 cast inside a kernel: round-to-nearest on
 # the GPU (2^-8), but the Triton interpreter truncates (round toward zero: up to one ulp, 2^-7).
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs the kernels interpreted
 BF16_ROUNDING = 2.0**-7 if INTERPRETING else 2.0**-8
 
 
@@ -55,19 +56,23 @@ def tol_for(dtype: torch.dtype) -> Tol:
 
 @contextlib.contextmanager
 def poisoned_allocations():
-    """Inside the block, ``torch.empty``/``torch.empty_like`` return NaN-filled floating tensors,
+    """Inside the block, ``torch.empty``/``empty_like``/``empty_strided`` return NaN-filled tensors,
     so any output element a kernel fails to write stays NaN and fails ``assert_matches``."""
-    empty, empty_like = torch.empty, torch.empty_like
+    originals = {name: getattr(torch, name) for name in ("empty", "empty_like", "empty_strided")}
 
     def poison(t: torch.Tensor) -> torch.Tensor:
         return t.fill_(float("nan")) if t.is_floating_point() else t
 
-    torch.empty = lambda *a, **k: poison(empty(*a, **k))
-    torch.empty_like = lambda *a, **k: poison(empty_like(*a, **k))
+    def poisoned(alloc):
+        return lambda *a, **k: poison(alloc(*a, **k))
+
+    for name, alloc in originals.items():
+        setattr(torch, name, poisoned(alloc))
     try:
         yield
     finally:
-        torch.empty, torch.empty_like = empty, empty_like
+        for name, alloc in originals.items():
+            setattr(torch, name, alloc)
 
 
 def rand(shape, dtype, device, scale: float = 1.0, requires_grad: bool = False) -> torch.Tensor:

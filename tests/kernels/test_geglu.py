@@ -4,7 +4,7 @@ import functools
 import pytest
 import torch
 
-from closeness import FP32, assert_matches, check_gated_activation, rand
+from closeness import DEVICE, FP32, assert_matches, check_gated_activation, rand
 
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
@@ -17,7 +17,7 @@ def test_geglu(shape, layout, dtype, approximate):
 
     fn = functools.partial(geglu, approximate=approximate)
     ref = functools.partial(geglu_reference, approximate=approximate)
-    check_gated_activation(fn, ref, shape, dtype, "cpu", layout)
+    check_gated_activation(fn, ref, shape, dtype, DEVICE, layout)
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # the interpreter's numpy, by design
@@ -28,7 +28,7 @@ def test_geglu_extreme_inputs_stay_finite(approximate):
     # exp(-2 z) overflows float32 for z < -44 (sigmoid -> 0), erf saturates: no NaN, same values.
     fn = functools.partial(geglu, approximate=approximate)
     ref = functools.partial(geglu_reference, approximate=approximate)
-    check_gated_activation(fn, ref, (4, 50), torch.float32, "cpu", "separate", scale=30.0)
+    check_gated_activation(fn, ref, (4, 50), torch.float32, DEVICE, "separate", scale=30.0)
 
 
 def test_rejects_unknown_approximation():
@@ -47,10 +47,11 @@ def test_module_matches_gemma_mlp(hidden_act):
 
     config = GemmaConfig(hidden_size=24, intermediate_size=70, num_attention_heads=4, head_dim=6, hidden_act=hidden_act)
     hf, ours = GemmaMLP(config), TunedagGEGLUMLP(config)
+    hf, ours = hf.to(DEVICE), ours.to(DEVICE)
     ours.load_state_dict(hf.state_dict())
-    x = rand((2, 5, 24), torch.float32, "cpu", requires_grad=True)
+    x = rand((2, 5, 24), torch.float32, DEVICE, requires_grad=True)
     x_hf = x.detach().clone().requires_grad_()
-    g = torch.randn(2, 5, 24)
+    g = torch.randn(2, 5, 24, device=DEVICE)
     y, y_hf = ours(x), hf(x_hf)
     assert_matches(y, y_hf, FP32, "MLP output")
     y.backward(g)

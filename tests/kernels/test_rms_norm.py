@@ -8,7 +8,7 @@ with a value it should match to one final bf16 rounding.
 import pytest
 import torch
 
-from closeness import BF16_ROUNDING, FP32, INTERPRETING, Tol, assert_matches, poisoned_allocations, rand, tol_for
+from closeness import DEVICE, BF16_ROUNDING, FP32, INTERPRETING, Tol, assert_matches, poisoned_allocations, rand, tol_for
 
 # Llama casts twice (the normalised row, then the product). On the GPU the first cast matches the
 # reference's except where a 1-ulp float32 rstd difference flips it (one bf16 ulp, <= 2^-7, rare);
@@ -85,24 +85,24 @@ SHAPES = [(1, 37), (3, 5, 129), (67, 256)]  # one row; odd hidden over 3-D; more
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("gemma", [False, True], ids=["llama", "gemma"])
 def test_rms_norm(shape, dtype, gemma):
-    check_rms_norm(shape, dtype, "cpu", gemma=gemma, residual=False)
+    check_rms_norm(shape, dtype, DEVICE, gemma=gemma, residual=False)
 
 
 @pytest.mark.parametrize("shape", [(1, 37), (3, 5, 129)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("gemma", [False, True], ids=["llama", "gemma"])
 def test_rms_norm_fused_residual(shape, dtype, gemma):
-    check_rms_norm(shape, dtype, "cpu", gemma=gemma, residual=True)
+    check_rms_norm(shape, dtype, DEVICE, gemma=gemma, residual=True)
 
 
 def test_rms_norm_eps_dominates():
     # Mean square 1e-4 next to eps 1e-2: a misplaced or missing eps is a 100% error here.
-    check_rms_norm((9, 70), torch.float32, "cpu", gemma=False, residual=False, eps=1e-2, x_scale=1e-2)
+    check_rms_norm((9, 70), torch.float32, DEVICE, gemma=False, residual=False, eps=1e-2, x_scale=1e-2)
 
 
 def test_rms_norm_float32_weight_on_bf16_input():
     # peft's k-bit preparation leaves the weight in float32: HF's output is then float32.
-    check_rms_norm((5, 96), torch.bfloat16, "cpu", gemma=False, residual=False, weight_dtype=torch.float32)
+    check_rms_norm((5, 96), torch.bfloat16, DEVICE, gemma=False, residual=False, weight_dtype=torch.float32)
 
 
 def _bf16_ulps_apart(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -121,15 +121,16 @@ def test_module_matches_hf(gemma):
     hidden, eps = 200, 1e-5
     hf = (GemmaRMSNorm if gemma else LlamaRMSNorm)(hidden, eps=eps)
     ours = (TunedagGemmaRMSNorm if gemma else TunedagRMSNorm)(hidden, eps=eps)
+    hf, ours = hf.to(DEVICE), ours.to(DEVICE)
     assert torch.equal(ours.weight, hf.weight)  # same initialisation (ones / zeros)
     with torch.no_grad():
-        hf.weight.copy_(torch.randn(hidden) * 0.3 + (0.0 if gemma else 1.0))
+        hf.weight.copy_(torch.randn(hidden, device=DEVICE) * 0.3 + (0.0 if gemma else 1.0))
         ours.weight.copy_(hf.weight)
 
     # float32: the same function and gradients.
-    x = rand((4, 6, hidden), torch.float32, "cpu", requires_grad=True)
+    x = rand((4, 6, hidden), torch.float32, DEVICE, requires_grad=True)
     x_hf = x.detach().clone().requires_grad_()
-    g = torch.randn(4, 6, hidden)
+    g = torch.randn(4, 6, hidden, device=DEVICE)
     ours(x).backward(g)
     hf(x_hf).backward(g)
     assert_matches(x.grad, x_hf.grad, FP32, "dx vs HF")
@@ -139,7 +140,7 @@ def test_module_matches_hf(gemma):
     # except where a 1-ulp float32 rstd difference flips a bf16 rounding (one bf16 ulp, rare);
     # the interpreter truncates both of Llama's casts (up to 3 ulps apart from HF after the product).
     hf, ours = hf.bfloat16(), ours.bfloat16()
-    x = rand((4, 6, hidden), torch.bfloat16, "cpu")
+    x = rand((4, 6, hidden), torch.bfloat16, DEVICE)
     with torch.no_grad():
         y, y_hf = ours(x), hf(x)
     assert y.dtype == y_hf.dtype == torch.bfloat16
@@ -153,7 +154,7 @@ def test_module_fused_residual_matches_decoder_pattern():
     from tunedag.kernels.rms_norm import TunedagRMSNorm
 
     norm = TunedagRMSNorm(64)
-    x, residual = rand((3, 64), torch.float32, "cpu"), rand((3, 64), torch.float32, "cpu")
+    x, residual = rand((3, 64), torch.float32, DEVICE), rand((3, 64), torch.float32, DEVICE)
     y, new_residual = norm(x, residual)
     h = residual + x  # the decoder layer's "hidden_states = residual + hidden_states"
     assert_matches(new_residual, h, FP32, "new residual")

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from closeness import FP32, assert_matches, poisoned_allocations, rand, tol_for
+from closeness import DEVICE, FP32, assert_matches, poisoned_allocations, rand, tol_for
 
 LLAMA3 = dict(rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0)
 
@@ -65,18 +65,18 @@ def check_rope(batch, n_q, n_k, seq, head_dim, dtype, device, cos_mode="position
     ],
 )
 def test_rope(batch, n_q, n_k, seq, head_dim, cos_mode, dtype):
-    check_rope(batch, n_q, n_k, seq, head_dim, dtype, "cpu", cos_mode)
+    check_rope(batch, n_q, n_k, seq, head_dim, dtype, DEVICE, cos_mode)
 
 
 def test_packed_documents_rotate_as_if_alone():
     from tunedag.kernels.rope import llama3_inv_freq, packed_position_ids, rope, rope_cos_sin
 
     lengths, n_q, n_k, d = [3, 5], 2, 1, 16
-    inv_freq = llama3_inv_freq(d, **LLAMA3)
-    q, k = rand((1, n_q, sum(lengths), d), torch.float32, "cpu"), rand((1, n_k, sum(lengths), d), torch.float32, "cpu")
+    inv_freq = llama3_inv_freq(d, **LLAMA3, device=DEVICE)
+    q, k = rand((1, n_q, sum(lengths), d), torch.float32, DEVICE), rand((1, n_k, sum(lengths), d), torch.float32, DEVICE)
     q_doc, k_doc = q[:, :, 3:].clone(), k[:, :, 3:].clone()
-    rope(q, k, *rope_cos_sin(packed_position_ids(lengths), inv_freq, torch.float32))
-    rope(q_doc, k_doc, *rope_cos_sin(torch.arange(5)[None], inv_freq, torch.float32))
+    rope(q, k, *rope_cos_sin(packed_position_ids(lengths, device=DEVICE), inv_freq, torch.float32))
+    rope(q_doc, k_doc, *rope_cos_sin(torch.arange(5, device=DEVICE)[None], inv_freq, torch.float32))
     assert torch.equal(q[:, :, 3:], q_doc) and torch.equal(k[:, :, 3:], k_doc)
 
 
@@ -92,11 +92,11 @@ def test_inv_freq_and_cos_sin_match_hf(rope_type):
     if rope_type == "default":
         params = {"rope_type": "default", "rope_theta": 10000.0}
     config = LlamaConfig(hidden_size=64, num_attention_heads=4, head_dim=head_dim, rope_parameters=params)
-    hf = LlamaRotaryEmbedding(config)
+    hf = LlamaRotaryEmbedding(config).to(DEVICE)
     ours = default_inv_freq(head_dim, 10000.0) if rope_type == "default" else llama3_inv_freq(head_dim, **LLAMA3)
-    assert torch.equal(ours, hf.inv_freq)
-    position_ids = packed_position_ids([9000, 300, 5])  # past the original context, then restarts
-    x = torch.zeros(1, dtype=torch.bfloat16)  # HF reads only x's dtype and device
+    assert torch.equal(ours.to(DEVICE), hf.inv_freq)
+    position_ids = packed_position_ids([9000, 300, 5], device=DEVICE)  # past the original context, then restarts
+    x = torch.zeros(1, dtype=torch.bfloat16, device=DEVICE)  # HF reads only x's dtype and device
     for got, want in zip(rope_cos_sin(position_ids, ours, torch.bfloat16), hf(x, position_ids)):
         assert got.dtype == want.dtype and torch.equal(got, want)
 
@@ -109,8 +109,9 @@ def test_drop_in_matches_hf_apply_rotary_pos_emb(unsqueeze_dim):
 
     b, s, n_q, n_k, d = 2, 6, 4, 2, 16
     shape = (lambda n: (b, n, s, d)) if unsqueeze_dim == 1 else (lambda n: (b, s, n, d))
-    q, k = rand(shape(n_q), torch.float32, "cpu"), rand(shape(n_k), torch.float32, "cpu")
-    cos, sin = rope_cos_sin(torch.stack([torch.arange(s), torch.arange(s) % 4]), llama3_inv_freq(d), torch.float32)
+    q, k = rand(shape(n_q), torch.float32, DEVICE), rand(shape(n_k), torch.float32, DEVICE)
+    positions = torch.stack([torch.arange(s), torch.arange(s) % 4]).to(DEVICE)
+    cos, sin = rope_cos_sin(positions, llama3_inv_freq(d), torch.float32)
     q_hf, k_hf = hf_apply(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
     q_ours, k_ours = apply_rotary_pos_emb(q.clone(), k.clone(), cos, sin, unsqueeze_dim=unsqueeze_dim)
     assert_matches(q_ours, q_hf, FP32, "q vs HF")
@@ -120,11 +121,11 @@ def test_drop_in_matches_hf_apply_rotary_pos_emb(unsqueeze_dim):
 def test_unrotated_q_saved_elsewhere_fails_loudly():
     from tunedag.kernels.rope import rope
 
-    qp = rand((1, 3, 16), torch.float32, "cpu", requires_grad=True)
+    qp = rand((1, 3, 16), torch.float32, DEVICE, requires_grad=True)
     q = qp.clone().view(1, 3, 1, 16).transpose(1, 2)
     k = q.detach().clone()
     side = torch.sin(q)  # saves the unrotated q for its backward
-    cos, sin = rand((1, 3, 16), torch.float32, "cpu"), rand((1, 3, 16), torch.float32, "cpu")
+    cos, sin = rand((1, 3, 16), torch.float32, DEVICE), rand((1, 3, 16), torch.float32, DEVICE)
     q_out, _ = rope(q, k, cos, sin)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         (q_out.sum() + side.sum()).backward()
@@ -134,7 +135,8 @@ def test_rejects_leaf_and_bad_cos():
     from tunedag.kernels.rope import rope
 
     q = torch.randn(1, 2, 3, 8, requires_grad=True)
-    with pytest.raises(ValueError, match="in place"):
-        rope(q, torch.randn(1, 1, 3, 8), torch.randn(3, 8), torch.randn(3, 8))
+    for leaf_or_view in (q, q.transpose(1, 2).transpose(1, 2)):
+        with pytest.raises(ValueError, match="in place"):
+            rope(leaf_or_view, torch.randn(1, 1, 3, 8), torch.randn(3, 8), torch.randn(3, 8))
     with pytest.raises(ValueError, match="cos/sin"):
         rope(torch.randn(1, 2, 3, 8), torch.randn(1, 1, 3, 8), torch.randn(4, 8), torch.randn(4, 8))

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from closeness import FP32, assert_matches, check_gated_activation, rand
+from closeness import DEVICE, FP32, assert_matches, check_gated_activation, rand
 
 SHAPES = [(1, 1, 37), (3, 5, 1100)]  # one row, odd width; several rows, a partial 1024-column block
 
@@ -13,7 +13,7 @@ SHAPES = [(1, 1, 37), (3, 5, 1100)]  # one row, odd width; several rows, a parti
 def test_swiglu(shape, dtype, layout):
     from tunedag.kernels.swiglu import swiglu, swiglu_reference
 
-    check_gated_activation(swiglu, swiglu_reference, shape, dtype, "cpu", layout)
+    check_gated_activation(swiglu, swiglu_reference, shape, dtype, DEVICE, layout)
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # the interpreter's numpy, by design
@@ -21,13 +21,13 @@ def test_swiglu_extreme_inputs_stay_finite():
     from tunedag.kernels.swiglu import swiglu, swiglu_reference
 
     # exp(-a) overflows float32 for a < -88: sigmoid must still come out as 0, not NaN.
-    check_gated_activation(swiglu, swiglu_reference, (4, 50), torch.float32, "cpu", "separate", scale=60.0)
+    check_gated_activation(swiglu, swiglu_reference, (4, 50), torch.float32, DEVICE, "separate", scale=60.0)
 
 
 def test_same_tensor_as_gate_and_up_is_not_overwritten_twice():
     from tunedag.kernels.swiglu import swiglu, swiglu_reference
 
-    x = rand((3, 40), torch.float32, "cpu", requires_grad=True)
+    x = rand((3, 40), torch.float32, DEVICE, requires_grad=True)
     x32 = x.detach().clone().requires_grad_()
     h = x * 1.0
     (grad,) = torch.autograd.grad(swiglu(h, h).sum(), [x])
@@ -38,7 +38,7 @@ def test_same_tensor_as_gate_and_up_is_not_overwritten_twice():
 def test_second_backward_through_overwritten_activations_fails_loudly():
     from tunedag.kernels.swiglu import swiglu
 
-    a, b = (rand((2, 16), torch.float32, "cpu", requires_grad=True) * 1.0 for _ in range(2))
+    a, b = (rand((2, 16), torch.float32, DEVICE, requires_grad=True) * 1.0 for _ in range(2))
     c = swiglu(a, b).sum()
     c.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
@@ -53,10 +53,11 @@ def test_module_matches_llama_mlp():
 
     config = LlamaConfig(hidden_size=24, intermediate_size=70, num_attention_heads=4, hidden_act="silu")
     hf, ours = LlamaMLP(config), TunedagSwiGLUMLP(config)
+    hf, ours = hf.to(DEVICE), ours.to(DEVICE)
     ours.load_state_dict(hf.state_dict())
-    x = rand((2, 5, 24), torch.float32, "cpu", requires_grad=True)
+    x = rand((2, 5, 24), torch.float32, DEVICE, requires_grad=True)
     x_hf = x.detach().clone().requires_grad_()
-    g = torch.randn(2, 5, 24)
+    g = torch.randn(2, 5, 24, device=DEVICE)
     y, y_hf = ours(x), hf(x_hf)
     assert_matches(y, y_hf, FP32, "MLP output")
     y.backward(g)
