@@ -38,12 +38,15 @@ import triton.language as tl
 
 from ._tl_rounding import cast_for_store
 
-MIN_CHUNK_ROWS = 1024
+MIN_CHUNK_ROWS = 1024  # frozen lm_head (LoRA)
+MIN_CHUNK_ROWS_WEIGHT_GRAD = 2048  # trained lm_head: grad_W += ... once per chunk
 MAX_BLOCK_V = 4096
 
 
-def chunk_rows_for(n_rows: int, hidden: int, vocab: int) -> int:
-    """Rows per chunk: ``clamp(next_pow2(ceil(N * H / V)), 1024, next_pow2(N))``.
+def chunk_rows_for(n_rows: int, hidden: int, vocab: int, weight_grad: bool = False) -> int:
+    """Rows per chunk: ``clamp(next_pow2(ceil(N * H / V)), floor, next_pow2(N))``.
+
+    floor = 1024 for a frozen lm_head, 2048 when the lm_head is trained.
 
     Two constraints set it:
 
@@ -53,20 +56,26 @@ def chunk_rows_for(n_rows: int, hidden: int, vocab: int) -> int:
     - speed: the logits matmul reads W (V x H) once per chunk for 2 * c * V * H FLOPs, i.e.
       c FLOP per byte of bf16 W, and ``grad_W += dlogits.T @ h_c`` reads and writes grad_W for
       the same FLOPs, c / 2 FLOP per byte. An H200 needs ~210 FLOP/byte (990 TFLOP/s over
-      4.8 TB/s) to be matmul-bound, so c >= 1024 keeps both GEMMs well clear of it.
+      4.8 TB/s) to be matmul-bound: c = 1024 keeps the logits GEMM (1024 FLOP/byte) well
+      clear of it, and a trained head takes c = 2048 so that the grad_W update (1024
+      FLOP/byte) is as well. Measured on an H200 (scripts/bench_fused_kernels.py, 2026-11-29):
+      frozen head, N = 16384: c = 512 / 1024 / 2048 / 4096 -> 58.1 / 55.0 / 55.6 / 56.1 ms;
+      trained head: 93.5 / 86.7 / 82.9 / 82.6 ms (N = 4096: 23.3 / 23.4 / 22.3 / 20.5 ms).
 
     Worked example, Llama-3.1-8B (H = 4096, V = 128256) at 4 x 4096 = 16384 tokens:
     N * H / V = 16384 * 4096 / 128256 = 523.3 -> 524 -> next power of two 1024 (also the floor):
     16 chunks of 1024 rows; one chunk's bf16 logits are 1024 * 128256 * 2 B = 263 MB, against
     16384 * 128256 * 4 B = 8.4 GB for one fp32 copy of the full logits in eager code.
     At 4096 tokens the memory rule gives 131 -> 256 rows, the floor raises it to 1024
-    (4 chunks, still 263 MB). A small vocab moves it up: V = 32000, N = 65536, H = 8192 gives
-    16777 -> 32768 rows (2 chunks, 2.1 GB of logits against 1.07 GB of hidden states).
+    (4 chunks, still 263 MB); with a trained head, 2048 rows (2 chunks, 526 MB). A small vocab
+    moves it up: V = 32000, N = 65536, H = 8192 gives 16777 -> 32768 rows (2 chunks, 2.1 GB of
+    logits against 1.07 GB of hidden states).
     """
     if n_rows <= 0:
         return 1
     by_memory = triton.next_power_of_2(triton.cdiv(n_rows * hidden, vocab))
-    return min(max(by_memory, MIN_CHUNK_ROWS), triton.next_power_of_2(n_rows))
+    floor = MIN_CHUNK_ROWS_WEIGHT_GRAD if weight_grad else MIN_CHUNK_ROWS
+    return min(max(by_memory, floor), triton.next_power_of_2(n_rows))
 
 
 @triton.jit
@@ -174,7 +183,7 @@ class TunedagFusedLinearCrossEntropyFunction(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight) if need_w else None
         grad_b = torch.zeros(v, dtype=torch.float32, device=hidden.device) if need_b else None
-        c = chunk_rows or chunk_rows_for(n, h, v)
+        c = chunk_rows or chunk_rows_for(n, h, v, weight_grad=need_w)
         w_t = weight.t()
         for s in range(0, n, c):
             e = min(s + c, n)

@@ -149,5 +149,6 @@ def test_chunk_rows_worked_examples():
 
     assert chunk_rows_for(16384, 4096, 128256) == 1024  # the docstring's Llama-3.1-8B case
     assert chunk_rows_for(4096, 4096, 128256) == 1024  # floor of 1024 rows
+    assert chunk_rows_for(4096, 4096, 128256, weight_grad=True) == 2048  # trained head
     assert chunk_rows_for(65536, 8192, 32000) == 32768  # small vocab: memory rule wins
     assert chunk_rows_for(37, 32, 1000) == 64  # never more than next_pow2(N)
