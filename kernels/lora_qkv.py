@@ -15,10 +15,10 @@ backward. Backward, with dQ, dK, dV and D = s [dQ B_q | dK B_k | dV B_v] (N, 3r)
   dx = dQ W_q + dK W_k + dV W_v + D [A_q; A_k; A_v]
 
 Fewer, larger launches matter here: at 4096 tokens these projections take ~1.5 ms of GPU
-time, and a Python-side launch costs tens of microseconds on a slow host. O is the same with one projection
-(``lora_o``). All matmuls are cuBLAS in x's dtype; A/B are cast to it once per call and their
-gradients returned in their own dtype. The only Triton kernel here is NF4 dequantisation:
-there is no elementwise work between these matmuls to fuse.
+time, and a Python-side launch costs tens of microseconds on a slow host. O is the same with
+one projection (``lora_o``). All matmuls are cuBLAS in x's dtype; A/B are cast to it once per
+call and their gradients returned in their own dtype. The only Triton kernel here is NF4
+dequantisation: there is no elementwise work between these matmuls to fuse.
 """
 from __future__ import annotations
 
