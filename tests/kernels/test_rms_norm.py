@@ -137,7 +137,8 @@ def test_module_matches_hf(gemma):
     assert_matches(ours.weight.grad, hf.weight.grad, FP32, "dweight vs HF")
 
     # bfloat16 module and input: the same casts as HF, so on the GPU outputs agree bit for bit
-    # except where a 1-ulp float32 rstd difference flips a bf16 rounding (one bf16 ulp, rare);
+    # except where a 1-ulp float32 rstd difference flips the normalised value's bf16 rounding
+    # (rare; after the multiply by a weight up to ~2 that is up to 2 ulps of the product);
     # the interpreter truncates both of Llama's casts (up to 3 ulps apart from HF after the product).
     hf, ours = hf.bfloat16(), ours.bfloat16()
     x = rand((4, 6, hidden), torch.bfloat16, DEVICE)
@@ -145,7 +146,7 @@ def test_module_matches_hf(gemma):
         y, y_hf = ours(x), hf(x)
     assert y.dtype == y_hf.dtype == torch.bfloat16
     ulps = _bf16_ulps_apart(y, y_hf)
-    assert ulps.max().item() <= (3 if INTERPRETING and not gemma else 1)
+    assert ulps.max().item() <= (3 if INTERPRETING and not gemma else 2)
     if not INTERPRETING:
         assert (ulps == 0).float().mean().item() > 0.99
 
@@ -153,7 +154,7 @@ def test_module_matches_hf(gemma):
 def test_module_fused_residual_matches_decoder_pattern():
     from tunedag.kernels.rms_norm import TunedagRMSNorm
 
-    norm = TunedagRMSNorm(64)
+    norm = TunedagRMSNorm(64).to(DEVICE)
     x, residual = rand((3, 64), torch.float32, DEVICE), rand((3, 64), torch.float32, DEVICE)
     y, new_residual = norm(x, residual)
     h = residual + x  # the decoder layer's "hidden_states = residual + hidden_states"
