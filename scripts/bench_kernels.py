@@ -35,7 +35,7 @@ DEVICE = "cuda"
 
 def copy_bandwidth(n_bytes: int = 2 << 30) -> float:
     """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
-    src = torch.empty(n_bytes // 2, dtype=torch.bfloat16, device=DEVICE).normal_()
+    src = torch.randn(n_bytes // 2 // 64, dtype=torch.bfloat16).to(DEVICE).repeat(64)
     dst = torch.empty_like(src)
     ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
     return 2 * n_bytes / (ms * 1e-3)
@@ -51,10 +51,10 @@ def try_liger():
     except ImportError as e:
         print(f"Liger Kernel not importable ({e}); its columns stay empty", flush=True)
         return None
-    import liger_kernel
+    from importlib.metadata import version
 
     return {
-        "version": getattr(liger_kernel, "__version__", "?"),
+        "version": version("liger-kernel"),
         # the settings of Liger's own modules (LigerRMSNorm: llama casting, in_place=True)
         "rms_norm": lambda x, w: LigerRMSNormFunction.apply(x, w, 1e-5, 0.0, "llama", True),
         "rms_norm_residual": lambda x, r, w: LigerFusedAddRMSNormFunction.apply(x, r, w, 1e-5, 0.0, "llama", False),
@@ -71,8 +71,13 @@ class Case:
         self.op, self.tokens = op, tokens
         t, dev = tokens, DEVICE
 
+        # Inputs come from the CPU generator: a baseline whose graph capture fails leaves the CUDA
+        # generator mid-capture (seen with RoPE on torch 2.11), which would break every later randn.
+        def randn(*shape):
+            return torch.randn(*shape).to(dev)
+
         def leaf(*shape, scale=1.0):
-            return (torch.randn(*shape, device=dev) * scale).to(DTYPE).requires_grad_()
+            return (randn(*shape) * scale).to(DTYPE).requires_grad_()
 
         e = 2  # bytes per bf16 element
         if op in ("rms_norm", "rms_norm_residual"):
@@ -99,8 +104,7 @@ class Case:
                 }
         elif op == "rope":
             # HF's layout: (B, S, H*D) projection outputs viewed as (B, H, S, D); see bench_case
-            self.qk_source = (torch.randn(1, t, N_Q * HEAD_DIM, device=dev).to(DTYPE),
-                              torch.randn(1, t, N_KV * HEAD_DIM, device=dev).to(DTYPE))
+            self.qk_source = (randn(1, t, N_Q * HEAD_DIM).to(DTYPE), randn(1, t, N_KV * HEAD_DIM).to(DTYPE))
             positions = rope_mod.packed_position_ids([t // 4] * 4, device=dev)  # 4 packed documents
             cos, sin = rope_mod.rope_cos_sin(positions, rope_mod.llama3_inv_freq(HEAD_DIM, device=dev), DTYPE)
             qk = (N_Q + N_KV) * t * HEAD_DIM * e
@@ -157,7 +161,7 @@ def bench_case(case: Case, impl: str, grads_cache: dict) -> dict:
         outs = outs if isinstance(outs, tuple) else (outs,)
         key = tuple((o.shape, o.dtype) for o in outs)
         if key not in grads_cache:
-            grads_cache[key] = [torch.randn_like(o) for o in outs]
+            grads_cache[key] = [torch.randn(o.shape).to(o) for o in outs]
         torch.autograd.grad(outs, grad_wrt, grads_cache[key])
 
     forward_backward()  # compile / warm up
@@ -208,7 +212,9 @@ def sweep(liger) -> list[str]:
         for n, v in zip(names_t, values_t):
             setattr(module, n, v)
         try:
-            case = cases.setdefault((op, tokens), Case(op, tokens, None))
+            if (op, tokens) not in cases:
+                cases[(op, tokens)] = Case(op, tokens, None)
+            case = cases[(op, tokens)]
             case.impls = {"ours": case.impls["ours"]}
             ms = bench_case(case, "ours", {})["fwd_bwd_ms"]
         finally:
