@@ -1,0 +1,19 @@
+"""Stage download: one dataset source → data/raw/{dataset}/ (data.parquet, source.json)."""
+from pathlib import Path
+
+from tunedag.cli import load_run, stage_main, stage_parser
+from tunedag.data.download import download_dataset
+
+
+def main() -> None:
+    parser = stage_parser(__doc__)
+    parser.add_argument("--dataset", required=True, help="dataset name (data/raw/{dataset})")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    _, run = load_run(args.config, args.run)
+    (spec,) = [d for d in run.datasets if d.dataset_name == args.dataset]
+    download_dataset(spec, args.out)
+
+
+if __name__ == "__main__":
+    stage_main("download", main)

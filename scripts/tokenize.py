@@ -1,0 +1,24 @@
+"""Stage tokenize: raw datasets → data/packed/{run}/ (train/, val/ Arrow shards, manifest.json)."""
+import json
+import logging
+from pathlib import Path
+
+from tunedag.cli import load_run, stage_main, stage_parser
+from tunedag.data.tokenize import tokenize_run
+
+
+def main() -> None:
+    parser = stage_parser(__doc__)
+    parser.add_argument("--raw", type=Path, nargs="+", required=True, help="data/raw/{dataset} folders, in config order")
+    parser.add_argument("--model", type=Path, required=True, help="base model folder (for its tokenizer)")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    _, run = load_run(args.config, args.run)
+    manifest = tokenize_run(run, args.raw, args.model, args.out)
+    summary = {name: {k: split[k] for k in ("samples", "rows", "tokens", "packing_efficiency")}
+               for name, split in manifest["splits"].items()}
+    logging.info("wrote %s: %s", args.out, json.dumps(summary))
+
+
+if __name__ == "__main__":
+    stage_main("tokenize", main)

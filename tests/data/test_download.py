@@ -1,0 +1,121 @@
+"""The download stage: local files, https with sha256, hf: specs; outputs and errors."""
+import hashlib
+import http.server
+import json
+import threading
+from functools import partial
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from tunedag.config import DatasetConfig
+from tunedag.data.download import DataSourceError, download_dataset, parse_hf_source
+from tests.helpers import sample_rows, write_jsonl
+
+
+def read_rows(out: Path) -> list[dict]:
+    return pq.read_table(out / "data.parquet").to_pylist()
+
+
+def test_local_jsonl_becomes_parquet_with_source_record(tmp_path):
+    rows = sample_rows(25)
+    rows[3].pop("input")  # a field missing from one row still gets its column (null)
+    src = write_jsonl(tmp_path / "d.jsonl", rows)
+    record = download_dataset(DatasetConfig(path=str(src)), tmp_path / "raw")
+    got = read_rows(tmp_path / "raw")
+    assert len(got) == 25 and got[3]["input"] is None and got[4] == rows[4]
+    source = json.loads((tmp_path / "raw/source.json").read_text())
+    assert source == record
+    assert source["rows"] == 25 and source["kind"] == "local"
+    assert source["sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("suffix", [".json", ".csv"])
+def test_other_local_formats(tmp_path, suffix):
+    rows = sample_rows(5)
+    src = tmp_path / f"d{suffix}"
+    if suffix == ".json":
+        src.write_text(json.dumps(rows))
+    else:
+        src.write_text("instruction,input,output\n" + "".join(f"{r['instruction']},{r['input']},{r['output']}\n" for r in rows))
+    download_dataset(DatasetConfig(path=str(src)), tmp_path / "raw")
+    assert read_rows(tmp_path / "raw") == rows
+
+
+def test_invalid_json_line_names_file_and_line_and_writes_nothing(tmp_path):
+    src = tmp_path / "d.jsonl"
+    src.write_text('{"instruction": "a", "output": "b"}\n{"instruction": oops}\n')
+    with pytest.raises(DataSourceError, match=r"d\.jsonl: line 2: invalid JSON"):
+        download_dataset(DatasetConfig(path=str(src)), tmp_path / "raw")
+    assert not (tmp_path / "raw/data.parquet").exists()
+    assert not (tmp_path / "raw/source.json").exists()
+
+
+def test_non_object_row_is_named(tmp_path):
+    src = tmp_path / "d.jsonl"
+    src.write_text('{"a": "b"}\n[1, 2]\n')
+    with pytest.raises(DataSourceError, match=r"line 2: expected an object, got list"):
+        download_dataset(DatasetConfig(path=str(src)), tmp_path / "raw")
+
+
+def test_field_whose_type_changes_is_named_with_its_line(tmp_path):
+    src = tmp_path / "d.jsonl"
+    src.write_text('{"output": "b"}\n{"output": "c"}\n{"output": ["x"]}\n')
+    with pytest.raises(DataSourceError, match=r"d\.jsonl: line 3: field 'output' is list, earlier rows have str"):
+        download_dataset(DatasetConfig(path=str(src)), tmp_path / "raw")
+
+
+def test_empty_file_is_an_error(tmp_path):
+    src = tmp_path / "d.jsonl"
+    src.write_text("\n")
+    with pytest.raises(DataSourceError, match=r"d\.jsonl: no rows"):
+        download_dataset(DatasetConfig(path=str(src)), tmp_path / "raw")
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_url_source_is_checked_against_its_sha256(tmp_path, http_root):
+    root, base = http_root
+    src = write_jsonl(root / "d.jsonl", sample_rows(7))
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    record = download_dataset(DatasetConfig(path=f"{base}/d.jsonl", sha256=digest), tmp_path / "raw")
+    assert record["kind"] == "url" and record["rows"] == 7
+    assert read_rows(tmp_path / "raw") == sample_rows(7)
+
+
+def test_url_with_wrong_sha256_is_refused(tmp_path, http_root):
+    root, base = http_root
+    write_jsonl(root / "d.jsonl", sample_rows(3))
+    with pytest.raises(DataSourceError, match="sha256 mismatch: config says 0000"):
+        download_dataset(DatasetConfig(path=f"{base}/d.jsonl", sha256="0" * 64), tmp_path / "raw")
+    assert not (tmp_path / "raw/data.parquet").exists()
+
+
+def test_unreachable_url_names_the_url(tmp_path, http_root):
+    _, base = http_root
+    with pytest.raises(DataSourceError, match=r"/missing\.jsonl: download failed"):
+        download_dataset(DatasetConfig(path=f"{base}/missing.jsonl", sha256="0" * 64), tmp_path / "raw")
+
+
+def test_hf_source_spec_parsing():
+    assert parse_hf_source("hf:tatsu-lab/alpaca") == ("tatsu-lab/alpaca", None, "train")
+    assert parse_hf_source("hf:org/name:cfg@validation") == ("org/name", "cfg", "validation")
+
+
+def test_hf_source_that_cannot_be_reached_names_the_source(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(DataSourceError, match="hf:tunedag-test/no-such-dataset: could not load"):
+        download_dataset(DatasetConfig(path="hf:tunedag-test/no-such-dataset"), tmp_path / "raw")

@@ -1,0 +1,185 @@
+"""The download stage: bring one dataset source into ``data/raw/{dataset}/`` as Parquet.
+
+Sources: a local file (.jsonl, .json, .csv, .parquet), an ``https://`` URL whose sha256 is
+given in the config, or ``hf:org/name[:config][@split]`` through the ``datasets`` library.
+Runs on the login node (compute nodes are often offline); writes ``data.parquet`` and then
+``source.json`` (where from, checksum, row count), each atomically.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import urllib.request
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.csv
+import pyarrow.parquet as pq
+
+from tunedag.config import DatasetConfig, hash_json
+from tunedag.errors import TunedagError
+from tunedag.io import atomic_path, sha256_file, write_json
+
+BATCH_ROWS = 10_000
+LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+class DataSourceError(TunedagError, ValueError):
+    """A dataset source that cannot be read: names the file or URL, and the row where known."""
+
+
+def _json_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, row) pairs; ``where`` is "line N" (JSONL) or "row N" (a JSON array)."""
+    if path.suffix == ".json":
+        try:
+            rows = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise DataSourceError(f"{path}: invalid JSON: {err}") from err
+        if not isinstance(rows, list):
+            raise DataSourceError(f"{path}: expected a JSON array of objects, got {type(rows).__name__}")
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict):
+                raise DataSourceError(f"{path}: row {i}: expected an object, got {type(row).__name__}")
+            yield f"row {i}", row
+        return
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataSourceError(f"{path}: line {lineno}: invalid JSON: {err.msg}") from err
+            if not isinstance(row, dict):
+                raise DataSourceError(f"{path}: line {lineno}: expected an object, got {type(row).__name__}")
+            yield f"line {lineno}", row
+
+
+def _rows_table(path: Path, batch: list[tuple[str, dict[str, Any]]]) -> pa.Table:
+    """One Arrow table from JSON rows; a field whose type changes between rows is named."""
+    try:
+        return pa.Table.from_pylist([row for _, row in batch])
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+        first_type: dict[str, type] = {}
+        for where, row in batch:
+            for key, value in row.items():
+                if value is None:
+                    continue
+                seen = first_type.setdefault(key, type(value))
+                if seen is not type(value) and not {seen, type(value)} <= {int, float}:
+                    raise DataSourceError(f"{path}: {where}: field {key!r} is {type(value).__name__}, "
+                                          f"earlier rows have {seen.__name__}") from err
+        raise DataSourceError(f"{path}: rows cannot be stored as a table: {err}") from err
+
+
+def _batches(path: Path) -> Iterator[pa.Table]:
+    """Stream a local file as Arrow tables of at most BATCH_ROWS rows."""
+    if path.suffix == ".parquet":
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS):
+            yield pa.Table.from_batches([batch])
+    elif path.suffix == ".csv":
+        reader = pyarrow.csv.open_csv(path)
+        for batch in reader:
+            yield pa.Table.from_batches([batch])
+    else:
+        rows: list[tuple[str, dict[str, Any]]] = []
+        for item in _json_rows(path):
+            rows.append(item)
+            if len(rows) == BATCH_ROWS:
+                yield _rows_table(path, rows)
+                rows = []
+        if rows:
+            yield _rows_table(path, rows)
+
+
+def convert_to_parquet(path: Path, dest: Path) -> int:
+    """Write ``path`` as one Parquet file at ``dest``; return the row count.
+
+    Two streaming passes: the first unifies the schema of all batches (a field missing from
+    early rows still gets its column), the second writes; memory stays one batch.
+    """
+    if path.suffix not in LOCAL_SUFFIXES:
+        raise DataSourceError(f"{path}: unsupported file type {path.suffix!r}; "
+                              f"use one of {', '.join(LOCAL_SUFFIXES)}")
+    schemas = [t.schema for t in _batches(path)]
+    if not schemas:
+        raise DataSourceError(f"{path}: no rows")
+    try:
+        schema = pa.unify_schemas(schemas, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+        raise DataSourceError(f"{path}: rows disagree on field types: {err}") from err
+    rows = 0
+    with atomic_path(dest) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        for table in _batches(path):
+            for name in schema.names:
+                if name not in table.column_names:
+                    table = table.append_column(name, pa.nulls(len(table), schema.field(name).type))
+            writer.write_table(table.select(schema.names).cast(schema))
+            rows += len(table)
+    if rows == 0:
+        raise DataSourceError(f"{path}: no rows")
+    return rows
+
+
+def fetch_url(url: str, sha256: str, dest: Path) -> None:
+    """Download ``url`` to ``dest``, refusing it unless its sha256 matches the config's."""
+    with atomic_path(dest) as tmp:
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out:
+                shutil.copyfileobj(response, out, length=1 << 20)
+        except OSError as err:
+            raise DataSourceError(f"{url}: download failed: {err}") from err
+        got = sha256_file(tmp)
+        if got != sha256.lower():
+            raise DataSourceError(f"{url}: sha256 mismatch: config says {sha256}, downloaded file has {got}")
+
+
+def parse_hf_source(path: str) -> tuple[str, str | None, str]:
+    """``hf:org/name[:config][@split]`` → (repo id, config name or None, split)."""
+    spec = path.removeprefix("hf:")
+    spec, _, split = spec.partition("@")
+    repo, _, config_name = spec.partition(":")
+    if not repo:
+        raise DataSourceError(f"{path}: expected hf:org/name[:config][@split]")
+    return repo, (config_name or None), (split or "train")
+
+
+def download_dataset(ds: DatasetConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Bring ``ds`` into ``out_dir`` (data.parquet + source.json); return the source record."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parquet = out_dir / "data.parquet"
+    record: dict[str, Any] = {"source": ds.path, "config_hash": hash_json(
+        {"path": ds.path, "sha256": ds.sha256, "name": ds.dataset_name})}
+    if ds.path.startswith(("https://", "http://")):
+        suffix = next((s for s in LOCAL_SUFFIXES if ds.path.split("?")[0].endswith(s)), ".jsonl")
+        with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+            local = Path(tmp) / f"download{suffix}"
+            fetch_url(ds.path, ds.sha256 or "", local)
+            record.update(kind="url", sha256=ds.sha256.lower())
+            record["rows"] = convert_to_parquet(local, parquet)
+    elif ds.path.startswith("hf:"):
+        import datasets
+
+        repo, config_name, split = parse_hf_source(ds.path)
+        try:
+            data = datasets.load_dataset(repo, config_name, split=split)
+        except Exception as err:  # the hub raises many types; name the source either way
+            raise DataSourceError(f"{ds.path}: could not load from the Hugging Face hub: {err}") from err
+        with atomic_path(parquet) as tmp:
+            data.to_parquet(str(tmp))
+        record.update(kind="hf", repo=repo, config=config_name, split=split,
+                      fingerprint=getattr(data, "_fingerprint", None), rows=len(data))
+    else:
+        local = Path(ds.path)
+        if not local.is_file():
+            raise DataSourceError(f"{ds.path}: file not found")
+        record.update(kind="local", sha256=sha256_file(local))
+        record["rows"] = convert_to_parquet(local, parquet)
+    record["parquet_sha256"] = sha256_file(parquet)
+    record["written_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    write_json(out_dir / "source.json", record)
+    return record

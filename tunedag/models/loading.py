@@ -1,0 +1,74 @@
+"""Where a ``base_model`` lives on disk, how it gets there, and how it is loaded.
+
+``builtin:<name>`` is materialised under models/builtin/<name>/, a hub id is downloaded on the
+login node under models/hub/<org>--<name>/ (safetensors, configs and tokenizer only), and a
+local folder is used where it is. Weights load from safetensors only; model code from the hub
+runs only when the run sets ``trust_remote_code: true``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from tunedag.errors import TunedagError
+from tunedag.io import atomic_path
+
+HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.jinja", "tokenizer*",
+                "*.model", "*.txt"]
+
+
+class ModelSourceError(TunedagError, ValueError):
+    """A base model that cannot be found or fetched: names the model and what is missing."""
+
+
+def model_dir(base_model: str, models_root: str | Path = "models") -> Path:
+    """The folder the train/merge/evaluate stages read ``base_model`` from."""
+    root = Path(models_root)
+    if base_model.startswith("builtin:"):
+        return root / "builtin" / base_model.removeprefix("builtin:")
+    local = Path(base_model)
+    if local.is_dir() or base_model.startswith((".", "/")):
+        return local
+    return root / "hub" / base_model.replace("/", "--")
+
+
+def fetch_model(base_model: str, dest: str | Path) -> Path:
+    """Make ``base_model`` available at ``dest`` (the download_model stage)."""
+    dest = Path(dest)
+    if base_model.startswith("builtin:"):
+        from tunedag.models.builtin import materialize_builtin
+
+        return materialize_builtin(base_model.removeprefix("builtin:"), dest)
+    if dest.resolve() == Path(base_model).resolve():
+        if not (dest / "config.json").is_file():
+            raise ModelSourceError(f"{base_model}: no config.json in this folder")
+        return dest
+    from huggingface_hub import snapshot_download
+
+    with atomic_path(dest) as tmp:
+        try:
+            snapshot_download(repo_id=base_model, local_dir=tmp, allow_patterns=HUB_PATTERNS)
+        except Exception as err:  # hub errors come in many types; name the model either way
+            raise ModelSourceError(f"{base_model}: download from the Hugging Face hub failed: {err}") from err
+        if not list(tmp.glob("*.safetensors")):
+            raise ModelSourceError(f"{base_model}: the repository has no .safetensors weights "
+                                   "(tunedag loads weights from safetensors only)")
+    return dest
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelSourceError(f"{path}: model folder not found (run the download_model stage)")
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32,
+                   trust_remote_code: bool = False) -> PreTrainedModel:
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ModelSourceError(f"{path}: no config.json (not a Hugging Face model folder)")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                trust_remote_code=trust_remote_code)
