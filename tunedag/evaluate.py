@@ -1,0 +1,95 @@
+"""The evaluate stage: the base model and the fine-tuned one, side by side, on held-out data.
+
+Two kinds of evidence: teacher-forced metrics on the packed validation shards (mean token loss,
+perplexity = exp(loss), next-token accuracy on trained tokens, with the same sample-boundary
+masking as training) and the task itself: greedy generation on held-out prompts scored by
+exact match against the reference answer.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunedag.config import RunConfig
+from tunedag.data.formats import IGNORE_INDEX
+from tunedag.data.shards import ShardReader
+from tunedag.io import atomic_path
+from tunedag.models.loading import load_causal_lm, load_tokenizer
+from tunedag.train.batching import collate, loss_sum, model_inputs
+
+EVAL_BATCH_ROWS = 8
+
+
+@torch.no_grad()
+def teacher_forced_metrics(model, val_dir: Path, pad_id: int) -> dict[str, float]:
+    reader = ShardReader(val_dir)
+    total_loss, tokens, correct = 0.0, 0, 0
+    order = reader.epoch_order(0, seed=0, shuffle=False)
+    for start in range(0, len(order), EVAL_BATCH_ROWS):
+        batch = collate([reader.row(i) for i in order[start: start + EVAL_BATCH_ROWS]], pad_id)
+        logits = model(**model_inputs(batch, model.device, torch.float32)).logits.float()
+        labels = batch["labels"].to(model.device)
+        total_loss += float(loss_sum(logits, labels))
+        trained = labels[:, 1:] != IGNORE_INDEX
+        tokens += int(trained.sum())
+        correct += int(((logits[:, :-1].argmax(-1) == labels[:, 1:]) & trained).sum())
+    if tokens == 0:
+        return {"val_loss": float("nan"), "perplexity": float("nan"), "token_accuracy": float("nan"), "val_tokens": 0}
+    loss = total_loss / tokens
+    return {"val_loss": loss, "perplexity": math.exp(loss), "token_accuracy": correct / tokens, "val_tokens": tokens}
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy answers, batched with left padding; prompts tokenized exactly as in training."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    answers = []
+    for start in range(0, len(prompts), EVAL_BATCH_ROWS):
+        encoded = [([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else [])
+                   + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[start: start + EVAL_BATCH_ROWS]]
+        width = max(len(e) for e in encoded)
+        ids = torch.tensor([[pad_id] * (width - len(e)) + e for e in encoded], device=model.device)
+        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=model.device)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
+        answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    return answers
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    return " ".join(prediction.split()) == " ".join(reference.split())
+
+
+def evaluate_run(run: RunConfig, base_path: Path, merged_path: Path, shards_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """Write ``out_dir``/metrics.json and samples.jsonl comparing base and fine-tuned."""
+    manifest = json.loads((shards_dir / "manifest.json").read_text())
+    prompts = [json.loads(l) for l in (shards_dir / "val_prompts.jsonl").read_text().splitlines() if l.strip()]
+    prompts = prompts[: run.eval_max_samples]
+    tokenizer = load_tokenizer(merged_path, run.trust_remote_code)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    metrics: dict[str, Any] = {"config_hash": run.stage_hash("evaluate"), "prompts": len(prompts)}
+    answers: dict[str, list[str]] = {}
+    for label, path in (("base", base_path), ("finetuned", merged_path)):
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        model = load_causal_lm(path, dtype, run.trust_remote_code).to(device).eval()
+        result = teacher_forced_metrics(model, shards_dir / "val", manifest["pad_token_id"])
+        if prompts:
+            answers[label] = generate_answers(model, tokenizer, [p["prompt"] for p in prompts],
+                                              run.eval_max_new_tokens)
+            result["exact_match"] = sum(exact_match(a, p["reference"])
+                                        for a, p in zip(answers[label], prompts)) / len(prompts)
+        metrics[label] = result
+        del model
+    metrics["improvement"] = {k: metrics["finetuned"][k] - metrics["base"][k]
+                              for k in ("val_loss", "token_accuracy", "exact_match") if k in metrics["base"]}
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        with open(tmp / "samples.jsonl", "w") as fh:
+            for i, p in enumerate(prompts):
+                fh.write(json.dumps({**p, **{label: answers[label][i] for label in answers}}) + "\n")
+    return metrics

@@ -1,0 +1,87 @@
+"""The export_vllm stage: folders that ``vllm serve`` accepts.
+
+``model/`` is the merged HF folder (config.json with ``architectures``, safetensors, tokenizer,
+generation_config); ``adapter/`` is the PEFT adapter for vLLM's LoRA serving
+(adapter_config.json + adapter_model.safetensors). Both are checked before the folder is renamed
+into place, and ``serve.json`` records the command lines that serve them.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from tunedag.errors import TunedagError
+from tunedag.io import atomic_path
+
+# vLLM's --max-lora-rank accepts these values; an adapter of another rank cannot be served.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# Module names vLLM's LoRA layers wrap in Llama-family models (packed qkv / gate_up included).
+VLLM_LORA_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                     "embed_tokens", "lm_head"}
+MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "tokenizer.model", "special_tokens_map.json", "chat_template.jinja",
+               "model.safetensors.index.json")
+
+
+class VLLMExportError(TunedagError, ValueError):
+    """A folder vLLM would refuse: names the file or setting."""
+
+
+def check_model_dir(path: Path) -> dict[str, Any]:
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise VLLMExportError(f"{path}: no config.json")
+    config = json.loads(config_path.read_text())
+    if not config.get("architectures"):
+        raise VLLMExportError(f"{config_path}: no 'architectures' entry; vLLM picks the model class from it")
+    if not list(path.glob("*.safetensors")):
+        raise VLLMExportError(f"{path}: no .safetensors weights")
+    if not (path / "tokenizer_config.json").is_file():
+        raise VLLMExportError(f"{path}: no tokenizer_config.json")
+    return config
+
+
+def check_adapter_dir(path: Path) -> dict[str, Any]:
+    config_path = path / "adapter_config.json"
+    if not config_path.is_file():
+        raise VLLMExportError(f"{path}: no adapter_config.json")
+    if not (path / "adapter_model.safetensors").is_file():
+        raise VLLMExportError(f"{path}: no adapter_model.safetensors")
+    config = json.loads(config_path.read_text())
+    if config.get("r") not in VLLM_LORA_RANKS:
+        raise VLLMExportError(f"{config_path}: LoRA rank {config.get('r')} is not one vLLM serves "
+                              f"({', '.join(map(str, VLLM_LORA_RANKS))})")
+    targets = set(config.get("target_modules") or [])
+    unsupported = targets - VLLM_LORA_MODULES
+    if unsupported:
+        raise VLLMExportError(f"{config_path}: vLLM's LoRA layers do not cover {sorted(unsupported)}")
+    if config.get("use_dora"):
+        raise VLLMExportError(f"{config_path}: vLLM does not serve DoRA adapters; serve the merged model")
+    return config
+
+
+def _copy_files(src: Path, dest: Path, names: list[str]) -> None:
+    dest.mkdir(parents=True)
+    for name in names:
+        shutil.copy2(src / name, dest / name)
+
+
+def export_vllm(merged_dir: Path, adapter_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """Write ``out_dir``/model, ``out_dir``/adapter and ``out_dir``/serve.json."""
+    model_config = check_model_dir(merged_dir)
+    adapter_config = check_adapter_dir(adapter_dir)
+    model_files = sorted({p.name for p in merged_dir.glob("*.safetensors")}
+                         | {n for n in MODEL_FILES if (merged_dir / n).is_file()})
+    serve = {
+        "architectures": model_config["architectures"],
+        "merged": "vllm serve model --served-model-name tunedag",
+        "lora": (f"vllm serve <base model> --enable-lora --max-lora-rank {adapter_config['r']} "
+                 "--lora-modules tunedag=adapter"),
+    }
+    with atomic_path(out_dir) as tmp:
+        _copy_files(merged_dir, tmp / "model", model_files)
+        _copy_files(adapter_dir, tmp / "adapter", ["adapter_config.json", "adapter_model.safetensors"])
+        (tmp / "serve.json").write_text(json.dumps(serve, indent=2) + "\n")
+    return serve

@@ -1,0 +1,144 @@
+"""The training loop shared by all engines: AdamW, warmup + schedule, gradient accumulation,
+checkpoints and exact resume.
+
+The loss of an optimizer step is the mean over every trained token of its micro-batches
+(summed per micro-batch, divided by the group's token count), so accumulation over k
+micro-batches equals one batch k times larger.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from transformers import get_scheduler
+
+from tunedag.config import RunConfig
+from tunedag.data.shards import ShardReader
+from tunedag.io import atomic_path, write_json
+from tunedag.train import checkpoint as ckpt
+from tunedag.train.batching import collate, trained_token_count
+from tunedag.train.engines import make_engine
+
+log = logging.getLogger(__name__)
+SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def micro_batches(reader: ShardReader, run: RunConfig, pad_id: int,
+                  position: ckpt.Position) -> Iterator[tuple[dict[str, torch.Tensor], int, int]]:
+    """(batch, epoch, offset after it) from ``position`` on; endless when max_steps is set."""
+    epoch, offset = position.epoch, position.offset
+    while run.max_steps is not None or epoch < run.num_epochs:
+        order = reader.epoch_order(epoch, run.seed)
+        while offset < len(order):
+            rows = [reader.row(i) for i in order[offset: offset + run.micro_batch_size]]
+            offset += len(rows)
+            yield collate(rows, pad_id), epoch, offset
+        epoch, offset = epoch + 1, 0
+
+
+def total_steps(run: RunConfig, rows: int) -> int:
+    if run.max_steps is not None:
+        return run.max_steps
+    per_epoch = math.ceil(math.ceil(rows / run.micro_batch_size) / run.gradient_accumulation_steps)
+    return per_epoch * run.num_epochs
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep only the metric lines up to ``step`` (a resumed run rewrites what came after)."""
+    if not path.is_file():
+        return
+    lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(l + "\n" for l in lines))
+
+
+def train(run: RunConfig, shards_dir: Path, model_path: Path, run_dir: Path) -> dict[str, Any]:
+    """Train ``run`` on the packed shards; write run_dir/adapter, train_metrics.jsonl, train_info.json."""
+    config_hash = run.stage_hash("train")
+    manifest = json.loads((shards_dir / "manifest.json").read_text())
+    seed_everything(run.seed)
+    engine = make_engine(run, model_path)
+    reader = ShardReader(shards_dir / "train")
+    steps = total_steps(run, len(reader))
+    params = engine.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=run.learning_rate, weight_decay=run.weight_decay,
+                                  fused=engine.device.type == "cuda")
+    scheduler = get_scheduler(SCHEDULERS[run.lr_scheduler], optimizer,
+                              num_warmup_steps=run.warmup_steps, num_training_steps=steps)
+    ckpt_root = run_dir / "checkpoints"
+    live_metrics = ckpt_root / "metrics.jsonl"
+    position = ckpt.Position()
+    resumed = ckpt.latest_checkpoint(ckpt_root, config_hash)
+    if resumed is not None:
+        state = ckpt.load_state(resumed)
+        engine.load_trainable(resumed)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"])
+        position = ckpt.Position(**state["position"])
+        log.info("resuming from %s (step %d of %d)", resumed, position.step, steps)
+    else:
+        shutil.rmtree(ckpt_root, ignore_errors=True)
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    _truncate_metrics(live_metrics, position.step)
+
+    batches = micro_batches(reader, run, manifest["pad_token_id"], position)
+    started, tokens_at_start = time.perf_counter(), position.tokens_seen
+    last_loss = float("nan")
+    with open(live_metrics, "a") as metrics:
+        while position.step < steps:
+            group = [b for _, b in zip(range(run.gradient_accumulation_steps), batches)]
+            if not group:
+                break
+            n_tokens = sum(trained_token_count(batch["labels"]) for batch, _, _ in group)
+            loss_total = 0.0
+            for batch, _, _ in group:
+                loss = engine.loss_sum(batch) / max(n_tokens, 1)
+                loss.backward()
+                loss_total += loss.item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, run.max_grad_norm or float("inf"))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            _, position.epoch, position.offset = group[-1]
+            position.step += 1
+            position.tokens_seen += sum(int(b["input_ids"].numel()) for b, _, _ in group)
+            last_loss = loss_total
+            if position.step % run.logging_steps == 0 or position.step == steps:
+                elapsed = time.perf_counter() - started
+                record = {"step": position.step, "epoch": position.epoch, "loss": round(loss_total, 6),
+                          "learning_rate": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                          "trained_tokens": n_tokens, "tokens_seen": position.tokens_seen,
+                          "tokens_per_s": round((position.tokens_seen - tokens_at_start) / max(elapsed, 1e-9), 1)}
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                log.info("step %d/%d loss %.4f lr %.3g", position.step, steps, loss_total, record["learning_rate"])
+            if position.step % run.save_steps == 0 or position.step == steps:
+                ckpt.save_checkpoint(ckpt_root, engine.model, optimizer, scheduler, position, config_hash,
+                                     run.keep_last_checkpoints)
+
+    with atomic_path(run_dir / "adapter") as tmp:
+        engine.save(tmp)
+    with atomic_path(run_dir / "train_metrics.jsonl") as tmp:
+        shutil.copyfile(live_metrics, tmp)
+    info = {"config_hash": config_hash, "engine": engine.name, "device": str(engine.device),
+            "steps": position.step, "tokens_seen": position.tokens_seen, "final_loss": last_loss,
+            "resumed_from": str(resumed) if resumed else None, "position": asdict(position),
+            "shards_config_hash": manifest["config_hash"]}
+    write_json(run_dir / "train_info.json", info)
+    return info
