@@ -1,0 +1,90 @@
+# Config validation and the path helpers every rule uses.
+import json
+import re
+import sys
+from pathlib import Path
+
+from snakemake.utils import validate
+
+from tunedag.config import ConfigError, hash_json, parse_config
+from tunedag.data.tokenize import code_hash
+from tunedag.models.loading import model_dir
+
+# The library's typed check names the key and value at fault; the JSON schema is the same
+# contract in Snakemake's own terms (workflow/schemas is generated from tunedag.config).
+try:
+    CFG = parse_config(config, source=",".join(map(str, workflow.configfiles)) or "config")
+except ConfigError as err:
+    sys.exit(f"tunedag: config error: {err}")
+validate(config, "../schemas/config.schema.json")
+
+PYTHON = sys.executable
+SCRIPTS = Path(workflow.basedir) / "scripts"
+# Scripts read the exact config Snakemake resolved (--configfile and --config included).
+EFFECTIVE_CONFIG = Path(".snakemake/tunedag") / f"config-{hash_json(config)[:16]}.json"
+if not EFFECTIVE_CONFIG.exists():
+    EFFECTIVE_CONFIG.parent.mkdir(parents=True, exist_ok=True)
+    EFFECTIVE_CONFIG.write_text(json.dumps(config, indent=2))
+
+RUN_OF_DIR = {CFG.run_dir(name): name for name in CFG.runs}
+DATASETS = {ds.dataset_name: (name, ds) for name, run in CFG.runs.items() for ds in run.datasets}
+for _name, _run in CFG.runs.items():
+    for _ds in _run.datasets:
+        if DATASETS[_ds.dataset_name][1] != _ds:
+            sys.exit(f"tunedag: config error: dataset name {_ds.dataset_name!r} means two different "
+                     f"sources in two runs; give one of them another name:")
+
+
+def _alternation(names):
+    return "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
+
+
+wildcard_constraints:
+    run=_alternation(CFG.runs),
+    run_dir=_alternation(RUN_OF_DIR),
+    dataset=_alternation(DATASETS),
+
+
+def run_of(wildcards):
+    """The run name behind a rule's wildcards ({run} or {run_dir})."""
+    return wildcards.run if hasattr(wildcards, "run") else RUN_OF_DIR[wildcards.run_dir]
+
+
+def run_config(wildcards):
+    return CFG.runs[run_of(wildcards)]
+
+
+def base_model_dir(wildcards):
+    return str(model_dir(run_config(wildcards).base_model))
+
+
+def stage_hash(stage):
+    """A rule param: Snakemake reruns the rule when its config slice changes."""
+    return lambda wildcards: CFG.runs[run_of(wildcards)].stage_hash(stage)
+
+
+def all_targets():
+    targets = []
+    for name, run in CFG.runs.items():
+        run_dir = CFG.run_dir(name)
+        targets += [f"{run_dir}/eval", f"{run_dir}/export/vllm"]
+        targets += [f"{run_dir}/export/{name}-{t}.gguf" for t in run.gguf_types]
+    return targets
+
+
+def stage_resources(stage):
+    """Slurm resources of ``stage`` from config.yaml's cluster section (the profile fills the rest)."""
+    res = CFG.cluster.get(stage)
+    if res is None:
+        return {}
+    hours, minutes, seconds = (int(x) for x in res.time.split(":"))
+    out = {"runtime": hours * 60 + minutes + (seconds > 0), "mem_mb": int(res.mem_gb * 1024),
+           "cpus_per_task": res.cpus_per_task, "nodes": res.nodes}
+    if res.gpus_per_node:
+        out["gpu"] = res.gpus_per_node
+    for key in ("partition", "account", "qos"):
+        if getattr(res, key):
+            out[f"slurm_{key}"] = getattr(res, key)
+    if res.constraint:
+        out["constraint"] = res.constraint
+    return out

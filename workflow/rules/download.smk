@@ -1,0 +1,33 @@
+# Stage download (login node: compute nodes are often offline): datasets and base models.
+
+
+localrules:
+    download,
+    download_model,
+
+
+rule download:
+    output:
+        parquet="data/raw/{dataset}/data.parquet",
+        source="data/raw/{dataset}/source.json",
+    params:
+        run=lambda w: DATASETS[w.dataset][0],
+        source=lambda w: hash_json([DATASETS[w.dataset][1].path, DATASETS[w.dataset][1].sha256]),
+    log:
+        "logs/download/{dataset}.log",
+    shell:
+        "{PYTHON} {SCRIPTS}/download.py --config {EFFECTIVE_CONFIG} --run {params.run} "
+        "--dataset {wildcards.dataset} --out data/raw/{wildcards.dataset} 2> {log}"
+
+
+rule download_model:
+    output:
+        directory("models/{kind}/{model}"),
+    wildcard_constraints:
+        kind="builtin|hub",
+    params:
+        base_model=lambda w: f"builtin:{w.model}" if w.kind == "builtin" else w.model.replace("--", "/", 1),
+    log:
+        "logs/download_model/{kind}-{model}.log",
+    shell:
+        "{PYTHON} {SCRIPTS}/download_model.py --base-model {params.base_model} --out {output} 2> {log}"

@@ -1,0 +1,31 @@
+# Stages export_gguf and export_vllm: files llama.cpp and vLLM load.
+
+
+rule export_gguf:
+    input:
+        "{run_dir}/merged",
+    output:
+        "{run_dir}/export/{name}-{gguf_type}.gguf",
+    wildcard_constraints:
+        name=_alternation(CFG.runs),
+        gguf_type="f32|f16|bf16|q8_0|q4_k_m|q5_k_m|q6_k",
+    resources:
+        **stage_resources("export_gguf"),
+    log:
+        "{run_dir}/logs/export_gguf-{name}-{gguf_type}.log",
+    shell:
+        "{PYTHON} {SCRIPTS}/export_gguf.py --merged {input} --type {wildcards.gguf_type} --out {output} 2> {log}"
+
+
+rule export_vllm:
+    input:
+        merged="{run_dir}/merged",
+        adapter="{run_dir}/adapter",
+    output:
+        directory("{run_dir}/export/vllm"),
+    resources:
+        **stage_resources("export_vllm"),
+    log:
+        "{run_dir}/logs/export_vllm.log",
+    shell:
+        "{PYTHON} {SCRIPTS}/export_vllm.py --merged {input.merged} --adapter {input.adapter} --out {output} 2> {log}"

@@ -1,0 +1,20 @@
+# Stage merge: LoRA adapter folded into the base → a plain HF safetensors folder.
+
+
+rule merge:
+    input:
+        adapter="{run_dir}/adapter",
+        model=base_model_dir,
+    output:
+        directory("{run_dir}/merged"),
+    params:
+        config_hash=stage_hash("merge"),
+        run=run_of,
+    threads: 2
+    resources:
+        **stage_resources("merge"),
+    log:
+        "{run_dir}/logs/merge.log",
+    shell:
+        "{PYTHON} {SCRIPTS}/merge.py --config {EFFECTIVE_CONFIG} --run {params.run} "
+        "--model {input.model} --adapter {input.adapter} --out {output} 2> {log}"

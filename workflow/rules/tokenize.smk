@@ -1,0 +1,26 @@
+# Stage tokenize: raw rows → packed Arrow shards + manifest.json.
+
+
+def raw_dirs(wildcards):
+    return [f"data/raw/{ds.dataset_name}" for ds in run_config(wildcards).datasets]
+
+
+rule tokenize:
+    input:
+        raw=lambda w: [f"{d}/data.parquet" for d in raw_dirs(w)],
+        model=base_model_dir,
+    output:
+        directory("data/packed/{run}"),
+    params:
+        config_hash=stage_hash("tokenize"),
+        # a changed template or packer must never reuse stale shards
+        code_hash=code_hash(),
+        raw=raw_dirs,
+    threads: 2
+    resources:
+        **stage_resources("tokenize"),
+    log:
+        "logs/tokenize/{run}.log",
+    shell:
+        "{PYTHON} {SCRIPTS}/tokenize.py --config {EFFECTIVE_CONFIG} --run {wildcards.run} "
+        "--raw {params.raw} --model {input.model} --out {output} 2> {log}"
