@@ -18,7 +18,8 @@ except ConfigError as err:
     sys.exit(f"tunedag: config error: {err}")
 validate(config, "../schemas/config.schema.json")
 
-PYTHON = sys.executable
+# -P: the scripts folder stays off sys.path, so scripts/tokenize.py cannot shadow the stdlib module
+PYTHON = f"{sys.executable} -P"
 SCRIPTS = Path(workflow.basedir) / "scripts"
 # Scripts read the exact config Snakemake resolved (--configfile and --config included).
 EFFECTIVE_CONFIG = Path(".snakemake/tunedag") / f"config-{hash_json(config)[:16]}.json"
