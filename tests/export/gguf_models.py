@@ -159,6 +159,10 @@ TINY_SPECS = {
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
         shard=True),
+    # Rows of 256 (QK_K) so llama-quantize really makes k-quants rather than falling back;
+    # std 0.15 keeps the per-layer gain (std * sqrt(hidden)) that of the 64-wide models.
+    "llama_wide": TinySpec("llama_wide", "llama", "gpt2", config=dict(
+        hidden_size=256, intermediate_size=512, num_attention_heads=4, head_dim=64, initializer_range=0.15)),
     "mistral": TinySpec("mistral", "mistral", "sentencepiece", config=dict(sliding_window=None)),
     "qwen2": TinySpec("qwen2", "qwen2", "qwen2", config=dict(tie_word_embeddings=True), vocab_pad=24),
     "qwen3": TinySpec("qwen3", "qwen3", "qwen2"),

@@ -21,6 +21,7 @@ no rope-scaling key (writing both would scale twice).
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ import gguf
 import numpy as np
 
 from tunedag.export.gguf_errors import GGUFExportError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,13 @@ def read_hparams(config: dict[str, Any], spec: ArchSpec) -> HParams:
         )
     except KeyError as e:
         raise GGUFExportError(f"config.json has no {e.args[0]!r}, which the GGUF header needs") from None
+    window = config.get("sliding_window")
+    if window and config.get("use_sliding_window", True) and window < hp.context_length:
+        log.warning(
+            "%s uses sliding-window attention (%d tokens); llama.cpp's %s graph attends to the full "
+            "context, so outputs differ from transformers beyond %d tokens",
+            spec.model_type, window, gguf.MODEL_ARCH_NAMES[spec.gguf_arch], window,
+        )
     if spec.always_tied and not hp.tie_word_embeddings:
         raise GGUFExportError(
             f"{spec.model_type} with tie_word_embeddings=false cannot be exported: "
