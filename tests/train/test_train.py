@@ -86,9 +86,16 @@ def test_gradient_accumulation_matches_one_larger_batch(packed, tiny_model_dir, 
     small = dataclasses.replace(big, micro_batch_size=2, gradient_accumulation_steps=2)
     train(big, shards, tiny_model_dir, tmp_path / "big")
     train(small, shards, tiny_model_dir, tmp_path / "small")
+    # the step's loss is the mean over all its trained tokens, however it is split (a mean of
+    # per-micro-batch means would differ: the micro-batches hold different token counts)
+    losses = [[json.loads(l)["loss"] for l in (tmp_path / name / "train_metrics.jsonl").read_text().splitlines()]
+              for name in ("big", "small")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
     a, b = _adapter(tmp_path / "big"), _adapter(tmp_path / "small")
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
+        # Adam divides by sqrt(v): fp32 summation order shows in near-zero gradients, up to
+        # ~1e-3 of one lr-sized (5e-3) step
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=2e-5)
 
 
 class Killed(Exception):
