@@ -314,3 +314,48 @@ def test_kquant_with_real_llama_quantize(outtype, qtype, tiny_model, tmp_path):
     out = export_gguf(tiny_model("qwen3"), tmp_path / "m.gguf", outtype)
     types = {t.tensor_type for t in gguf.GGUFReader(out).tensors}
     assert qtype in types
+
+
+def test_weights_are_read_lazily_one_tensor_at_a_time(tiny_model, tmp_path, monkeypatch):
+    """Planning reads headers only; writing reads each tensor once, right before it is written."""
+    import tunedag.export.gguf_tensors as tensors
+
+    events: list[str] = []
+    real_safe_open = tensors.safe_open
+
+    class CountingSafeOpen:
+        def __init__(self, *args, **kwargs):
+            self.inner = real_safe_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.f = self.inner.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+        def keys(self):
+            return self.f.keys()
+
+        def get_slice(self, name):
+            return self.f.get_slice(name)
+
+        def get_tensor(self, name):
+            events.append(f"read {name}")
+            return self.f.get_tensor(name)
+
+    real_write = gguf.GGUFWriter.write_tensor_data
+
+    def counting_write(self, tensor, *args, **kwargs):
+        events.append("write")
+        return real_write(self, tensor, *args, **kwargs)
+
+    monkeypatch.setattr(tensors, "safe_open", CountingSafeOpen)
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", counting_write)
+    model_dir = tiny_model("llama")
+    plans = tensors.plan_tensors(model_dir, ARCHITECTURES["llama"], gguf_export.read_hparams(
+        gguf_export.read_config(model_dir), ARCHITECTURES["llama"]), "q8_0")
+    assert events == [] and len(plans) == len(hf_tensors(model_dir))
+    export_gguf(model_dir, tmp_path / "m.gguf", "q8_0")
+    assert len(events) == 2 * len(plans)  # each tensor read once, then written before the next read
+    assert all(a.startswith("read ") and b == "write" for a, b in zip(events[::2], events[1::2]))
