@@ -1,28 +1,33 @@
-# tunedag's two entry points. Both set up .venv/ on first use.
+# tunedag's two entry points. Each sets up .venv/ with what it needs on first use.
 #   make run    run the whole DAG on config.yaml on this machine
 #   make test   run the test suite (what CI runs)
 VENV   := .venv
 PYTHON := $(VENV)/bin/python
-STAMP  := $(VENV)/.tunedag-installed
+BASE   := $(VENV)/.tunedag-base
+TESTS  := $(VENV)/.tunedag-test
 
-.PHONY: run test venv clean-outputs
-
-venv: $(STAMP)
+.PHONY: run test clean-outputs
 
 # On a machine without an NVIDIA driver, torch's CPU build (pip takes 2.13.0 from local disk
 # where it lies there) goes in first, so the range in pyproject.toml pulls no CUDA build.
-$(STAMP): pyproject.toml
+$(BASE): pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
 	command -v nvidia-smi >/dev/null 2>&1 || $(PYTHON) -m pip install -q torch==2.13.0
-	$(PYTHON) -m pip install -q -e '.[test]'
+	$(PYTHON) -m pip install -q -e .
 	touch $@
 
-run: $(STAMP)
+# The test extras include llama-cpp-python, which compiles llama.cpp once (pip caches the wheel).
+$(TESTS): $(BASE)
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PYTHON) -m pip install -q -e '.[test]'
+	touch $@
+
+run: $(BASE)
 	$(VENV)/bin/snakemake --profile profiles/local
 
-test: $(STAMP)
+test: $(TESTS)
 	$(PYTHON) -m pytest -q
 
 clean-outputs:
-	rm -rf data/raw data/packed runs models .snakemake
+	rm -rf data/raw data/packed runs models logs .snakemake

@@ -16,7 +16,9 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; rename it to ``dest`` only if the block succeeds.
 
     Works for files and folders alike: whatever the block writes at the temporary path
-    replaces ``dest`` in one rename (an existing ``dest`` folder is removed first).
+    replaces ``dest`` in one rename (an existing ``dest`` folder is removed first). Files get
+    the user's umask, as plainly written files would: some writers (safetensors) create 0600
+    files, which labmates on a shared filesystem could not read.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -24,11 +26,20 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
     target = tmp / "out"
     try:
         yield target
+        _apply_umask(target)
         if dest.is_dir() and not dest.is_symlink():
             shutil.rmtree(dest)
         os.replace(target, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _apply_umask(path: Path) -> None:
+    mask = os.umask(0)
+    os.umask(mask)
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if item.is_file() and not item.is_symlink():
+            os.chmod(item, 0o666 & ~mask)
 
 
 def write_json(dest: str | Path, value: Any) -> None:
