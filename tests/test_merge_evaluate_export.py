@@ -12,7 +12,7 @@ from tunedag.config import DatasetConfig
 from tunedag.data.download import download_dataset
 from tunedag.data.shards import ShardReader
 from tunedag.data.tokenize import tokenize_run
-from tunedag.evaluate import evaluate_run, exact_match, teacher_forced_metrics
+from tunedag.evaluate import evaluate_run, teacher_forced_metrics
 from tunedag.export.vllm import VLLMExportError, export_vllm
 from tunedag.merge import MergeError, merge_adapter
 from tunedag.models.loading import load_causal_lm
@@ -95,14 +95,6 @@ def test_perplexity_is_exp_of_the_mean_token_loss(tmp_path, tiny_model_dir):
     assert metrics["perplexity"] == pytest.approx(math.exp(total / tokens), rel=1e-5)
 
 
-@pytest.mark.parametrize("prediction, reference, expected", [
-    ("owl", "owl", True), (" owl \n", "owl", True), ("owl cat", "owl  cat", True),
-    ("owls", "owl", False), ("", "owl", False), ("Owl", "owl", False),
-])
-def test_exact_match(prediction, reference, expected):
-    assert exact_match(prediction, reference) is expected
-
-
 def test_evaluate_writes_base_and_finetuned_side_by_side(tmp_path, tiny_model_dir):
     run, src = _run(tmp_path, val_set_size=5, eval_max_new_tokens=3)
     download_dataset(DatasetConfig(path=str(src)), tmp_path / "raw")
@@ -114,7 +106,11 @@ def test_evaluate_writes_base_and_finetuned_side_by_side(tmp_path, tiny_model_di
     assert metrics["prompts"] == 5
     assert metrics["base"]["val_loss"] != metrics["finetuned"]["val_loss"]
     samples = [json.loads(l) for l in (tmp_path / "eval/samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 5 and {"prompt", "reference", "base", "finetuned"} <= samples[0].keys()
+    assert len(samples) == 5
+    assert {"prompt", "reference", "base", "finetuned", "base_sampled", "finetuned_sampled"} <= samples[0].keys()
+    for label in ("base", "finetuned"):
+        assert {"exact_match", "token_f1", "rouge_l"} <= metrics[label].keys() <= metrics[label].keys()
+        assert {"exact_match", "token_f1", "rouge_l"} == metrics[label]["sampled"].keys()
 
 
 def test_vllm_export_loads_with_transformers_and_peft(tmp_path, tiny_model_dir):
@@ -137,3 +133,18 @@ def test_vllm_export_refuses_a_rank_vllm_cannot_serve(tmp_path, tiny_model_dir):
     with pytest.raises(VLLMExportError, match="LoRA rank 12 is not one vLLM serves"):
         export_vllm(tmp_path / "merged", adapter, tmp_path / "vllm")
     assert not (tmp_path / "vllm").exists()
+
+
+def test_lm_eval_tasks_say_why_they_did_not_run(tmp_path, monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_lm_eval(name, *args, **kwargs):
+        if name == "lm_eval":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_lm_eval)
+    from tunedag.evaluate import lm_eval_tasks
+    assert lm_eval_tasks(tmp_path, ["hellaswag"], torch.device("cpu")) == {
+        "skipped": "lm-evaluation-harness is not installed (pip install lm-eval)"}

@@ -106,6 +106,17 @@ class RunConfig:
     max_shard_size: str = _field("2GB", stages=("merge",), doc="safetensors shard size of the merged model")
     eval_max_samples: int = _field(200, stages=("evaluate",), doc="held-out prompts generated from")
     eval_max_new_tokens: int = _field(48, stages=("evaluate",), doc="generation length in evaluation")
+    eval_temperature: float = _field(0.7, stages=("evaluate",), doc="temperature of the sampled answers")
+    eval_top_p: float = _field(0.9, stages=("evaluate",), doc="nucleus share of the sampled answers")
+    lm_eval_tasks: list[str] = _field(stages=("evaluate",), factory=list,
+                                      doc="lm-evaluation-harness tasks (their data must be available offline)")
+    wandb_project: Optional[str] = _field(None, stages=(), doc="Weights & Biases project (off when unset)")
+    wandb_entity: Optional[str] = _field(None, stages=(), doc="Weights & Biases entity")
+    wandb_name: Optional[str] = _field(None, stages=(), doc="Weights & Biases run name (default: the run's)")
+    wandb_tags: list[str] = _field(stages=(), factory=list, doc="Weights & Biases tags")
+    # logging settings change no output: stages=() keeps them from rerunning training
+    wandb_mode: Literal["offline", "online", "disabled"] = _field(
+        "offline", stages=(), doc="offline by default: compute nodes have no internet; `wandb sync` later")
     gguf_types: list[Literal["f32", "f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"]] = _field(
         stages=("export_gguf",), doc="GGUF files to write", factory=lambda: ["f16"])
     output_dir: str = _field("", stages=(), doc="run folder (default runs/{run})")

@@ -2,8 +2,10 @@
 
 Two kinds of evidence: teacher-forced metrics on the packed validation shards (mean token loss,
 perplexity = exp(loss), next-token accuracy on trained tokens, with the same sample-boundary
-masking as training) and the task itself: greedy generation on held-out prompts scored by
-exact match against the reference answer.
+masking as training) and the task itself: answers generated for held-out prompts (rendered in
+the run's own prompt format), greedy and sampled, scored against the reference answers by
+exact match, token F1 and ROUGE-L. lm-evaluation-harness tasks run when the package and the
+tasks' data are available locally; otherwise metrics.json says why they did not.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from tunedag.data.formats import IGNORE_INDEX
 from tunedag.data.shards import ShardReader
 from tunedag.io import atomic_path
 from tunedag.models.loading import load_causal_lm, load_tokenizer
+from tunedag.text_metrics import score_answers
 from tunedag.train.batching import collate, loss_sum, model_inputs
 
 EVAL_BATCH_ROWS = 8
@@ -44,8 +47,13 @@ def teacher_forced_metrics(model, val_dir: Path, pad_id: int) -> dict[str, float
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
-    """Greedy answers, batched with left padding; prompts tokenized exactly as in training."""
+def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int,
+                     sampling: dict[str, float] | None = None) -> list[str]:
+    """Answers batched with left padding; prompts tokenized exactly as in training.
+
+    Greedy unless ``sampling`` gives ``temperature`` and ``top_p``.
+    """
+    decoding = {"do_sample": True, **sampling} if sampling else {"do_sample": False}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     answers = []
     for start in range(0, len(prompts), EVAL_BATCH_ROWS):
@@ -55,13 +63,24 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int) 
         ids = torch.tensor([[pad_id] * (width - len(e)) + e for e in encoded], device=model.device)
         mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=model.device)
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
+                             pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id, **decoding)
         answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     return answers
 
 
-def exact_match(prediction: str, reference: str) -> bool:
-    return " ".join(prediction.split()) == " ".join(reference.split())
+def lm_eval_tasks(model_path: Path, tasks: list[str], device: torch.device) -> dict[str, Any]:
+    """Scores of lm-evaluation-harness ``tasks``, or the reason they could not run here."""
+    try:
+        import lm_eval
+    except ImportError:
+        return {"skipped": "lm-evaluation-harness is not installed (pip install lm-eval)"}
+    try:
+        results = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_path}",
+                                          tasks=tasks, device=str(device), batch_size=8)
+    except Exception as err:  # the harness raises many types, often for data it cannot download
+        return {"skipped": f"lm-evaluation-harness could not run {tasks}: {err} (compute nodes are "
+                           "often offline: cache the tasks' datasets on the login node first)"}
+    return results["results"]
 
 
 def evaluate_run(run: RunConfig, base_path: Path, merged_path: Path, shards_dir: Path, out_dir: Path) -> dict[str, Any]:
@@ -73,19 +92,26 @@ def evaluate_run(run: RunConfig, base_path: Path, merged_path: Path, shards_dir:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     metrics: dict[str, Any] = {"config_hash": run.stage_hash("evaluate"), "prompts": len(prompts)}
     answers: dict[str, list[str]] = {}
+    references = [p["reference"] for p in prompts]
+    sampling = {"temperature": run.eval_temperature, "top_p": run.eval_top_p}
     for label, path in (("base", base_path), ("finetuned", merged_path)):
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         model = load_causal_lm(path, dtype, run.trust_remote_code).to(device).eval()
         result = teacher_forced_metrics(model, shards_dir / "val", manifest["pad_token_id"])
         if prompts:
-            answers[label] = generate_answers(model, tokenizer, [p["prompt"] for p in prompts],
-                                              run.eval_max_new_tokens)
-            result["exact_match"] = sum(exact_match(a, p["reference"])
-                                        for a, p in zip(answers[label], prompts)) / len(prompts)
+            texts = [p["prompt"] for p in prompts]
+            answers[label] = generate_answers(model, tokenizer, texts, run.eval_max_new_tokens)
+            result.update(score_answers(answers[label], references))
+            torch.manual_seed(run.seed)
+            answers[f"{label}_sampled"] = generate_answers(model, tokenizer, texts, run.eval_max_new_tokens, sampling)
+            result["sampled"] = score_answers(answers[f"{label}_sampled"], references)
+        if run.lm_eval_tasks:
+            result["lm_eval"] = lm_eval_tasks(path, run.lm_eval_tasks, device)
         metrics[label] = result
         del model
     metrics["improvement"] = {k: metrics["finetuned"][k] - metrics["base"][k]
-                              for k in ("val_loss", "token_accuracy", "exact_match") if k in metrics["base"]}
+                              for k in ("val_loss", "token_accuracy", "exact_match", "token_f1", "rouge_l")
+                              if k in metrics["base"]}
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

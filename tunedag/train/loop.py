@@ -27,6 +27,7 @@ from tunedag.io import atomic_path, write_json
 from tunedag.train import checkpoint as ckpt
 from tunedag.train.batching import collate, trained_token_count
 from tunedag.train.engines import make_engine
+from tunedag.train.metrics_log import MetricsLog
 
 log = logging.getLogger(__name__)
 SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
@@ -100,7 +101,8 @@ def train(run: RunConfig, shards_dir: Path, model_path: Path, run_dir: Path) -> 
     batches = micro_batches(reader, run, manifest["pad_token_id"], position)
     started, tokens_at_start = time.perf_counter(), position.tokens_seen
     last_loss = float("nan")
-    with open(live_metrics, "a") as metrics:
+    metrics = MetricsLog(run, run_dir, live_metrics, steps, position.step)
+    try:
         while position.step < steps:
             group = [b for _, b in zip(range(run.gradient_accumulation_steps), batches)]
             if not group:
@@ -125,12 +127,14 @@ def train(run: RunConfig, shards_dir: Path, model_path: Path, run_dir: Path) -> 
                           "learning_rate": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                           "trained_tokens": n_tokens, "tokens_seen": position.tokens_seen,
                           "tokens_per_s": round((position.tokens_seen - tokens_at_start) / max(elapsed, 1e-9), 1)}
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-                log.info("step %d/%d loss %.4f lr %.3g", position.step, steps, loss_total, record["learning_rate"])
+                if engine.device.type == "cuda":
+                    record["gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(engine.device) / 2**30, 3)
+                metrics.log(record)
             if position.step % run.save_steps == 0 or position.step == steps:
                 ckpt.save_checkpoint(ckpt_root, engine.model, optimizer, scheduler, position, config_hash,
                                      run.keep_last_checkpoints)
+    finally:
+        metrics.close()
 
     with atomic_path(run_dir / "adapter") as tmp:
         engine.save(tmp)
