@@ -12,12 +12,13 @@ def main() -> None:
     parser.add_argument("--raw", type=Path, nargs="+", required=True, help="data/raw/{dataset} folders, in config order")
     parser.add_argument("--model", type=Path, required=True, help="base model folder (for its tokenizer)")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--processes", type=int, default=1, help="worker processes (output is the same for any count)")
     args = parser.parse_args()
     _, run = load_run(args.config, args.run)
-    manifest = tokenize_run(run, args.raw, args.model, args.out)
+    manifest = tokenize_run(run, args.raw, args.model, args.out, processes=args.processes)
     summary = {name: {k: split[k] for k in ("samples", "rows", "tokens", "packing_efficiency")}
                for name, split in manifest["splits"].items()}
-    logging.info("wrote %s: %s", args.out, json.dumps(summary))
+    logging.info("wrote %s: %s; counts %s", args.out, json.dumps(summary), json.dumps(manifest["counts"]))
 
 
 if __name__ == "__main__":

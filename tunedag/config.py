@@ -44,10 +44,30 @@ class DatasetConfig:
 
     path: str = _field(stages=("download", "tokenize"),
                        doc="local file (jsonl/json/csv/parquet), https:// URL, or hf:org/name[:config][@split]")
-    type: Literal["alpaca", "completion"] = _field("alpaca", stages=("tokenize",), doc="row format")
+    type: Literal["alpaca", "sharegpt", "chat_template", "completion", "input_output", "dpo", "kto"] = _field(
+        "alpaca", stages=("tokenize",), doc="row format (see tunedag/data/formats.py)")
     name: Optional[str] = _field(None, stages=("download", "tokenize"),
                                  doc="name of data/raw/{name}/ (default: derived from path)")
     sha256: Optional[str] = _field(None, stages=("download",), doc="required for https:// sources")
+    weight: float = _field(1.0, stages=("tokenize",),
+                           doc="sampling weight of the training rows: each is used floor(w) times, a seeded "
+                               "share frac(w) once more")
+    roles_to_train: list[str] = _field(stages=("tokenize",), doc="chat roles whose turns are trained",
+                                       factory=lambda: ["assistant"])
+    train_on_eos: Literal["turn", "all", "none", "last"] = _field(
+        "turn", stages=("tokenize",), doc="end-of-turn tokens trained: of trained turns, all, none, or the last")
+    field: Optional[str] = _field(None, stages=("tokenize",), doc="text field (completion; segments for input_output)")
+    field_instruction: Optional[str] = _field(None, stages=("tokenize",), doc="alpaca instruction field")
+    field_input: Optional[str] = _field(None, stages=("tokenize",), doc="alpaca input field")
+    field_output: Optional[str] = _field(None, stages=("tokenize",), doc="alpaca output field")
+    field_system: Optional[str] = _field(None, stages=("tokenize",), doc="alpaca/dpo system field")
+    field_messages: Optional[str] = _field(None, stages=("tokenize",), doc="sharegpt/chat_template/kto messages field")
+    message_field_role: Optional[str] = _field(None, stages=("tokenize",), doc="role key inside a message")
+    message_field_content: Optional[str] = _field(None, stages=("tokenize",), doc="content key inside a message")
+    field_prompt: Optional[str] = _field(None, stages=("tokenize",), doc="dpo prompt field")
+    field_chosen: Optional[str] = _field(None, stages=("tokenize",), doc="dpo chosen field")
+    field_rejected: Optional[str] = _field(None, stages=("tokenize",), doc="dpo rejected field")
+    field_label: Optional[str] = _field(None, stages=("tokenize",), doc="kto label field (true = desirable)")
 
     @property
     def dataset_name(self) -> str:
@@ -73,6 +93,12 @@ class RunConfig:
     val_set_size: float = _field(0.05, stages=("tokenize",),
                                  doc="held-out share of rows (<1) or number of rows (>=1)")
     train_on_inputs: bool = _field(False, stages=("tokenize",), doc="also train on prompt tokens")
+    chat_template: Literal["tokenizer_default", "llama3", "chatml", "mistral", "gemma", "qwen"] = _field(
+        "tokenizer_default", stages=("tokenize",), doc="template for chat and preference formats")
+    excess_length_strategy: Literal["drop", "truncate", "raise"] = _field(
+        "drop", stages=("tokenize",), doc="samples longer than sequence_len: drop, truncate or raise")
+    on_bad_rows: Literal["raise", "skip"] = _field("raise", stages=("tokenize",),
+                                                   doc="a malformed row stops the stage, or is skipped and counted")
     adapter: Optional[Literal["lora"]] = _field("lora", stages=("train", "merge"),
                                                 doc="lora, or null for a full fine-tune")
     lora_r: int = _field(16, stages=("train",), doc="LoRA rank")
@@ -254,6 +280,8 @@ def _check_run(run: RunConfig, where: str, base_dir: Path) -> None:
                 raise ConfigError(f"{where}.datasets[{i}].sha256: required for the URL {ds.path!r}")
         elif not ds.path.startswith("hf:") and not (base_dir / ds.path).exists():
             raise ConfigError(f"{key}: file not found: {ds.path!r}")
+        if ds.weight <= 0:
+            raise ConfigError(f"{where}.datasets[{i}].weight: must be positive, got {ds.weight!r}")
     names = [ds.dataset_name for ds in run.datasets]
     if len(set(names)) != len(names):
         raise ConfigError(f"{where}.datasets: two datasets are named alike ({names}); set name: on one")

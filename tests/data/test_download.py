@@ -43,27 +43,28 @@ def test_other_local_formats(tmp_path, suffix):
     assert read_rows(tmp_path / "raw") == rows
 
 
-def test_invalid_json_line_names_file_and_line_and_writes_nothing(tmp_path):
+def test_bad_lines_are_set_aside_with_their_line_and_field(tmp_path):
+    """Invalid JSON, a non-object, a field whose type disagrees: kept out of the Parquet and listed
+    in bad_rows.jsonl for the tokenize stage (which raises or skips them per on_bad_rows)."""
     src = tmp_path / "d.jsonl"
-    src.write_text('{"instruction": "a", "output": "b"}\n{"instruction": oops}\n')
-    with pytest.raises(DataSourceError, match=r"d\.jsonl: line 2: invalid JSON"):
+    src.write_text('{"output": "a"}\n{"output": oops}\n\n[1, 2]\n{"output": "b"}\n{"output": ["x"]}\n{"output": "c"}\n')
+    record = download_dataset(DatasetConfig(path=str(src)), tmp_path / "raw")
+    assert read_rows(tmp_path / "raw") == [{"output": "a"}, {"output": "b"}, {"output": "c"}]
+    bad = [json.loads(l) for l in (tmp_path / "raw/bad_rows.jsonl").read_text().splitlines()]
+    assert [(b["row"], b["where"], b["field"]) for b in bad] == [(1, "line 2", None), (2, "line 4", None),
+                                                                 (4, "line 6", "output")]
+    assert bad[0]["error"].startswith("invalid JSON") and bad[1]["error"] == "expected an object, got list"
+    assert bad[2]["error"] == "field 'output' is list, other rows have str"
+    assert record["rows"] == 3 and record["bad_rows"] == 3
+
+
+def test_a_file_of_only_bad_rows_is_an_error(tmp_path):
+    src = tmp_path / "d.jsonl"
+    src.write_text('{"instruction": oops}\n')
+    with pytest.raises(DataSourceError, match=r"d\.jsonl: no rows; first bad row: line 1: invalid JSON"):
         download_dataset(DatasetConfig(path=str(src)), tmp_path / "raw")
     assert not (tmp_path / "raw/data.parquet").exists()
     assert not (tmp_path / "raw/source.json").exists()
-
-
-def test_non_object_row_is_named(tmp_path):
-    src = tmp_path / "d.jsonl"
-    src.write_text('{"a": "b"}\n[1, 2]\n')
-    with pytest.raises(DataSourceError, match=r"line 2: expected an object, got list"):
-        download_dataset(DatasetConfig(path=str(src)), tmp_path / "raw")
-
-
-def test_field_whose_type_changes_is_named_with_its_line(tmp_path):
-    src = tmp_path / "d.jsonl"
-    src.write_text('{"output": "b"}\n{"output": "c"}\n{"output": ["x"]}\n')
-    with pytest.raises(DataSourceError, match=r"d\.jsonl: line 3: field 'output' is list, earlier rows have str"):
-        download_dataset(DatasetConfig(path=str(src)), tmp_path / "raw")
 
 
 def test_empty_file_is_an_error(tmp_path):

@@ -2,7 +2,9 @@
 
 Sources: a local file (.jsonl, .json, .csv, .parquet), an ``https://`` URL whose sha256 is
 given in the config, or ``hf:org/name[:config][@split]`` through the ``datasets`` library.
-Runs on the login node (compute nodes are often offline); writes ``data.parquet`` and then
+Runs on the login node (compute nodes are often offline); writes ``data.parquet``,
+``bad_rows.jsonl`` (rows set aside: invalid JSON, not an object, a field whose type disagrees
+with the other rows; the tokenize stage raises or skips them per ``on_bad_rows``) and then
 ``source.json`` (where from, checksum, row count), each atomically.
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ from tunedag.errors import TunedagError
 from tunedag.io import atomic_path, sha256_file, write_json
 
 BATCH_ROWS = 10_000
+BAD_ROWS_FILE = "bad_rows.jsonl"  # rows set aside: {row, where, field, error} per line
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
@@ -31,8 +34,12 @@ class DataSourceError(TunedagError, ValueError):
     """A dataset source that cannot be read: names the file or URL, and the row where known."""
 
 
-def _json_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(where, row) pairs; ``where`` is "line N" (JSONL) or "row N" (a JSON array)."""
+def _json_rows(path: Path, bad: list[dict[str, Any]]) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    """(row number, where, row) triples; ``where`` is "line N" (JSONL) or "row N" (a JSON array).
+
+    A line that is not valid JSON or not an object is set aside in ``bad`` (the tokenize stage
+    raises or skips it per ``on_bad_rows``); row numbers count it all the same.
+    """
     if path.suffix == ".json":
         try:
             rows = json.loads(path.read_text())
@@ -42,41 +49,77 @@ def _json_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
             raise DataSourceError(f"{path}: expected a JSON array of objects, got {type(rows).__name__}")
         for i, row in enumerate(rows):
             if not isinstance(row, dict):
-                raise DataSourceError(f"{path}: row {i}: expected an object, got {type(row).__name__}")
-            yield f"row {i}", row
+                bad.append({"row": i, "where": f"row {i}", "field": None,
+                            "error": f"expected an object, got {type(row).__name__}"})
+                continue
+            yield i, f"row {i}", row
         return
+    index = 0
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
+            index += 1
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataSourceError(f"{path}: line {lineno}: invalid JSON: {err.msg}") from err
+                bad.append({"row": index - 1, "where": f"line {lineno}", "field": None,
+                            "error": f"invalid JSON: {err.msg}"})
+                continue
             if not isinstance(row, dict):
-                raise DataSourceError(f"{path}: line {lineno}: expected an object, got {type(row).__name__}")
-            yield f"line {lineno}", row
+                bad.append({"row": index - 1, "where": f"line {lineno}", "field": None,
+                            "error": f"expected an object, got {type(row).__name__}"})
+                continue
+            yield index - 1, f"line {lineno}", row
 
 
-def _rows_table(path: Path, batch: list[tuple[str, dict[str, Any]]]) -> pa.Table:
-    """One Arrow table from JSON rows; a field whose type changes between rows is named."""
+def _shape(value: Any) -> str:
+    """A value's nested type, for telling which rows disagree with the rest."""
+    if isinstance(value, list):
+        return "list[" + ",".join(sorted({_shape(v) for v in value if v is not None})) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_shape(v)}" for k, v in sorted(value.items()) if v is not None) + "}"
+    return "number" if isinstance(value, (int, float)) and not isinstance(value, bool) else type(value).__name__
+
+
+def _rows_table(path: Path, batch: list[tuple[int, str, dict[str, Any]]], bad: list[dict[str, Any]]) -> pa.Table | None:
+    """One Arrow table from JSON rows; rows whose field type disagrees with most rows go to ``bad``."""
     try:
-        return pa.Table.from_pylist([row for _, row in batch])
+        return pa.Table.from_pylist([row for _, _, row in batch])
     except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
-        first_type: dict[str, type] = {}
-        for where, row in batch:
-            for key, value in row.items():
-                if value is None:
-                    continue
-                seen = first_type.setdefault(key, type(value))
-                if seen is not type(value) and not {seen, type(value)} <= {int, float}:
-                    raise DataSourceError(f"{path}: {where}: field {key!r} is {type(value).__name__}, "
-                                          f"earlier rows have {seen.__name__}") from err
+        failure = err
+    odd: dict[int, dict[str, Any]] = {}
+    for key in dict.fromkeys(k for _, _, row in batch for k in row):
+        groups: dict[str, list[int]] = {}
+        for k, (_, _, row) in enumerate(batch):
+            if row.get(key) is not None:
+                groups.setdefault(_shape(row[key]), []).append(k)
+        if len(groups) < 2:
+            continue
+        ranked = sorted(groups.values(), key=len, reverse=True)
+        base = [batch[k][2][key] for k in ranked[0]]
+        seen_type = type(base[0]).__name__
+        for members in ranked[1:]:
+            try:
+                pa.array(base + [batch[k][2][key] for k in members])
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                for k in members:
+                    got = type(batch[k][2][key]).__name__
+                    detail = (f"field {key!r} is {got}, other rows have {seen_type}" if got != seen_type
+                              else f"field {key!r} has a different structure from other rows")
+                    odd.setdefault(k, {"row": batch[k][0], "where": batch[k][1], "field": key, "error": detail})
+    if not odd:
+        raise DataSourceError(f"{path}: rows cannot be stored as a table: {failure}") from failure
+    bad.extend(odd.values())
+    rest = [row for k, (_, _, row) in enumerate(batch) if k not in odd]
+    try:
+        return pa.Table.from_pylist(rest) if rest else None
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
         raise DataSourceError(f"{path}: rows cannot be stored as a table: {err}") from err
 
 
-def _batches(path: Path) -> Iterator[pa.Table]:
-    """Stream a local file as Arrow tables of at most BATCH_ROWS rows."""
+def _batches(path: Path, bad: list[dict[str, Any]]) -> Iterator[pa.Table]:
+    """Stream a local file as Arrow tables of at most BATCH_ROWS rows (bad rows set aside)."""
     if path.suffix == ".parquet":
         for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS):
             yield pa.Table.from_batches([batch])
@@ -85,14 +128,15 @@ def _batches(path: Path) -> Iterator[pa.Table]:
         for batch in reader:
             yield pa.Table.from_batches([batch])
     else:
-        rows: list[tuple[str, dict[str, Any]]] = []
-        for item in _json_rows(path):
+        rows: list[tuple[int, str, dict[str, Any]]] = []
+        for item in _json_rows(path, bad):
             rows.append(item)
             if len(rows) == BATCH_ROWS:
-                yield _rows_table(path, rows)
+                if (table := _rows_table(path, rows, bad)) is not None:
+                    yield table
                 rows = []
-        if rows:
-            yield _rows_table(path, rows)
+        if rows and (table := _rows_table(path, rows, bad)) is not None:
+            yield table
 
 
 def convert_to_parquet(path: Path, dest: Path) -> int:
@@ -104,16 +148,18 @@ def convert_to_parquet(path: Path, dest: Path) -> int:
     if path.suffix not in LOCAL_SUFFIXES:
         raise DataSourceError(f"{path}: unsupported file type {path.suffix!r}; "
                               f"use one of {', '.join(LOCAL_SUFFIXES)}")
-    schemas = [t.schema for t in _batches(path)]
+    bad: list[dict[str, Any]] = []
+    schemas = [t.schema for t in _batches(path, bad)]
     if not schemas:
-        raise DataSourceError(f"{path}: no rows")
+        first = f"; first bad row: {bad[0]['where']}: {bad[0]['error']}" if bad else ""
+        raise DataSourceError(f"{path}: no rows{first}")
     try:
         schema = pa.unify_schemas(schemas, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
         raise DataSourceError(f"{path}: rows disagree on field types: {err}") from err
     rows = 0
     with atomic_path(dest) as tmp, pq.ParquetWriter(tmp, schema) as writer:
-        for table in _batches(path):
+        for table in _batches(path, []):
             for name in schema.names:
                 if name not in table.column_names:
                     table = table.append_column(name, pa.nulls(len(table), schema.field(name).type))
@@ -121,6 +167,9 @@ def convert_to_parquet(path: Path, dest: Path) -> int:
             rows += len(table)
     if rows == 0:
         raise DataSourceError(f"{path}: no rows")
+    bad.sort(key=lambda b: b["row"])
+    with atomic_path(dest.parent / BAD_ROWS_FILE) as tmp:
+        tmp.write_text("".join(json.dumps(b) + "\n" for b in bad))
     return rows
 
 
@@ -179,6 +228,10 @@ def download_dataset(ds: DatasetConfig, out_dir: str | Path) -> dict[str, Any]:
             raise DataSourceError(f"{ds.path}: file not found")
         record.update(kind="local", sha256=sha256_file(local))
         record["rows"] = convert_to_parquet(local, parquet)
+    bad_file = out_dir / BAD_ROWS_FILE
+    if record["kind"] == "hf":
+        bad_file.unlink(missing_ok=True)
+    record["bad_rows"] = len(bad_file.read_text().splitlines()) if bad_file.is_file() else 0
     record["parquet_sha256"] = sha256_file(parquet)
     record["written_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     write_json(out_dir / "source.json", record)

@@ -1,84 +1,397 @@
 """Row formats (``datasets[].type``): a raw row becomes token ids and labels.
 
-Labels are -100 wherever the loss must not look: prompt tokens (unless ``train_on_inputs``)
-and always the first token of a sample, which nothing inside the sample predicts; that also
-keeps a packed row's loss from reaching across a sample boundary after the shift.
+A format turns a row into a *plan*: segments made of pieces that are token ids (BOS, EOS),
+text tokenized on its own (alpaca's prompt and answer, input_output's segments), or a
+rendered conversation whose trained parts are character ranges (chat formats). Plans of many
+rows are then tokenized in one ``encode_batch`` call, which is where the time goes.
+
+Labels are -100 wherever the loss must not look: prompt/user/system tokens (unless
+``train_on_inputs``), role headers, and always the first token of a sample (or of each
+segment of a preference pair), which nothing inside it predicts; that also keeps a packed
+row's loss from reaching across a sample boundary after the shift.
+
+| type | fields (override with ``field_*``) | what is trained |
+| --- | --- | --- |
+| alpaca | instruction, input, output, system | output + EOS |
+| sharegpt | conversations: [{from, value}] (human/gpt/system/tool) | roles_to_train turns + end-of-turn |
+| chat_template | messages: [{role, content}] | roles_to_train turns + end-of-turn |
+| completion | text | everything; long documents split into ``sequence_len`` pieces |
+| input_output | segments: [{text, label}] | segments with label true (no BOS/EOS added) |
+| dpo | prompt (text or messages), chosen, rejected (text or messages), system | the final turn of each |
+| kto | messages, label (bool) | the final turn |
+
+Preference samples (dpo: chosen then rejected; kto: one completion) carry a label per
+segment: 1 for chosen/desirable, 0 for rejected/undesirable.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Union
 
-from transformers import PreTrainedTokenizerBase
+import numpy as np
+import tokenizers
 
+from tunedag.data.chat import ChatRenderer
 from tunedag.errors import TunedagError
 
 IGNORE_INDEX = -100
+CHAT_TYPES = ("sharegpt", "chat_template", "dpo", "kto")
+PREFERENCE_TYPES = ("dpo", "kto")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system", "tool": "tool"}
+CHAT_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+DEFAULT_FIELDS: dict[str, dict[str, str]] = {
+    "alpaca": {"instruction": "instruction", "input": "input", "output": "output", "system": "system"},
+    "sharegpt": {"messages": "conversations", "role": "from", "content": "value"},
+    "chat_template": {"messages": "messages", "role": "role", "content": "content"},
+    "completion": {"text": "text"},
+    "input_output": {"segments": "segments"},
+    "dpo": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "system": "system",
+            "role": "role", "content": "content"},
+    "kto": {"messages": "messages", "label": "label", "role": "role", "content": "content"},
+}
 
 
 class RowFormatError(TunedagError, ValueError):
-    """A row that does not fit its format: the caller adds the file and row number."""
+    """A row that does not fit its format: names the field; the caller adds the file and row."""
 
 
 @dataclass(frozen=True)
 class Sample:
+    """One packable item: one segment, or several kept adjacent (a preference pair)."""
+
     input_ids: list[int]
     labels: list[int]
+    segments: tuple[int, ...] = ()  # segment lengths when there is more than one
+    segment_labels: tuple[int, ...] = ()  # preference label per segment (dpo/kto)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def segment_lengths(self) -> tuple[int, ...]:
+        return self.segments or (len(self.input_ids),)
+
+    def ids_array(self) -> np.ndarray:
+        return np.asarray(self.input_ids, np.int32)
+
+    def labels_array(self) -> np.ndarray:
+        return np.asarray(self.labels, np.int32)
+
+    def trained_tokens(self) -> int:
+        return sum(1 for t in self.labels if t != IGNORE_INDEX)
 
 
 @dataclass(frozen=True)
 class Prompt:
-    """A held-out prompt for generation, with the answer it should produce."""
+    """A held-out prompt for generation (without a leading BOS), with the answer it should produce."""
 
     text: str
     reference: str
 
 
-def _field(row: dict[str, Any], name: str, required: bool = True) -> str:
-    value = row.get(name)
+# --------------------------------------------------------------------------- tokenizer
+
+@dataclass
+class TextTokenizer:
+    """What formatting needs of a tokenizer; picklable and free of transformers, for workers."""
+
+    backend: tokenizers.Tokenizer
+    bos_id: int | None
+    eos_id: int
+    bos_token: str | None
+    eos_token: str
+    special_ids: frozenset[int]
+    chat_template: str | None = None
+    pad_id: int | None = None
+
+    @classmethod
+    def from_hf(cls, tok: Any) -> "TextTokenizer":
+        template = tok.chat_template
+        if isinstance(template, dict):
+            template = template.get("default")
+        return cls(tok.backend_tokenizer, tok.bos_token_id, tok.eos_token_id, tok.bos_token, tok.eos_token,
+                   frozenset(tok.all_special_ids) | frozenset(tok.added_tokens_decoder), template, tok.pad_token_id)
+
+    def encode_batch(self, texts: list[str], offsets: bool = False) -> list[tokenizers.Encoding]:
+        """Encodings of ``texts`` (no special tokens added); ``offsets`` when they are needed."""
+        if not offsets and hasattr(self.backend, "encode_batch_fast"):
+            return self.backend.encode_batch_fast(texts, add_special_tokens=False)
+        return self.backend.encode_batch(texts, add_special_tokens=False)
+
+    def ids(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+
+# --------------------------------------------------------------------------- plans
+
+@dataclass(frozen=True)
+class Ids:
+    ids: tuple[int, ...]
+    trained: bool
+
+
+@dataclass(frozen=True)
+class Text:
+    text: str
+    trained: bool
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A rendered conversation: tokens overlapping ``trained`` ranges are trained; in each
+    ``eos`` range, tokens up to and including its first special token (the end-of-turn)."""
+
+    text: str
+    trained: tuple[tuple[int, int], ...]
+    eos: tuple[tuple[int, int], ...]
+
+
+Piece = Union[Ids, Text, Rendered]
+
+
+@dataclass
+class Plan:
+    segments: list[list[Piece]]
+    segment_labels: tuple[int, ...] = ()
+    prompt: Prompt | None = None
+
+
+@dataclass(frozen=True)
+class FormatSpec:
+    """How one dataset's rows are formatted (built once per dataset from the config)."""
+
+    type: str
+    fields: dict[str, str]
+    train_on_inputs: bool = False
+    roles_to_train: frozenset[str] = frozenset({"assistant"})
+    train_on_eos: str = "turn"
+    chat: ChatRenderer | None = None
+    split_len: int | None = None  # completion: split documents into pieces of this many tokens
+
+    @classmethod
+    def build(cls, type: str, overrides: dict[str, str | None], tok: TextTokenizer, chat_source: str | None,
+              sequence_len: int, train_on_inputs: bool = False, roles_to_train: tuple[str, ...] = ("assistant",),
+              train_on_eos: str = "turn") -> "FormatSpec":
+        fields = {k: (overrides.get(k) or v) for k, v in DEFAULT_FIELDS[type].items()}
+        chat = ChatRenderer(chat_source, tok.bos_token, tok.eos_token) if type in CHAT_TYPES else None
+        return cls(type, fields, train_on_inputs, frozenset(roles_to_train), train_on_eos, chat,
+                   sequence_len if type == "completion" else None)
+
+
+def _value(row: dict[str, Any], key: str, kind: type | tuple[type, ...], required: bool = True,
+           where: str | None = None) -> Any:
+    value = row.get(key)
+    name = where or key
     if value is None:
         if required:
             raise RowFormatError(f"missing field {name!r}")
-        return ""
-    if not isinstance(value, str):
-        raise RowFormatError(f"field {name!r} must be a string, got {type(value).__name__}")
+        return None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        expected = {str: "a string", bool: "true or false", list: "a list", dict: "an object"}
+        want = expected.get(kind, " or ".join(expected.get(k, k.__name__) for k in kind)
+                            if isinstance(kind, tuple) else kind.__name__)
+        raise RowFormatError(f"field {name!r} must be {want}, got {type(value).__name__}")
     return value
 
 
-def alpaca_prompt(row: dict[str, Any]) -> Prompt:
+def _messages(value: Any, spec: FormatSpec, name: str, roles: dict[str, str]) -> list[dict[str, str]]:
+    if not isinstance(value, list):
+        raise RowFormatError(f"field {name!r} must be a list of messages, got {type(value).__name__}")
+    if not value:
+        raise RowFormatError(f"field {name!r} is an empty conversation")
+    out = []
+    for i, message in enumerate(value):
+        where = f"{name}[{i}]"
+        if not isinstance(message, dict):
+            raise RowFormatError(f"field {where!r} must be an object, got {type(message).__name__}")
+        role = _value(message, spec.fields["role"], str, where=f"{where}.{spec.fields['role']}")
+        if role not in roles:
+            raise RowFormatError(f"field '{where}.{spec.fields['role']}': unknown role {role!r} "
+                                 f"(expected one of {', '.join(sorted(roles))})")
+        content = _value(message, spec.fields["content"], str, where=f"{where}.{spec.fields['content']}")
+        out.append({"role": roles[role], "content": content})
+    return out
+
+
+def _strip_bos(text: str, tok: TextTokenizer) -> str:
+    return text[len(tok.bos_token):] if tok.bos_token and text.startswith(tok.bos_token) else text
+
+
+def alpaca_prompt(row: dict[str, Any], fields: dict[str, str] = DEFAULT_FIELDS["alpaca"]) -> Prompt:
     """The Alpaca layout: optional system line, instruction, optional input, response header."""
-    instruction, extra = _field(row, "instruction"), _field(row, "input", required=False)
-    system = _field(row, "system", required=False)
+    instruction = _value(row, fields["instruction"], str)
+    extra = _value(row, fields["input"], str, required=False)
+    system = _value(row, fields["system"], str, required=False)
     text = f"{system}\n\n" if system else ""
     text += f"### Instruction:\n{instruction}\n\n"
     if extra:
         text += f"### Input:\n{extra}\n\n"
-    return Prompt(text=text + "### Response:\n", reference=_field(row, "output"))
+    return Prompt(text=text + "### Response:\n", reference=_value(row, fields["output"], str))
 
 
-def _with_bos(tok: PreTrainedTokenizerBase, text: str) -> list[int]:
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    if tok.bos_token_id is not None:
-        ids = [tok.bos_token_id] + ids
-    return ids
+def plan_alpaca(row: dict[str, Any], spec: FormatSpec, tok: TextTokenizer) -> Plan:
+    prompt = alpaca_prompt(row, spec.fields)
+    bos = [Ids((tok.bos_id,), False)] if tok.bos_id is not None else []
+    pieces = bos + [Text(prompt.text, spec.train_on_inputs), Text(prompt.reference, True),
+                    Ids((tok.eos_id,), spec.train_on_eos != "none")]
+    return Plan([pieces], prompt=prompt)
 
 
-def tokenize_alpaca(row: dict[str, Any], tok: PreTrainedTokenizerBase, train_on_inputs: bool) -> Sample:
-    prompt = alpaca_prompt(row)
-    prompt_ids = _with_bos(tok, prompt.text)
-    answer_ids = tok(prompt.reference, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    prompt_labels = list(prompt_ids) if train_on_inputs else [IGNORE_INDEX] * len(prompt_ids)
-    prompt_labels[0] = IGNORE_INDEX
-    return Sample(prompt_ids + answer_ids, prompt_labels + answer_ids)
+def plan_completion(row: dict[str, Any], spec: FormatSpec, tok: TextTokenizer) -> Plan:
+    bos = [Ids((tok.bos_id,), True)] if tok.bos_id is not None else []
+    return Plan([bos + [Text(_value(row, spec.fields["text"], str), True), Ids((tok.eos_id,), True)]])
 
 
-def tokenize_completion(row: dict[str, Any], tok: PreTrainedTokenizerBase, train_on_inputs: bool) -> Sample:
-    ids = _with_bos(tok, _field(row, "text")) + [tok.eos_token_id]
-    return Sample(ids, [IGNORE_INDEX] + ids[1:])
+def plan_input_output(row: dict[str, Any], spec: FormatSpec, tok: TextTokenizer) -> Plan:
+    name = spec.fields["segments"]
+    segments = _value(row, name, list)
+    if not segments:
+        raise RowFormatError(f"field {name!r} is empty")
+    pieces: list[Piece] = []
+    for i, seg in enumerate(segments):
+        if not isinstance(seg, dict):
+            raise RowFormatError(f"field '{name}[{i}]' must be an object, got {type(seg).__name__}")
+        text = _value(seg, "text", str, where=f"{name}[{i}].text")
+        label = _value(seg, "label", bool, where=f"{name}[{i}].label")
+        pieces.append(Text(text, label or spec.train_on_inputs))
+    return Plan([pieces])
 
 
-FORMATS: dict[str, Callable[[dict[str, Any], PreTrainedTokenizerBase, bool], Sample]] = {
-    "alpaca": tokenize_alpaca,
-    "completion": tokenize_completion,
+def _conversation(messages: list[dict[str, str]], spec: FormatSpec, last_only: bool = False) -> Rendered:
+    text, turns = spec.chat.render_turns(messages)
+    if last_only:
+        train = [k == len(turns) - 1 for k in range(len(turns))]
+    else:
+        train = [spec.train_on_inputs or t.role in spec.roles_to_train for t in turns]
+    last = max((k for k, t in enumerate(train) if t), default=-1)
+    eos_on = {"turn": train, "all": [True] * len(turns), "none": [False] * len(turns),
+              "last": [k == last for k in range(len(turns))]}[spec.train_on_eos]
+    trained = tuple((t.content_start, t.content_end) for t, on in zip(turns, train) if on)
+    eos = tuple((t.content_end, t.end) for t, on in zip(turns, eos_on) if on)
+    if spec.train_on_inputs and not last_only:
+        trained = ((0, len(text)),)
+    return Rendered(text, trained, eos)
+
+
+def _chat_prompt(messages: list[dict[str, str]], spec: FormatSpec, tok: TextTokenizer) -> Prompt | None:
+    if len(messages) < 2 or messages[-1]["role"] != "assistant":
+        return None
+    text = spec.chat.render(messages[:-1], add_generation_prompt=True)
+    return Prompt(_strip_bos(text, tok), messages[-1]["content"])
+
+
+def plan_chat(row: dict[str, Any], spec: FormatSpec, tok: TextTokenizer) -> Plan:
+    roles = SHAREGPT_ROLES if spec.type == "sharegpt" else CHAT_ROLES
+    name = spec.fields["messages"]
+    if row.get(name) is None:
+        raise RowFormatError(f"missing field {name!r}")
+    messages = _messages(row[name], spec, name, roles)
+    return Plan([[_conversation(messages, spec)]], prompt=_chat_prompt(messages, spec, tok))
+
+
+def _turns(row: dict[str, Any], key: str, spec: FormatSpec, role: str) -> list[dict[str, str]]:
+    value = _value(row, key, (str, list))
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    return _messages(value, spec, key, CHAT_ROLES)
+
+
+def _final_assistant(messages: list[dict[str, str]], name: str) -> None:
+    if messages[-1]["role"] != "assistant":
+        raise RowFormatError(f"field {name!r}: the last message must be the assistant's, "
+                             f"got role {messages[-1]['role']!r}")
+
+
+def plan_dpo(row: dict[str, Any], spec: FormatSpec, tok: TextTokenizer) -> Plan:
+    f = spec.fields
+    prompt: list[dict[str, str]] = []
+    if row.get(f["prompt"]) is not None:
+        prompt = _turns(row, f["prompt"], spec, "user")
+        system = _value(row, f["system"], str, required=False)
+        if system:
+            prompt = [{"role": "system", "content": system}] + prompt
+    chosen = _turns(row, f["chosen"], spec, "assistant")
+    rejected = _turns(row, f["rejected"], spec, "assistant")
+    for key, turns in ((f["chosen"], chosen), (f["rejected"], rejected)):
+        _final_assistant(turns, key)
+    if not prompt and (len(chosen) < 2 or len(rejected) < 2):
+        raise RowFormatError(f"missing field {f['prompt']!r} (needed unless {f['chosen']!r} and "
+                             f"{f['rejected']!r} are whole conversations)")
+    segments = [[_conversation(prompt + chosen, spec, last_only=True)],
+                [_conversation(prompt + rejected, spec, last_only=True)]]
+    return Plan(segments, segment_labels=(1, 0), prompt=_chat_prompt(prompt + chosen, spec, tok))
+
+
+def plan_kto(row: dict[str, Any], spec: FormatSpec, tok: TextTokenizer) -> Plan:
+    name = spec.fields["messages"]
+    messages = _messages(_value(row, name, list), spec, name, CHAT_ROLES)
+    _final_assistant(messages, name)
+    label = _value(row, spec.fields["label"], bool)
+    prompt = _chat_prompt(messages, spec, tok) if label else None
+    return Plan([[_conversation(messages, spec, last_only=True)]], segment_labels=(int(label),), prompt=prompt)
+
+
+PLANNERS: dict[str, Callable[[dict[str, Any], FormatSpec, TextTokenizer], Plan]] = {
+    "alpaca": plan_alpaca, "sharegpt": plan_chat, "chat_template": plan_chat, "completion": plan_completion,
+    "input_output": plan_input_output, "dpo": plan_dpo, "kto": plan_kto,
 }
-PROMPTS: dict[str, Callable[[dict[str, Any]], Prompt]] = {"alpaca": alpaca_prompt}
+
+
+# --------------------------------------------------------------------------- tokenizing plans
+
+def _rendered_labels(ids: list[int], offsets: list[tuple[int, int]], piece: Rendered,
+                     special: frozenset[int]) -> list[int]:
+    if not ids:
+        return []
+    off = np.asarray(offsets, np.int64).reshape(-1, 2)
+    trained = np.zeros(len(ids), bool)
+    for s, e in piece.trained:
+        trained |= (off[:, 0] < e) & (off[:, 1] > s)
+    for s, e in piece.eos:
+        inside = np.flatnonzero((off[:, 0] < e) & (off[:, 1] > s))
+        ends = [k for k in inside.tolist() if ids[k] in special]
+        if ends:  # up to and including the end-of-turn token; text after it stays untrained
+            trained[inside[inside <= ends[0]]] = True
+    return np.where(trained, np.asarray(ids), IGNORE_INDEX).tolist()
+
+
+def encode_plans(plans: list[Plan], tok: TextTokenizer, spec: FormatSpec) -> list[list[Sample]]:
+    """Tokenize the plans of many rows at once; each row gives one sample, or several for a
+    completion document longer than ``spec.split_len``."""
+    pieces = [p for plan in plans for seg in plan.segments for p in seg if not isinstance(p, Ids)]
+    offsets = any(isinstance(p, Rendered) for p in pieces)
+    encodings = iter(tok.encode_batch([p.text for p in pieces], offsets) if pieces else [])
+    out = []
+    for plan in plans:
+        seg_ids, seg_labels = [], []
+        for seg in plan.segments:
+            ids: list[int] = []
+            labels: list[int] = []
+            for piece in seg:
+                if isinstance(piece, Ids):
+                    ids += piece.ids
+                    labels += piece.ids if piece.trained else [IGNORE_INDEX] * len(piece.ids)
+                    continue
+                enc = next(encodings)
+                piece_ids = enc.ids
+                ids += piece_ids
+                if isinstance(piece, Text):
+                    labels += piece_ids if piece.trained else [IGNORE_INDEX] * len(piece_ids)
+                else:
+                    labels += _rendered_labels(piece_ids, enc.offsets, piece, tok.special_ids)
+            seg_ids.append(ids)
+            seg_labels.append(labels)
+        if spec.split_len is not None:
+            (ids,), (labels,) = seg_ids, seg_labels
+            n = spec.split_len
+            out.append([Sample(ids[a:a + n], [IGNORE_INDEX] + labels[a + 1:a + n]) for a in range(0, len(ids), n)])
+            continue
+        for labels in seg_labels:
+            if labels:
+                labels[0] = IGNORE_INDEX
+        if len(seg_ids) == 1:
+            out.append([Sample(seg_ids[0], seg_labels[0], (), plan.segment_labels)])
+        else:
+            out.append([Sample(sum(seg_ids, []), sum(seg_labels, []), tuple(len(s) for s in seg_ids),
+                               plan.segment_labels)])
+    return out

@@ -1,30 +1,52 @@
-"""The tokenize stage: raw Parquet rows → packed Arrow shards + manifest.json.
+"""The tokenize stage: raw Parquet rows → packed Arrow shards + manifest.json, streaming.
 
-Rows are split into train and val with the run's seed, tokenized with the base model's
-tokenizer in the dataset's format, and packed. The manifest records what made the shards: the
-config slice, the tokenizer files and this package's data code, each hashed, so a changed
-template or tokenizer can never reuse stale shards.
+Each dataset's rows are cut into *units* of ``UNIT_ROWS`` consecutive rows. A unit is the unit
+of work and of memory: one process reads it, formats and tokenizes its rows in batches, packs
+its training samples first-fit-decreasing in windows of at most ``WINDOW_TOKENS`` tokens and
+writes them as shards. Units run in parallel (``processes``); the output is the same for any
+number of processes, because every random choice is seeded by (seed, dataset, unit, window),
+never by which process ran what. Memory is one unit per process; the parent keeps counts.
+
+Train/val split: exactly ``val_set_size`` rows of each dataset are held out, a uniform seeded
+choice made without ever holding the row order: the count per unit is drawn from a
+multivariate hypergeometric, then the rows inside the unit. Dataset weights (mixing) repeat
+training rows the same way. Validation samples are packed after the units, in one stream.
+
+The manifest records what made the shards: the config slice, the tokenizer files and this
+package's data code and chat templates, each hashed, so a changed template or tokenizer never
+reuses stale shards; and counts of bad rows skipped and over-long samples dropped or truncated.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import random
+import math
+import multiprocessing
+import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tunedag.config import RunConfig
-from tunedag.data import formats, packing, shards
-from tunedag.data.formats import FORMATS, PROMPTS, RowFormatError, Sample
+from tunedag.config import DatasetConfig, RunConfig
+from tunedag.data import chat, download, formats, packing, shards
+from tunedag.data.formats import (CHAT_TYPES, IGNORE_INDEX, PREFERENCE_TYPES, PLANNERS, FormatSpec, RowFormatError,
+                                  Sample, TextTokenizer, encode_plans)
 from tunedag.errors import TunedagError
 from tunedag.io import atomic_path, sha256_file
-from tunedag.models.loading import load_tokenizer
 
-CODE_FILES = [Path(formats.__file__), Path(packing.__file__), Path(shards.__file__), Path(__file__)]
+CODE_FILES = [Path(m.__file__) for m in (formats, chat, packing, shards, download)] + [Path(__file__)]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "chat_template.jinja")
+UNIT_ROWS = 32_768
+WINDOW_TOKENS = 1 << 22
+ENCODE_ROWS = 512
+COUNT_KEYS = ("rows", "bad_rows_skipped", "too_long_dropped", "too_long_truncated", "no_trained_tokens_dropped",
+              "documents_split")
 
 
 class TokenizeError(TunedagError, ValueError):
@@ -32,10 +54,10 @@ class TokenizeError(TunedagError, ValueError):
 
 
 def code_hash() -> str:
-    """sha256 over the source of the code that turns rows into shards."""
+    """sha256 over the source of the code and chat templates that turn rows into shards."""
     digest = hashlib.sha256()
-    for path in CODE_FILES:
-        digest.update(path.read_bytes())
+    for path in CODE_FILES + sorted(chat.TEMPLATE_DIR.glob("*.jinja")):
+        digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()
 
 
@@ -47,13 +69,6 @@ def tokenizer_hash(model_path: Path) -> str:
     return digest.hexdigest()
 
 
-def _read_rows(raw_dir: Path) -> list[dict[str, Any]]:
-    parquet = raw_dir / "data.parquet"
-    if not parquet.is_file():
-        raise FileNotFoundError(f"{parquet}: not found (run the download stage)")
-    return pq.read_table(parquet).to_pylist()
-
-
 def _val_count(n_rows: int, val_set_size: float, where: str) -> int:
     count = round(n_rows * val_set_size) if val_set_size < 1 else int(val_set_size)
     if count >= n_rows:
@@ -62,59 +77,387 @@ def _val_count(n_rows: int, val_set_size: float, where: str) -> int:
     return max(count, 1)
 
 
-def tokenize_run(run: RunConfig, raw_dirs: list[Path], model_path: Path, out_dir: Path) -> dict[str, Any]:
-    """Build ``out_dir`` (train/, val/, val_prompts.jsonl, manifest.json) for ``run``."""
+# --------------------------------------------------------------------------- plan of work
+
+@dataclass
+class DatasetJob:
+    """One dataset as the workers see it (picklable)."""
+
+    index: int
+    name: str
+    source: str
+    parquet: Path
+    spec: FormatSpec
+    weight: float
+    bad_rows: list[int]  # source row numbers the download stage set aside, ascending
+
+    def where(self, row: int) -> str:
+        """``file (source …): row N`` for parquet row ``row``, numbered as in the source file."""
+        for bad in self.bad_rows:
+            if bad <= row:
+                row += 1
+            else:
+                break
+        return f"{self.parquet} (source {self.source}): row {row}"
+
+
+@dataclass
+class Unit:
+    dataset: int
+    index: int
+    start: int
+    stop: int
+    n_val: int
+    n_extra: int
+
+
+@dataclass
+class Settings:
+    sequence_len: int
+    sample_packing: bool
+    excess_length_strategy: str
+    on_bad_rows: str
+    seed: int
+    preference: bool
+
+
+def _read_bad_rows(raw_dir: Path) -> list[dict[str, Any]]:
+    path = raw_dir / download.BAD_ROWS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _units(job: DatasetJob, n_rows: int, n_val: int, seed: int) -> list[Unit]:
+    bounds = list(range(0, n_rows, UNIT_ROWS)) + [n_rows]
+    sizes = np.diff(bounds)
+    rng = np.random.default_rng([seed, job.index, 1])
+    vals = rng.multivariate_hypergeometric(sizes, n_val) if n_val else np.zeros(len(sizes), np.int64)
+    whole = math.floor(job.weight)
+    extra_total = round((job.weight - whole) * (n_rows - n_val))
+    extras = (rng.multivariate_hypergeometric(sizes - vals, extra_total) if extra_total
+              else np.zeros(len(sizes), np.int64))
+    return [Unit(job.index, u, bounds[u], bounds[u + 1], int(vals[u]), int(extras[u])) for u in range(len(sizes))]
+
+
+# --------------------------------------------------------------------------- one unit (in a worker)
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(tok: TextTokenizer, jobs: list[DatasetJob], settings: Settings, tmp: Path) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
+    _WORKER.update(tok=tok, jobs=jobs, settings=settings, tmp=tmp)
+
+
+def _rows(job: DatasetJob, start: int, stop: int) -> Iterator[list[dict[str, Any]]]:
+    """Parquet rows [start, stop) in batches of ENCODE_ROWS, reading only the row groups needed."""
+    pf = pq.ParquetFile(job.parquet)
+    offset = 0
+    for rg in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(rg).num_rows
+        lo, hi = max(start, offset), min(stop, offset + n)
+        if lo < hi:
+            table = pf.read_row_group(rg).slice(lo - offset, hi - lo)
+            for batch in table.to_batches(max_chunksize=ENCODE_ROWS):
+                yield batch.to_pylist()
+        offset += n
+        if offset >= stop:
+            break
+
+
+def _fit(sample: Sample, limit: int) -> Sample:
+    """Truncate ``sample``'s segments (from their ends) so it fits ``limit`` tokens: the largest
+    common cap that fits, so a short segment of a pair keeps all of it."""
+    lengths = list(sample.segment_lengths())
+    lo, hi = 0, max(lengths)
+    while lo < hi:
+        cap = (lo + hi + 1) // 2
+        lo, hi = (cap, hi) if sum(min(n, cap) for n in lengths) <= limit else (lo, cap - 1)
+    ids, labels, new, at = [], [], [], 0
+    for n in lengths:
+        keep = min(n, lo)
+        ids += sample.input_ids[at:at + keep]
+        labels += sample.labels[at:at + keep]
+        new.append(keep)
+        at += n
+    return Sample(ids, labels, tuple(new) if sample.segments else (), sample.segment_labels)
+
+
+def _usable(sample: Sample) -> bool:
+    """Every segment keeps at least one trained token (a pair needs both)."""
+    at = 0
+    for n in sample.segment_lengths():
+        if not any(t != IGNORE_INDEX for t in sample.labels[at:at + n]):
+            return False
+        at += n
+    return True
+
+
+class _Window:
+    """Training samples waiting to be packed; packs and writes every WINDOW_TOKENS tokens."""
+
+    def __init__(self, writer: shards.ShardWriter, settings: Settings, seed: list[int]):
+        self.writer, self.settings, self.seed = writer, settings, seed
+        self.samples: list[Sample] = []
+        self.tokens = self.windows = self.count = 0
+
+    def add(self, sample: Sample) -> None:
+        self.samples.append(sample)
+        self.tokens += len(sample)
+        self.count += 1
+        if self.tokens >= WINDOW_TOKENS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.samples:
+            rows = (packing.pack_first_fit(self.samples, self.settings.sequence_len, self.seed + [self.windows])
+                    if self.settings.sample_packing else packing.one_per_row(self.samples))
+            self.writer.write(rows)
+        self.samples, self.tokens = [], 0
+        self.windows += 1
+
+
+def _process_unit(unit: Unit) -> dict[str, Any]:
+    tok, settings, tmp = _WORKER["tok"], _WORKER["settings"], _WORKER["tmp"]
+    job: DatasetJob = _WORKER["jobs"][unit.dataset]
+    size = unit.stop - unit.start
+    rng = np.random.default_rng([settings.seed, job.index, 2, unit.index])
+    is_val = np.zeros(size, bool)
+    is_val[rng.choice(size, unit.n_val, replace=False)] = True
+    repeats = np.full(size, math.floor(job.weight), np.int64)
+    train_at = np.flatnonzero(~is_val)
+    repeats[train_at[rng.choice(len(train_at), unit.n_extra, replace=False)]] += 1
+    tag = f"u{unit.dataset:03d}-{unit.index:05d}-"
+    train = _Window(shards.ShardWriter(tmp / "units" / "train", tag, settings.preference), settings,
+                    [settings.seed, job.index, unit.index])
+    val_writer = shards.ShardWriter(tmp / "units" / "val", tag, settings.preference)
+    val_samples: list[Sample] = []
+    prompts: list[str] = []
+    counts = dict.fromkeys(COUNT_KEYS, 0)
+    counts.update(train_samples=0, val_samples=0, train_rows=0, val_rows=0)
+    local = 0
+    for batch in _rows(job, unit.start, unit.stop):
+        plans, kept = [], []
+        for row in batch:
+            i = unit.start + local
+            local += 1
+            try:
+                plans.append(PLANNERS[job.spec.type](row, job.spec, tok))
+                kept.append(i)
+            except (RowFormatError, chat.ChatTemplateError) as err:
+                if settings.on_bad_rows == "raise" or isinstance(err, chat.ChatTemplateError):
+                    raise type(err)(f"{job.where(i)}: {err}") from None
+                counts["bad_rows_skipped"] += 1
+        for i, plan, samples in zip(kept, plans, encode_plans(plans, tok, job.spec)):
+            val = bool(is_val[i - unit.start])
+            counts["val_rows" if val else "train_rows"] += 1
+            if len(samples) > 1:
+                counts["documents_split"] += 1
+            for sample in samples:
+                if len(sample) > settings.sequence_len:
+                    if settings.excess_length_strategy == "raise":
+                        raise TokenizeError(f"{job.where(i)}: sample of {len(sample)} tokens is longer than "
+                                            f"sequence_len {settings.sequence_len} (excess_length_strategy: raise)")
+                    if settings.excess_length_strategy == "drop":
+                        counts["too_long_dropped"] += 1
+                        continue
+                    sample = _fit(sample, settings.sequence_len)
+                    counts["too_long_truncated"] += 1
+                if not _usable(sample):
+                    counts["no_trained_tokens_dropped"] += 1
+                    continue
+                if val:
+                    val_samples.append(sample)
+                    counts["val_samples"] += 1
+                else:
+                    for _ in range(repeats[i - unit.start]):
+                        train.add(sample)
+                    counts["train_samples"] += int(repeats[i - unit.start])
+            if val and plan.prompt is not None:
+                prompts.append(json.dumps({"dataset": job.name, "prompt": plan.prompt.text,
+                                           "reference": plan.prompt.reference}))
+    counts["rows"] = local
+    train.flush()
+    if val_samples:
+        val_writer.write(packing.one_per_row(val_samples))
+    if prompts:
+        (tmp / "units" / "prompts").mkdir(parents=True, exist_ok=True)
+        (tmp / "units" / "prompts" / f"{tag}.jsonl").write_text("\n".join(prompts) + "\n")
+    return {"unit": (unit.dataset, unit.index), "tag": tag, "counts": counts,
+            "train": train.writer.close(), "val": val_writer.close()}
+
+
+# --------------------------------------------------------------------------- the stage
+
+def _text_tokenizer(run: RunConfig, model_path: Path) -> TextTokenizer:
+    from tunedag.models.loading import load_tokenizer  # transformers: parent only
+
     tok = load_tokenizer(model_path, run.trust_remote_code)
     if tok.eos_token_id is None:
         raise TokenizeError(f"{model_path}: the tokenizer has no eos_token; set one in tokenizer_config.json")
-    splits: dict[str, list[Sample]] = {"train": [], "val": []}
-    prompts: list[dict[str, str]] = []
-    counts: dict[str, int] = {"rows": 0, "too_long_dropped": 0}
-    for ds, raw_dir in zip(run.datasets, raw_dirs):
-        rows = _read_rows(raw_dir)
-        if not rows:
-            raise TokenizeError(f"{raw_dir / 'data.parquet'}: dataset {ds.dataset_name!r} has no rows")
-        order = list(range(len(rows)))
-        random.Random(run.seed).shuffle(order)
-        n_val = _val_count(len(rows), run.val_set_size, f"dataset {ds.dataset_name!r}")
-        val_rows = set(order[:n_val])
-        for i, row in enumerate(rows):
-            try:
-                sample = FORMATS[ds.type](row, tok, run.train_on_inputs)
-                prompt = PROMPTS[ds.type](row) if i in val_rows and ds.type in PROMPTS else None
-            except RowFormatError as err:
-                raise RowFormatError(f"{raw_dir / 'data.parquet'} (source {ds.path}): row {i}: {err}") from err
-            counts["rows"] += 1
-            if len(sample.input_ids) > run.sequence_len:
-                counts["too_long_dropped"] += 1
-                continue
-            splits["val" if i in val_rows else "train"].append(sample)
-            if prompt is not None:
-                prompts.append({"dataset": ds.dataset_name, "prompt": prompt.text,
-                                "reference": prompt.reference})
-    if not splits["train"]:
-        raise TokenizeError(f"run has no training samples left (all {counts['rows']} rows longer than "
-                            f"sequence_len {run.sequence_len}?)")
+    if not getattr(tok, "is_fast", False):
+        raise TokenizeError(f"{model_path}: tokenize needs a fast (tokenizers-backed) tokenizer")
+    return TextTokenizer.from_hf(tok)
+
+
+def _chat_source(run: RunConfig, tok: TextTokenizer, model_path: Path) -> str | None:
+    chat_types = [ds for ds in run.datasets if ds.type in CHAT_TYPES]
+    if not chat_types:
+        return None
+    if run.chat_template != "tokenizer_default":
+        return chat.named_template(run.chat_template)
+    if not tok.chat_template:
+        ds = chat_types[0]
+        raise TokenizeError(f"{model_path}: the tokenizer has no chat template, which dataset {ds.dataset_name!r} "
+                            f"(type {ds.type}) needs; set chat_template: to one of {', '.join(chat.NAMED_TEMPLATES)}")
+    return tok.chat_template
+
+
+def _objective(run: RunConfig) -> str:
+    kinds = {ds.type if ds.type in PREFERENCE_TYPES else "sft" for ds in run.datasets}
+    if len(kinds) > 1:
+        raise TokenizeError(f"datasets of types {sorted(kinds)} cannot be mixed in one run: "
+                            "sft, dpo and kto rows train different objectives")
+    return kinds.pop()
+
+
+def _jobs(run: RunConfig, raw_dirs: list[Path], tok: TextTokenizer, chat_source: str | None
+          ) -> tuple[list[DatasetJob], list[Unit], list[dict[str, Any]]]:
+    jobs, units, records = [], [], []
+    for index, (ds, raw_dir) in enumerate(zip(run.datasets, raw_dirs)):
+        parquet = Path(raw_dir) / "data.parquet"
+        if not parquet.is_file():
+            raise FileNotFoundError(f"{parquet}: not found (run the download stage)")
+        bad = _read_bad_rows(Path(raw_dir))
+        if bad and run.on_bad_rows == "raise":
+            first = bad[0]
+            raise RowFormatError(f"{ds.path}: {first['where']}: {first['error']} "
+                                 f"(set on_bad_rows: skip to skip and count such rows)")
+        n_rows = pq.ParquetFile(parquet).metadata.num_rows
+        if n_rows == 0:
+            skipped = f" ({len(bad)} bad rows skipped)" if bad else ""
+            raise TokenizeError(f"{parquet} (source {ds.path}): dataset {ds.dataset_name!r} has no rows{skipped}")
+        spec = FormatSpec.build(ds.type, _overrides(ds), tok, chat_source, run.sequence_len, run.train_on_inputs,
+                                tuple(ds.roles_to_train), ds.train_on_eos)
+        job = DatasetJob(index, ds.dataset_name, ds.path, parquet, spec, ds.weight, [b["row"] for b in bad])
+        n_val = _val_count(n_rows, run.val_set_size, f"dataset {ds.dataset_name!r}")
+        jobs.append(job)
+        units += _units(job, n_rows, n_val, run.seed)
+        records.append({"name": ds.dataset_name, "type": ds.type, "weight": ds.weight, "bad_rows": len(bad)})
+    return jobs, units, records
+
+
+def _overrides(ds: DatasetConfig) -> dict[str, str | None]:
+    by_type = {"completion": "text", "input_output": "segments"}
+    return {"instruction": ds.field_instruction, "input": ds.field_input, "output": ds.field_output,
+            "system": ds.field_system, "messages": ds.field_messages, "role": ds.message_field_role,
+            "content": ds.message_field_content, "prompt": ds.field_prompt, "chosen": ds.field_chosen,
+            "rejected": ds.field_rejected, "label": ds.field_label, by_type.get(ds.type, "_"): ds.field}
+
+
+def _run_units(units: list[Unit], processes: int, init_args: tuple) -> Iterator[dict[str, Any]]:
+    if processes <= 1 or len(units) <= 1:
+        _init_worker(*init_args)
+        try:
+            yield from map(_process_unit, units)
+        finally:
+            _WORKER.clear()
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(min(processes, len(units)), initializer=_init_worker, initargs=init_args) as pool:
+        yield from pool.imap(_process_unit, units)
+
+
+def _sample_stream(paths: list[Path]) -> Iterator[Sample]:
+    """Samples back from unpacked unit files (one sample per row)."""
+    for path in paths:
+        table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+        seg = table.column("segment_labels").to_pylist() if "segment_labels" in table.column_names else None
+        for r, (ids, labels, cu) in enumerate(zip(table.column("input_ids").to_pylist(),
+                                                  table.column("labels").to_pylist(),
+                                                  table.column("cu_seqlens").to_pylist())):
+            lengths = tuple(np.diff(cu).tolist())
+            yield Sample(ids, labels, lengths if len(lengths) > 1 else (), tuple(seg[r]) if seg else ())
+
+
+def tokenize_run(run: RunConfig, raw_dirs: list[Path], model_path: Path, out_dir: Path,
+                 processes: int = 1) -> dict[str, Any]:
+    """Build ``out_dir`` (train/, val/, val_prompts.jsonl, manifest.json) for ``run``."""
+    model_path, out_dir = Path(model_path), Path(out_dir)
+    tok = _text_tokenizer(run, model_path)
+    objective = _objective(run)
+    jobs, units, ds_records = _jobs(run, [Path(d) for d in raw_dirs], tok, _chat_source(run, tok, model_path))
+    settings = Settings(run.sequence_len, run.sample_packing, run.excess_length_strategy, run.on_bad_rows,
+                        run.seed, objective != "sft")
+    totals = {k: 0 for k in (*COUNT_KEYS, "train_samples", "val_samples", "train_rows", "val_rows")}
     manifest: dict[str, Any] = {
         "sequence_len": run.sequence_len, "sample_packing": run.sample_packing,
         "padded": not run.sample_packing, "config_hash": run.stage_hash("tokenize"),
         "tokenizer_hash": tokenizer_hash(model_path), "code_hash": code_hash(),
-        "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-        "counts": counts, "splits": {},
+        "pad_token_id": tok.pad_id if tok.pad_id is not None else tok.eos_id, "objective": objective,
+        "excess_length_strategy": run.excess_length_strategy, "on_bad_rows": run.on_bad_rows,
+        "columns": (shards.PREFERENCE_SCHEMA if settings.preference else shards.ROW_SCHEMA).names,
+        "counts": totals, "datasets": ds_records, "splits": {},
     }
     with atomic_path(out_dir) as tmp:
-        for name, samples in splits.items():
-            rows = (packing.pack_best_fit(samples, run.sequence_len, run.seed) if run.sample_packing
-                    else packing.one_per_row(samples))
-            records = shards.write_shards(rows, tmp / name)
-            manifest["splits"][name] = {
-                "samples": len(samples), "rows": len(rows), "shards": records,
-                "tokens": sum(r["tokens"] for r in records),
-                "trained_tokens": sum(r["trained_tokens"] for r in records),
-                "packing_efficiency": round(packing.packing_efficiency(rows, run.sequence_len), 4),
-            }
+        tmp.mkdir(parents=True)
+        results = []
+        for result in _run_units(units, processes, (tok, jobs, settings, tmp)):
+            results.append(result)
+            record = ds_records[result["unit"][0]]
+            for key, value in result["counts"].items():
+                totals[key] += value
+                record[key] = record.get(key, 0) + value
+        for record in ds_records:
+            record["rows"] += record["bad_rows"]
+            record["bad_rows_skipped"] += record["bad_rows"]
+            totals["rows"] += record["bad_rows"]
+            totals["bad_rows_skipped"] += record["bad_rows"]
+            del record["bad_rows"]
+        if totals["train_samples"] == 0:
+            raise TokenizeError(f"run has no training samples left of {totals['rows']} rows (all longer than "
+                                f"sequence_len {run.sequence_len}, without trained tokens, or bad?)")
+        manifest["splits"]["train"] = _gather_train(results, tmp, settings)
+        manifest["splits"]["val"] = _pack_val(results, tmp, settings)
         with open(tmp / "val_prompts.jsonl", "w") as fh:
-            for p in prompts:
-                fh.write(json.dumps(p) + "\n")
+            for result in results:
+                piece = tmp / "units" / "prompts" / f"{result['tag']}.jsonl"
+                if piece.is_file():
+                    fh.write(piece.read_text())
+        shutil.rmtree(tmp / "units")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
+
+
+def _split_record(records: list[dict[str, Any]], samples: int, sequence_len: int) -> dict[str, Any]:
+    rows = sum(r["rows"] for r in records)
+    tokens = sum(r["tokens"] for r in records)
+    return {"samples": samples, "rows": rows, "shards": records, "tokens": tokens,
+            "trained_tokens": sum(r["trained_tokens"] for r in records),
+            "packing_efficiency": round(packing.packing_efficiency(tokens, rows, sequence_len), 4)}
+
+
+def _gather_train(results: list[dict[str, Any]], tmp: Path, settings: Settings) -> dict[str, Any]:
+    """Rename the units' train shards to shard-00000… in unit order."""
+    (tmp / "train").mkdir()
+    records = []
+    for result in results:
+        for record in result["train"]:
+            name = f"shard-{len(records):05d}.arrow"
+            os.replace(tmp / "units" / record["path"], tmp / "train" / name)
+            records.append({**record, "path": f"train/{name}"})
+    samples = sum(r["samples"] for r in records)
+    return _split_record(records, samples, settings.sequence_len)
+
+
+def _pack_val(results: list[dict[str, Any]], tmp: Path, settings: Settings) -> dict[str, Any]:
+    """Pack every unit's validation samples in one stream (bounded windows), unit order."""
+    writer = shards.ShardWriter(tmp / "val", "shard-", settings.preference)
+    window = _Window(writer, settings, [settings.seed, 1 << 20])
+    paths = [tmp / "units" / r["path"] for result in results for r in result["val"]]
+    for sample in _sample_stream(paths):
+        window.add(sample)
+    window.flush()
+    records = writer.close(keep_empty=True)  # an empty split still has its shard file
+    return _split_record(records, window.count, settings.sequence_len)

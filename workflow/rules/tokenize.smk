@@ -16,11 +16,12 @@ rule tokenize:
         # a changed template or packer must never reuse stale shards
         code_hash=code_hash(),
         raw=raw_dirs,
-    threads: 2
+    # one process per thread; the shards are the same for any count
+    threads: CFG.cluster["tokenize"].cpus_per_task if "tokenize" in CFG.cluster else 2
     resources:
         **stage_resources("tokenize"),
     log:
         "logs/tokenize/{run}.log",
     shell:
         "{PYTHON} {SCRIPTS}/tokenize.py --config {EFFECTIVE_CONFIG} --run {wildcards.run} "
-        "--raw {params.raw} --model {input.model} --out {output} 2> {log}"
+        "--raw {params.raw} --model {input.model} --out {output} --processes {threads} 2> {log}"
