@@ -121,8 +121,10 @@ class RunConfig:
     weight_decay: float = _field(0.0, stages=("train",), doc="AdamW weight decay")
     max_grad_norm: float = _field(1.0, stages=("train",), doc="gradient clipping norm (0 disables)")
     gradient_checkpointing: bool = _field(False, stages=("train",), doc="recompute activations in backward")
-    train_engine: Literal["auto", "torch"] = _field("auto", stages=("train",),
-                                                   doc="training engine; auto picks for the hardware")
+    train_engine: Literal["auto", "torch", "ddp", "fsdp"] = _field(
+        "auto", stages=("train",),
+        doc="training engine; auto picks for the hardware; in a Slurm job with several ranks: ddp "
+            "(replicated model, summed gradients) or fsdp (FSDP2 per decoder layer)")
     save_steps: int = _field(50, stages=("train",), doc="checkpoint every this many optimizer steps")
     keep_last_checkpoints: int = _field(2, stages=("train",), doc="complete checkpoints kept on disk")
     logging_steps: int = _field(1, stages=("train",), doc="steps between metric lines")
@@ -172,6 +174,12 @@ class ClusterResources:
     account: Optional[str] = _field(None, stages=(), doc="Slurm account")
     qos: Optional[str] = _field(None, stages=(), doc="Slurm QOS")
     constraint: Optional[str] = _field(None, stages=(), doc="Slurm node constraint")
+    tasks_per_node: Optional[int] = _field(None, stages=(),
+                                           doc="tasks (ranks) per node (default: gpus_per_node, at least 1)")
+    sbatch_args: list[str] = _field(stages=(), doc="extra sbatch options, e.g. ['--exclusive', "
+                                                   "'--gres-flags=enforce-binding']", factory=list)
+    signal_delay_s: int = _field(120, stages=(),
+                                 doc="train job: seconds before the time limit when it checkpoints and requeues")
 
 
 @dataclass(frozen=True)

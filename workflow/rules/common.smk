@@ -1,6 +1,7 @@
 # Config validation and the path helpers every rule uses.
 import json
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -88,4 +89,7 @@ def stage_resources(stage):
             out[f"slurm_{key}"] = getattr(res, key)
     if res.constraint:
         out["constraint"] = res.constraint
+    if res.sbatch_args:
+        out["slurm_extra"] = " ".join(shlex.quote(a) for a in res.sbatch_args)
+    # GPU rules: no "tasks" resource, else plugin 2.8 turns it into --ntasks-per-gpu
     return out
