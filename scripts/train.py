@@ -1,8 +1,14 @@
-"""Stage train: packed shards + base model → {run_dir}/adapter, train_metrics.jsonl, train_info.json."""
+"""Stage train: packed shards + base model → {run_dir}/adapter, train_metrics.jsonl, train_info.json.
+
+--launcher local (profiles/local): train in this process.
+--launcher slurm (profiles/slurm; the train rule picks it when Snakemake runs the slurm executor):
+submit one Slurm job with cluster.train's resources through submitit, stream its log, wait;
+--dry-run prints the sbatch script instead of submitting it.
+"""
 from pathlib import Path
 
 from tunedag.cli import load_run, stage_main, stage_parser
-from tunedag.train.loop import train
+from tunedag.config import ClusterResources
 
 
 def main() -> None:
@@ -10,9 +16,25 @@ def main() -> None:
     parser.add_argument("--shards", type=Path, required=True, help="data/packed/{run}")
     parser.add_argument("--model", type=Path, required=True, help="base model folder")
     parser.add_argument("--run-dir", type=Path, required=True)
+    parser.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                        help="train here, or in one Slurm job submitted with submitit")
+    parser.add_argument("--dry-run", action="store_true", help="slurm: print the sbatch script, submit nothing")
+    parser.add_argument("--poll-seconds", type=float, default=10.0, help="slurm: seconds between status checks")
+    parser.add_argument("--max-wait-hours", type=float, default=None,
+                        help="slurm: give up waiting (the job keeps running) after this long")
     args = parser.parse_args()
-    _, run = load_run(args.config, args.run)
-    train(run, args.shards, args.model, args.run_dir)
+    config, run = load_run(args.config, args.run)
+    if args.launcher == "local":
+        from tunedag.train.loop import train
+
+        train(run, args.shards, args.model, args.run_dir)
+        return
+    from tunedag.slurm.launcher import run_training_job
+
+    resources = config.cluster.get("train") or ClusterResources()
+    run_training_job(Path(args.config), args.run, args.shards, args.model, args.run_dir, resources,
+                     dry_run=args.dry_run, poll_s=args.poll_seconds,
+                     max_wait_s=args.max_wait_hours * 3600 if args.max_wait_hours else None)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,24 @@
 # Stage train: packed shards + base model → adapter, metrics. Checkpoints under
 # {run_dir}/checkpoints are not outputs on purpose: a rerun after a killed job resumes from them.
+#
+# Under the slurm executor (profiles/slurm) train is a local rule: it runs on the login node and
+# submits ONE Slurm job itself through submitit (nodes x tasks-per-node ranks, cluster.train's
+# resources), streams its log into the rule's log and waits. Elsewhere it trains in-process.
+
+
+localrules:
+    train,
+
+
+class _Launcher:
+    """'slurm' when Snakemake runs the slurm executor, else 'local' (read when the job runs)."""
+
+    def __str__(self):
+        plugin = workflow.executor_plugin
+        return "slurm" if plugin is not None and plugin.name.endswith("slurm") else "local"
+
+
+LAUNCHER = _Launcher()
 
 
 rule train:
@@ -20,4 +39,5 @@ rule train:
         "{run_dir}/logs/train.log",
     shell:
         "{PYTHON} {SCRIPTS}/train.py --config {EFFECTIVE_CONFIG} --run {params.run} "
-        "--shards {input.shards} --model {input.model} --run-dir {wildcards.run_dir} 2> {log}"
+        "--shards {input.shards} --model {input.model} --run-dir {wildcards.run_dir} "
+        "--launcher {LAUNCHER} 2> {log}"

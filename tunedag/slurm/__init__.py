@@ -1,0 +1,1 @@
+"""Slurm: the training job submitted by submitit (launcher) and what runs inside it (job)."""
