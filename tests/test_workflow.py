@@ -105,3 +105,41 @@ def test_changed_training_key_reruns_train_and_later_but_not_data_stages(workdir
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert planned_rules(proc) == {"train", "merge", "evaluate", "export_gguf", "export_vllm", "all"}
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def report_html(workdir):
+    snakemake(workdir, "--report", "report.html")
+    return workdir / "report.html"
+
+
+def test_report_holds_the_run_figures_and_tables(report_html, workdir):
+    page = report_html.read_text(errors="replace")
+    for name in ("training_curves.png", "throughput.png", "summary.html", "runs_compared.html",
+                 "train_loss_by_run.png"):
+        assert name in page, name
+    assert page.count("iVBORw0KGgo") >= 3  # the three PNG figures, embedded
+    summary = (workdir / "runs/tiny/report/summary.html").read_text()
+    assert "exact_match" in summary and "packing efficiency" in summary and "learning_rate" in summary
+
+
+@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="Debian's chromium is not installed")
+def test_report_renders_with_its_figures_in_headless_chromium(report_html, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    profile = ["--user-data-dir=" + str(tmp_path / "profile"), "--virtual-time-budget=15000"]
+    dom = subprocess.run(["/usr/bin/chromium", *CHROMIUM_FLAGS, *profile, "--dump-dom", report_html.as_uri()],
+                         capture_output=True, text=True, timeout=180)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert "Runs" in dom.stdout and "Comparison" in dom.stdout  # the report's categories, rendered by its app
+    shot = tmp_path / "report.png"
+    subprocess.run(["/usr/bin/chromium", *CHROMIUM_FLAGS, *profile, f"--screenshot={shot}",
+                    "--window-size=1400,1000", report_html.as_uri()], capture_output=True, timeout=180, check=True)
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
+    assert pixels.shape == (1000, 1400)
+    assert pixels.std() > 10  # a blank or error page is near-uniform

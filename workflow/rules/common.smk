@@ -69,9 +69,9 @@ def all_targets():
     targets = []
     for name, run in CFG.runs.items():
         run_dir = CFG.run_dir(name)
-        targets += [f"{run_dir}/eval", f"{run_dir}/export/vllm"]
+        targets += [f"{run_dir}/eval", f"{run_dir}/export/vllm", f"{run_dir}/report/summary.html"]
         targets += [f"{run_dir}/export/{name}-{t}.gguf" for t in run.gguf_types]
-    return targets
+    return targets + ["reports/runs_compared.html"]
 
 
 def stage_resources(stage):

@@ -1,0 +1,116 @@
+"""The run report: the figures and tables `snakemake --report report.html` gathers.
+
+Per run: training curves (loss and learning rate against step, with the held-out loss of the
+base and fine-tuned models), throughput and GPU memory, and one HTML page with the evaluation
+table (base vs fine-tuned), sample generations, the effective config and the data manifest
+summary. Across runs: a comparison table and overlaid loss curves.
+"""
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # compute nodes and CI have no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from tunedag.io import atomic_path  # noqa: E402
+
+EVAL_ROWS = ("val_loss", "perplexity", "token_accuracy", "exact_match", "token_f1", "rouge_l")
+SAMPLE_ROWS_SHOWN = 12
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _save(fig, dest: Path) -> None:
+    fig.tight_layout()
+    with atomic_path(dest) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_training_curves(metrics: list[dict[str, Any]], evaluation: dict[str, Any], dest: Path) -> None:
+    """Loss and learning rate against step; held-out losses drawn as horizontal lines."""
+    steps = [m["step"] for m in metrics]
+    fig, (loss_ax, lr_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
+    loss_ax.plot(steps, [m["loss"] for m in metrics], label="train loss")
+    for label, style in (("base", ":"), ("finetuned", "--")):
+        if label in evaluation:
+            loss_ax.axhline(evaluation[label]["val_loss"], linestyle=style, color="gray",
+                            label=f"val loss, {label}")
+    loss_ax.set(xlabel="step", ylabel="loss", yscale="log", title="Loss")
+    loss_ax.legend()
+    lr_ax.plot(steps, [m["learning_rate"] for m in metrics], color="tab:orange")
+    lr_ax.set(xlabel="step", ylabel="learning rate", title="Learning rate")
+    _save(fig, dest)
+
+
+def plot_throughput(metrics: list[dict[str, Any]], dest: Path) -> None:
+    """Tokens/s (and peak GPU memory where recorded) against step."""
+    steps = [m["step"] for m in metrics]
+    has_gpu = any("gpu_memory_gib" in m for m in metrics)
+    fig, axes = plt.subplots(1, 2 if has_gpu else 1, figsize=(10 if has_gpu else 5, 3.6), squeeze=False)
+    axes[0][0].plot(steps, [m["tokens_per_s"] for m in metrics], color="tab:green")
+    axes[0][0].set(xlabel="step", ylabel="tokens/s", title="Throughput")
+    if has_gpu:
+        axes[0][1].plot(steps, [m.get("gpu_memory_gib", float("nan")) for m in metrics], color="tab:red")
+        axes[0][1].set(xlabel="step", ylabel="GiB", title="Peak GPU memory")
+    _save(fig, dest)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    def cell(value: Any) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else html.escape(str(value))
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table border='1' cellpadding='4'><tr>{head}</tr>{body}</table>"
+
+
+def run_summary_html(run: str, evaluation: dict[str, Any], samples: list[dict[str, Any]],
+                     manifest: dict[str, Any], train_info: dict[str, Any], run_config: dict[str, Any],
+                     dest: Path) -> None:
+    """One page: evaluation table, sample generations, data summary, effective config."""
+    eval_rows = [[key, evaluation["base"].get(key, ""), evaluation["finetuned"].get(key, "")]
+                 for key in EVAL_ROWS if key in evaluation["base"]]
+    sample_rows = [[s["prompt"][-120:], s["reference"], s.get("base", ""), s.get("finetuned", "")]
+                   for s in samples[:SAMPLE_ROWS_SHOWN]]
+    data_rows = [[name, split["samples"], split["rows"], split["tokens"], split["packing_efficiency"]]
+                 for name, split in manifest["splits"].items()]
+    page = (
+        f"<html><head><meta charset='utf-8'><title>tunedag run {html.escape(run)}</title></head><body>"
+        f"<h2>Run {html.escape(run)}: evaluation (held-out rows)</h2>"
+        + _table(["metric", "base", "fine-tuned"], eval_rows)
+        + f"<p>{evaluation.get('prompts', 0)} held-out prompts; training: {train_info['steps']} steps, "
+          f"{train_info['tokens_seen']} tokens, engine {html.escape(train_info['engine'])}.</p>"
+        + "<h3>Sample generations (greedy)</h3>"
+        + _table(["prompt (end)", "reference", "base", "fine-tuned"], sample_rows)
+        + "<h3>Data</h3>" + _table(["split", "samples", "rows", "tokens", "packing efficiency"], data_rows)
+        + "<h3>Effective config</h3><pre>" + html.escape(json.dumps(run_config, indent=2)) + "</pre>"
+        + "</body></html>")
+    with atomic_path(dest) as tmp:
+        tmp.write_text(page)
+
+
+def compare_runs_html(runs: dict[str, dict[str, Any]], dest: Path) -> None:
+    """A table with one row per run: final train loss and the fine-tuned evaluation metrics."""
+    rows = [[name, r["train_info"]["final_loss"], r["train_info"]["steps"],
+             *[r["evaluation"]["finetuned"].get(k, "") for k in EVAL_ROWS]] for name, r in runs.items()]
+    page = ("<html><head><meta charset='utf-8'><title>tunedag runs</title></head><body><h2>Runs compared</h2>"
+            + _table(["run", "final train loss", "steps", *EVAL_ROWS], rows) + "</body></html>")
+    with atomic_path(dest) as tmp:
+        tmp.write_text(page)
+
+
+def plot_compared_losses(runs: dict[str, list[dict[str, Any]]], dest: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for name, metrics in runs.items():
+        ax.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], label=name)
+    ax.set(xlabel="step", ylabel="train loss", yscale="log", title="Train loss by run")
+    ax.legend()
+    _save(fig, dest)

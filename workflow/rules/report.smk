@@ -1,0 +1,38 @@
+# Stage report: what `snakemake --report report.html` shows, per run and across runs.
+
+
+rule report_run:
+    input:
+        metrics="{run_dir}/train_metrics.jsonl",
+        info="{run_dir}/train_info.json",
+        evaluation="{run_dir}/eval",
+        shards=lambda w: f"data/packed/{run_of(w)}",
+    output:
+        curves=report("{run_dir}/report/training_curves.png", caption="../report/training_curves.rst",
+                      category="Runs", subcategory="{run_dir}"),
+        throughput=report("{run_dir}/report/throughput.png", caption="../report/throughput.rst",
+                          category="Runs", subcategory="{run_dir}"),
+        summary=report("{run_dir}/report/summary.html", caption="../report/summary.rst",
+                       category="Runs", subcategory="{run_dir}"),
+    params:
+        run=run_of,
+    log:
+        "{run_dir}/logs/report.log",
+    shell:
+        "{PYTHON} {SCRIPTS}/report.py --config {EFFECTIVE_CONFIG} run --run {params.run} "
+        "--run-dir {wildcards.run_dir} --shards {input.shards} --out {wildcards.run_dir}/report 2> {log}"
+
+
+rule report_compare:
+    input:
+        [f"{CFG.run_dir(name)}/{f}" for name in CFG.runs for f in ("train_metrics.jsonl", "train_info.json", "eval")],
+    output:
+        table=report("reports/runs_compared.html", caption="../report/runs_compared.rst", category="Comparison"),
+        curves=report("reports/train_loss_by_run.png", caption="../report/train_loss_by_run.rst",
+                      category="Comparison"),
+    params:
+        runs=" ".join(f"{name}={CFG.run_dir(name)}" for name in CFG.runs),
+    log:
+        "logs/report_compare.log",
+    shell:
+        "{PYTHON} {SCRIPTS}/report.py compare --run-dirs {params.runs} --out reports 2> {log}"
