@@ -36,6 +36,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ._tl_math import tanh
 from ._tl_rounding import cast_for_store
 
 MIN_CHUNK_ROWS = 1024  # frozen lm_head (LoRA)
@@ -79,19 +80,6 @@ def chunk_rows_for(n_rows: int, hidden: int, vocab: int, weight_grad: bool = Fal
 
 
 @triton.jit
-def _tanh(y):
-    # tanh without libdevice (the CPU interpreter lacks it): odd Taylor series near 0, where
-    # (1 - e) / (1 + e) would cancel, else the exp form on |y| (e in (0, 1), never overflows).
-    a = tl.abs(y)
-    e = tl.exp(-2.0 * a)
-    big = (1.0 - e) / (1.0 + e)
-    y2 = a * a
-    small = a * (1.0 + y2 * (-1.0 / 3.0 + y2 * (2.0 / 15.0 + y2 * (-17.0 / 315.0))))
-    t = tl.where(a < 0.125, small, big)
-    return tl.where(y < 0, -t, t)
-
-
-@triton.jit
 def _cross_entropy_rows_kernel(
     logits_ptr, stride_row, target_ptr, loss_ptr, scale_ptr,
     n_cols, ignore_index, softcap,
@@ -112,7 +100,7 @@ def _cross_entropy_rows_kernel(
         mask = cols < n_cols
         x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_SOFTCAP:
-            x = softcap * _tanh(x / softcap)
+            x = softcap * tanh(x / softcap)
         x = tl.where(mask, x, float("-inf"))
         m_new = tl.maximum(m, tl.max(x, axis=0))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
@@ -121,7 +109,7 @@ def _cross_entropy_rows_kernel(
 
     x_t = tl.load(base + t_idx).to(tl.float32)
     if HAS_SOFTCAP:
-        x_t = softcap * _tanh(x_t / softcap)
+        x_t = softcap * tanh(x_t / softcap)
     tl.store(loss_ptr + row, tl.where(valid, lse - x_t, 0.0))
 
     if COMPUTE_GRAD:
@@ -132,7 +120,7 @@ def _cross_entropy_rows_kernel(
             mask = cols < n_cols
             x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
             if HAS_SOFTCAP:
-                t = _tanh(x / softcap)
+                t = tanh(x / softcap)
                 x = softcap * t
             g = tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)
             g = g * row_scale

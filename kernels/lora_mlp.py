@@ -31,23 +31,12 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ._tl_math import tanh
 from ._tl_rounding import cast_for_store
 from .nf4 import NF4Weight, dequantize_nf4_reference, maybe_dequantize
 
 ACTIVATIONS = ("silu", "gelu_tanh")
 _ELEMWISE_BLOCK = 1024
-
-
-@triton.jit
-def _tanh(y):
-    # tanh without libdevice (absent in the CPU interpreter); series near 0 avoids cancellation.
-    a = tl.abs(y)
-    e = tl.exp(-2.0 * a)
-    big = (1.0 - e) / (1.0 + e)
-    y2 = a * a
-    small = a * (1.0 + y2 * (-1.0 / 3.0 + y2 * (2.0 / 15.0 + y2 * (-17.0 / 315.0))))
-    t = tl.where(a < 0.125, small, big)
-    return tl.where(y < 0, -t, t)
 
 
 @triton.jit
@@ -60,7 +49,7 @@ def _act_and_grad(g, ACT: tl.constexpr):
     else:
         k0 = 0.7978845608028654  # sqrt(2 / pi)
         k1 = 0.044715
-        t = _tanh(k0 * (g + k1 * g * g * g))
+        t = tanh(k0 * (g + k1 * g * g * g))
         a = 0.5 * g * (1.0 + t)
         da = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * k0 * (1.0 + 3.0 * k1 * g * g)
     return a, da
