@@ -3,7 +3,7 @@
 submitit installs a handler for the pre-timeout / preemption signal (USR2, sent
 ``signal_delay_s`` before the time limit) that would call ``checkpoint()`` from inside whatever
 the process is doing. A checkpoint taken mid-step is not a consistent one, so the job replaces
-that handler with a flag: the loop polls it after every optimizer step (all ranks agree through
+that handler (and SIGTERM's, which scancel and preemption send) with a flag: the loop polls it after every optimizer step (all ranks agree through
 one all-reduce), writes the usual atomic checkpoint at that step, and only then does rank 0
 hand the signal to submitit, which requeues the job. The requeued job calls this object again
 and the loop resumes from the newest complete checkpoint.
@@ -43,7 +43,10 @@ class TrainJob(submitit.helpers.Checkpointable):
             torch.set_num_threads(cpus)
         submitit_handler = signal.getsignal(signal.SIGUSR2)
         requested: list[int] = []
-        signal.signal(signal.SIGUSR2, lambda signum, frame: requested.append(signum))
+        # USR2: time limit near or preemption (checkpoint, requeue). TERM: scancel, or preemption's
+        # grace period (checkpoint, exit; submitit alone would ignore it and run on until SIGKILL)
+        for sig in (signal.SIGUSR2, signal.SIGTERM):
+            signal.signal(sig, lambda signum, frame: requested.append(signum))
 
         _, run = load_run(self.config_path, self.run)
         log.info("rank %d of %d on %s (job %s, restart %s)", env.rank, env.world_size, os.uname().nodename,
@@ -58,10 +61,12 @@ class TrainJob(submitit.helpers.Checkpointable):
                 torch.distributed.destroy_process_group()  # no barrier: the other ranks may be gone
             raise
         shutdown()
-        if info is None:  # stopped by the signal, checkpoint written
-            if env.is_main and callable(submitit_handler):
+        if info is None:  # stopped by a signal, checkpoint written
+            if signal.SIGUSR2 in requested and env.is_main and callable(submitit_handler):
                 submitit_handler(signal.SIGUSR2, None)  # checkpoint() + requeue + exit
-            sys.exit(0)  # other ranks: the requeue ends the job
+            log.warning("rank %d: exiting after the checkpoint (%s)", env.rank,
+                        ", ".join(signal.Signals(s).name for s in sorted(set(requested))))
+            sys.exit(0 if signal.SIGUSR2 in requested else 128 + signal.SIGTERM)
         return info if env.is_main else None
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
