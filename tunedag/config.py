@@ -99,8 +99,9 @@ class RunConfig:
         "drop", stages=("tokenize",), doc="samples longer than sequence_len: drop, truncate or raise")
     on_bad_rows: Literal["raise", "skip"] = _field("raise", stages=("tokenize",),
                                                    doc="a malformed row stops the stage, or is skipped and counted")
-    adapter: Optional[Literal["lora"]] = _field("lora", stages=("train", "merge"),
-                                                doc="lora, or null for a full fine-tune")
+    adapter: Optional[Literal["lora", "qlora"]] = _field(
+        "lora", stages=("train", "merge"),
+        doc="lora, qlora (LoRA over a 4-bit NF4 base), or null for a full fine-tune")
     lora_r: int = _field(16, stages=("train",), doc="LoRA rank")
     lora_alpha: float = _field(32, stages=("train",), doc="LoRA scale numerator (scale = alpha / r)")
     lora_dropout: float = _field(0.0, stages=("train",), doc="dropout on the LoRA input")
@@ -121,10 +122,13 @@ class RunConfig:
     weight_decay: float = _field(0.0, stages=("train",), doc="AdamW weight decay")
     max_grad_norm: float = _field(1.0, stages=("train",), doc="gradient clipping norm (0 disables)")
     gradient_checkpointing: bool = _field(False, stages=("train",), doc="recompute activations in backward")
-    train_engine: Literal["auto", "torch", "ddp", "fsdp"] = _field(
+    activation_offloading: bool = _field(False, stages=("train",),
+                                         doc="with gradient_checkpointing: keep layer inputs in pinned CPU "
+                                             "memory (triton engine)")
+    train_engine: Literal["auto", "triton", "torch", "ddp", "fsdp"] = _field(
         "auto", stages=("train",),
-        doc="training engine; auto picks for the hardware; in a Slurm job with several ranks: ddp "
-            "(replicated model, summed gradients) or fsdp (FSDP2 per decoder layer)")
+        doc="training engine; auto: triton on exactly one CUDA GPU, else torch; in a Slurm job with "
+            "several ranks: ddp (replicated model, summed gradients) or fsdp (FSDP2 per decoder layer)")
     save_steps: int = _field(50, stages=("train",), doc="checkpoint every this many optimizer steps")
     keep_last_checkpoints: int = _field(2, stages=("train",), doc="complete checkpoints kept on disk")
     logging_steps: int = _field(1, stages=("train",), doc="steps between metric lines")

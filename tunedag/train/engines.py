@@ -1,12 +1,16 @@
 """Training engines: how a model is prepared and how one micro-batch's loss is computed.
 
 The loop (tunedag.train.loop) is the same for every engine. ``torch`` is plain HF transformers
-+ PEFT: the reference every faster engine is compared to, and the engine on CPU.
++ PEFT: the reference every faster engine is compared to, and the engine on CPU. ``triton``
+(tunedag.train.triton_engine) runs the decoder on tunedag's kernels on one GPU; ``make_engine``
+picks it for ``train_engine: auto`` when exactly one CUDA GPU is present, and falls back to
+``torch`` with a log line naming the reason for anything the fast path does not cover.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -15,6 +19,7 @@ from safetensors.torch import load_file
 
 from tunedag.config import RunConfig
 from tunedag.models.loading import load_causal_lm
+from tunedag.models.qlora import fake_quantize_
 from tunedag.train.batching import loss_sum, model_inputs
 
 log = logging.getLogger(__name__)
@@ -28,6 +33,10 @@ class TorchEngine:
     def __init__(self, run: RunConfig, model_path: Path, device: torch.device):
         self.device = device
         base = load_causal_lm(model_path, torch.float32, run.trust_remote_code)
+        if run.adapter == "qlora":
+            n = fake_quantize_(base)
+            log.info("torch engine, qlora: %d projections hold their NF4-dequantised values "
+                     "(the numerics of a 4-bit base, not its memory saving)", n)
         if run.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.enable_input_require_grads()
@@ -58,9 +67,29 @@ class TorchEngine:
         self.model.save_pretrained(dest, safe_serialization=True)
 
 
-def make_engine(run: RunConfig, model_path: Path) -> TorchEngine:
-    """Pick the engine for ``run`` on this machine."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if run.train_engine == "auto" and device.type == "cuda":
-        log.info("train_engine auto: the triton engine is not available in this build; using torch")
+def triton_blocker(run: RunConfig, model_path: Path, device: torch.device) -> str | None:
+    """Why the triton engine cannot train ``run`` here (None: it can)."""
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "no CUDA GPU (the Triton kernels run on the CPU only under TRITON_INTERPRET=1)"
+    from transformers import AutoConfig
+
+    from tunedag.models.registry import fast_path_blocker
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=run.trust_remote_code)
+    return fast_path_blocker(run, config)
+
+
+def make_engine(run: RunConfig, model_path: Path):
+    """Pick the engine for ``run`` on this machine: a TritonEngine or a TorchEngine."""
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = torch.device("cuda" if n_gpus else "cpu")
+    if run.train_engine == "triton" or (run.train_engine == "auto" and n_gpus == 1):
+        reason = triton_blocker(run, model_path, device)
+        if reason is None:
+            from tunedag.train.triton_engine import TritonEngine
+
+            return TritonEngine(run, model_path, device)
+        log.info("train_engine %s: using the torch engine because %s", run.train_engine, reason)
+    elif run.train_engine == "auto":
+        log.info("train_engine auto: using the torch engine (%d CUDA GPUs; triton needs exactly one)", n_gpus)
     return TorchEngine(run, model_path, device)

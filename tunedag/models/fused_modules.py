@@ -1,0 +1,115 @@
+"""The modules the triton engine puts in place of a decoder's norms, attention and MLP.
+
+Each takes over the *same child modules and parameters* as the HF module it replaces (peft's
+LoRA Linears with their ``lora_A``/``lora_B``, the norm weight), so parameter names, and with
+them peft's adapter files and checkpoints, are unchanged. The frozen base weight of a LoRA
+projection is its ``base_layer.weight``, or an ``NF4Weight`` under QLoRA (``nf4`` maps the
+projection's name to it; the dense weight is then dropped).
+
+Shapes: the engine flattens a micro-batch to its N real tokens, so hidden states are
+(1, N, H) and the attention works on (N, heads, head_dim) views.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tunedag.kernels.lora_mlp import lora_mlp
+from tunedag.kernels.lora_qkv import lora_o, lora_qkv
+from tunedag.kernels.nf4 import NF4Weight
+from tunedag.kernels.rms_norm import rms_norm
+from tunedag.kernels.rope import rope
+from tunedag.models.packed_attention import PackedSequences, packed_attention
+
+ADAPTER = "default"  # peft's adapter name
+
+
+class FusedRMSNorm(nn.Module):
+    """RMSNorm through the Triton kernel, sharing the replaced module's weight parameter."""
+
+    def __init__(self, replaced: nn.Module, gemma: bool):
+        super().__init__()
+        self.weight = replaced.weight
+        self.eps = float(getattr(replaced, "variance_epsilon", getattr(replaced, "eps", 1e-6)))
+        self.gemma = gemma
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps, gemma=self.gemma)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}, gemma={self.gemma}"
+
+
+def _lora_parts(proj: nn.Module, nf4: dict[str, NF4Weight], name: str):
+    """(frozen base weight or NF4Weight, A (r, in), B (out, r)) of one peft LoRA Linear."""
+    base = nf4.get(name, proj.base_layer.weight)
+    return base, proj.lora_A[ADAPTER].weight, proj.lora_B[ADAPTER].weight
+
+
+def _add_bias(y: torch.Tensor, proj: nn.Module) -> torch.Tensor:
+    """A frozen base bias (Qwen2's q/k/v) is added after the fused projection."""
+    bias = proj.base_layer.bias
+    return y if bias is None else y + bias.to(y.dtype)
+
+
+def _scaling(proj: nn.Module) -> float:
+    return float(proj.scaling[ADAPTER])
+
+
+class FusedLoRAAttention(nn.Module):
+    """Q/K/V with one fused LoRA call, (Qwen3) q/k norms, in-place RoPE, packed attention, LoRA O."""
+
+    def __init__(self, replaced: nn.Module, config, nf4: dict[str, NF4Weight], prefix: str,
+                 qk_norm: bool, gemma_norm: bool, sliding_window: int | None):
+        super().__init__()
+        self.q_proj, self.k_proj = replaced.q_proj, replaced.k_proj
+        self.v_proj, self.o_proj = replaced.v_proj, replaced.o_proj
+        self.q_norm = FusedRMSNorm(replaced.q_norm, gemma_norm) if qk_norm else None
+        self.k_norm = FusedRMSNorm(replaced.k_norm, gemma_norm) if qk_norm else None
+        self.head_dim = replaced.head_dim
+        self.scaling = float(replaced.scaling)
+        self.softcap = getattr(replaced, "attn_logit_softcapping", None)
+        self.sliding_window = sliding_window
+        self.layer_idx = replaced.layer_idx
+        self._nf4 = {n: nf4[f"{prefix}.{n}"] for n in ("q_proj", "k_proj", "v_proj", "o_proj")
+                     if f"{prefix}.{n}" in nf4}
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None,
+                attention_mask: PackedSequences | None = None, **kwargs):
+        if not isinstance(attention_mask, PackedSequences):
+            raise TypeError("FusedLoRAAttention needs the engine's PackedSequences as attention_mask")
+        n = hidden_states.shape[-2]
+        x = hidden_states.reshape(n, -1)
+        parts = [_lora_parts(getattr(self, p), self._nf4, p) for p in ("q_proj", "k_proj", "v_proj")]
+        q, k, v = lora_qkv(x, *parts[0], *parts[1], *parts[2], _scaling(self.q_proj))
+        q, k, v = (_add_bias(y, p) for y, p in zip((q, k, v), (self.q_proj, self.k_proj, self.v_proj)))
+        q = q.view(n, -1, self.head_dim)  # (N, Hq, D)
+        k = k.view(n, -1, self.head_dim)  # (N, Hk, D)
+        v = v.view(n, -1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = position_embeddings  # (1, N, D)
+        q4, k4 = rope(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)  # (1, H, N, D), in place
+        q, k = q4[0].transpose(0, 1), k4[0].transpose(0, 1)
+        out = packed_attention(q, k, v, attention_mask, self.scaling, self.softcap, self.sliding_window)
+        o_w, o_a, o_b = _lora_parts(self.o_proj, self._nf4, "o_proj")
+        y = _add_bias(lora_o(out.reshape(n, -1), o_w, o_a, o_b, _scaling(self.o_proj)), self.o_proj)
+        return y.view(hidden_states.shape[:-1] + (y.shape[-1],)), None
+
+
+class FusedLoRAMLP(nn.Module):
+    """Gated MLP (SwiGLU or GeGLU-tanh) with LoRA on gate/up/down in one autograd Function."""
+
+    def __init__(self, replaced: nn.Module, nf4: dict[str, NF4Weight], prefix: str, activation: str):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = replaced.gate_proj, replaced.up_proj, replaced.down_proj
+        self.activation = activation
+        self._nf4 = {n: nf4[f"{prefix}.{n}"] for n in ("gate_proj", "up_proj", "down_proj")
+                     if f"{prefix}.{n}" in nf4}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = [_lora_parts(getattr(self, p), self._nf4, p) for p in ("gate_proj", "up_proj", "down_proj")]
+        return lora_mlp(x, *parts[0], *parts[1], *parts[2], _scaling(self.gate_proj), self.activation)
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation}, nf4={sorted(self._nf4)}"

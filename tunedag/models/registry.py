@@ -1,0 +1,92 @@
+"""Which architectures the triton engine covers, and which of their modules it replaces.
+
+One entry per Hugging Face ``model_type``. Every covered architecture gets the same five
+replacements (``REPLACED``), applied by :mod:`tunedag.models.patching` and recorded on the
+model; what differs between architectures is data, not code paths:
+
+| model_type | norm numerics | MLP activation | extras |
+| --- | --- | --- | --- |
+| llama (Llama 2/3.x, DeepSeek-R1-Distill-Llama) | Llama | SiLU | — |
+| mistral | Llama | SiLU | sliding window (config.sliding_window) |
+| qwen2 (and DeepSeek-R1-Distill-Qwen) | Llama | SiLU | q/k/v bias (frozen, added after the fused projection) |
+| qwen3 | Llama | SiLU | per-head q/k RMSNorm |
+| gemma | Gemma (1 + w) | GELU-tanh | embeddings scaled by sqrt(hidden) |
+| gemma2 | Gemma (1 + w) | GELU-tanh | sandwich norms, attention and final logit softcapping, alternating sliding window |
+
+:func:`fast_path_blocker` names the first reason a run cannot take this path; the engine
+then falls back to the torch engine and logs that reason.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tunedag.config import RunConfig
+
+# What the patching replaces, by role: (HF module, tunedag replacement)
+REPLACED = {
+    "rms_norm": ("*RMSNorm (decoder, final and Qwen3 q/k norms)", "kernels.rms_norm via FusedRMSNorm"),
+    "rope": ("apply_rotary_pos_emb inside attention", "kernels.rope (in place on q, k)"),
+    "attention": ("q/k/v/o LoRA Linears + attention", "kernels.lora_qkv / lora_o + packed attention"),
+    "mlp": ("gate/up/down LoRA Linears + activation", "kernels.lora_mlp"),
+    "loss": ("lm_head + cross-entropy over full logits", "kernels.cross_entropy (fused, chunked)"),
+}
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TRAINABLE_FULL_MODULES = ("embed_tokens", "lm_head")
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """How one architecture maps onto the kernels."""
+
+    model_type: str
+    gemma_norm: bool = False  # RMSNorm scales by (1 + w) in fp32
+    activation_key: str = "hidden_act"  # config attribute naming the MLP activation
+    qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
+    embed_scale: bool = False  # embeddings times sqrt(hidden_size), rounded to their dtype
+    final_softcap_key: str | None = None  # config attribute of the final logit softcap
+
+
+ARCHITECTURES: dict[str, ArchitectureSpec] = {
+    "llama": ArchitectureSpec("llama"),
+    "mistral": ArchitectureSpec("mistral"),
+    "qwen2": ArchitectureSpec("qwen2"),
+    "qwen3": ArchitectureSpec("qwen3", qk_norm=True),
+    "gemma": ArchitectureSpec("gemma", gemma_norm=True, activation_key="hidden_activation", embed_scale=True),
+    "gemma2": ArchitectureSpec("gemma2", gemma_norm=True, activation_key="hidden_activation", embed_scale=True,
+                               final_softcap_key="final_logit_softcapping"),
+}
+
+
+def mlp_activation(spec: ArchitectureSpec, config: Any) -> str | None:
+    """The kernel's activation name for this config, or None when the kernel lacks it."""
+    name = getattr(config, spec.activation_key, None) or getattr(config, "hidden_act", None)
+    return ACTIVATIONS.get(name)
+
+
+def fast_path_blocker(run: RunConfig, config: Any) -> str | None:
+    """Why ``run`` on a model with HF ``config`` cannot use the triton engine (None: it can)."""
+    model_type = getattr(config, "model_type", None)
+    spec = ARCHITECTURES.get(model_type)
+    if spec is None:
+        return f"architecture {model_type!r} has no fused path (covered: {', '.join(ARCHITECTURES)})"
+    if run.adapter is None:
+        return "a full fine-tune (adapter: null) is not on the fused path, which trains adapters"
+    if run.lora_dropout > 0:
+        return f"lora_dropout {run.lora_dropout} > 0 (the fused LoRA kernels apply no dropout)"
+    if sorted(run.lora_target_modules) != sorted(LORA_TARGETS):
+        return (f"lora_target_modules {list(run.lora_target_modules)} are not exactly the seven projections "
+                f"{list(LORA_TARGETS)} that the fused QKV/O and MLP kernels adapt together")
+    extra = [m for m in run.lora_modules_to_save if m not in TRAINABLE_FULL_MODULES]
+    if extra:
+        return f"lora_modules_to_save {extra}: only {list(TRAINABLE_FULL_MODULES)} are trained in full on the fused path"
+    if run.lora_modules_to_save and getattr(config, "tie_word_embeddings", False):
+        return "lora_modules_to_save with tied input/output embeddings (the fused path keeps them untied)"
+    if mlp_activation(spec, config) is None:
+        return f"MLP activation {getattr(config, spec.activation_key, None)!r} has no kernel"
+    if getattr(config, "mlp_bias", False):
+        return "bias on the MLP projections (the fused MLP kernel has none)"
+    if getattr(config, "attention_dropout", 0.0):
+        return f"attention_dropout {config.attention_dropout} > 0"
+    return None

@@ -1,0 +1,142 @@
+"""The ``triton`` engine: a peft LoRA/QLoRA model whose decoder runs on tunedag's kernels.
+
+Supports (``tunedag.models.registry`` lists the architectures; anything else falls back to
+the torch engine with a logged reason):
+
+- LoRA on all seven projections (lora_dropout 0, no LoRA bias), or QLoRA with the base
+  projections in 4-bit NF4 (``adapter: qlora``), dequantised inside the fused kernels;
+- embed_tokens / lm_head trained in full (``lora_modules_to_save``): kept in fp32 as master
+  weights, cast to the compute dtype per step; the fused cross-entropy returns the lm_head
+  gradient directly;
+- packed micro-batches computed on their real tokens only: rows are flattened to N tokens
+  (padding dropped) and attention never crosses samples (``packed_attention``);
+- gradient checkpointing off / on / offload (``gradient_checkpointing`` +
+  ``activation_offloading``), per decoder layer.
+
+Precision: on CUDA the frozen base is bf16 (rotary buffers stay fp32, as the torch engine's
+fp32 model under bf16 autocast computes them); LoRA A/B and fully trained modules are fp32
+master weights, cast to bf16 inside the kernels, their gradients returned in fp32; the loss
+log-sum-exp is fp32. On the CPU everything is fp32 (the reference comparisons in tests).
+
+The loss is never computed from [tokens, vocab] logits: ``loss_sum`` ends in the chunked fused
+linear + cross-entropy. Its interface is the torch engine's, so the shared loop, checkpoints
+and peft adapter files are the same.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+from peft.utils import ModulesToSaveWrapper
+from safetensors.torch import load_file
+from transformers import PreTrainedModel
+
+from tunedag.config import RunConfig
+from tunedag.data.formats import IGNORE_INDEX
+from tunedag.kernels.cross_entropy import fused_linear_cross_entropy
+from tunedag.models.loading import load_causal_lm
+from tunedag.models.packed_attention import PackedSequences
+from tunedag.models.patching import patch_model
+from tunedag.models.qlora import quantize_base_weights
+from tunedag.models.registry import ARCHITECTURES
+from tunedag.train.layer_checkpoint import Mode, run_layers
+
+log = logging.getLogger(__name__)
+
+
+def _active(module: torch.nn.Module) -> torch.nn.Module:
+    """The trained copy inside peft's ModulesToSaveWrapper, else the module itself."""
+    if isinstance(module, ModulesToSaveWrapper):
+        return module.modules_to_save[module.active_adapters[0]]
+    return module
+
+
+def cast_parameters_(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast parameters only: buffers (rotary inv_freq) keep their fp32 values."""
+    for p in model.parameters():
+        if p.dtype != dtype and p.is_floating_point():
+            p.data = p.data.to(dtype)
+
+
+def checkpoint_mode(run: RunConfig) -> Mode:
+    if not run.gradient_checkpointing:
+        return "off"
+    return "offload" if run.activation_offloading else "on"
+
+
+class TritonEngine:
+    """peft LoRA/QLoRA on a patched HF model; same interface as ``TorchEngine``."""
+
+    name = "triton"
+
+    def __init__(self, run: RunConfig, model_path: Path | None, device: torch.device,
+                 base: PreTrainedModel | None = None):
+        self.device = device
+        self.compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        if base is None:
+            base = load_causal_lm(model_path, torch.float32, run.trust_remote_code)
+        cast_parameters_(base, self.compute_dtype)
+        lora = LoraConfig(r=run.lora_r, lora_alpha=run.lora_alpha, lora_dropout=0.0,
+                          target_modules=list(run.lora_target_modules), bias="none", task_type="CAUSAL_LM",
+                          modules_to_save=list(run.lora_modules_to_save) or None)
+        model = get_peft_model(base, lora)
+        for p in model.parameters():  # fp32 master copies of everything trained
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
+        model.to(device)
+        nf4 = quantize_base_weights(model) if run.adapter == "qlora" else {}
+        self.patches = patch_model(model, nf4)
+        log.info("triton engine: %s; gradient checkpointing %s", self.patches.summary(), checkpoint_mode(run))
+        model.train()
+        self.model = model
+        self.checkpointing: Mode = checkpoint_mode(run)
+        self.causal_lm = model.get_base_model()
+        self.decoder = self.causal_lm.model
+        self.spec = ARCHITECTURES[self.causal_lm.config.model_type]
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        embed = self.decoder.embed_tokens
+        hidden = embed(ids).to(self.compute_dtype)
+        if self.spec.embed_scale and not hasattr(_active(embed), "embed_scale"):
+            # Gemma before transformers' scaled-embedding module: the model scales, with the
+            # scale rounded to the activations' dtype first
+            hidden = hidden * torch.tensor(self.causal_lm.config.hidden_size ** 0.5, dtype=hidden.dtype)
+        if self.checkpointing != "off" and torch.is_grad_enabled() and not hidden.requires_grad:
+            hidden.requires_grad_(True)  # else a checkpointed first layer would never run backward
+        return hidden
+
+    def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed next-token loss of one micro-batch over its real tokens only."""
+        seq = PackedSequences.from_batch(batch["segment_ids"], batch["position_ids"], self.device)
+        keep = batch["segment_ids"].reshape(-1) > 0
+        labels = batch["labels"]
+        targets = torch.full_like(labels, IGNORE_INDEX)
+        targets[:, :-1] = labels[:, 1:]  # shifted within each row, as the torch engine's loss
+        ids = batch["input_ids"].reshape(-1)[keep][None].to(self.device, non_blocking=True)  # (1, N)
+        targets = targets.reshape(-1)[keep].to(self.device, non_blocking=True)  # (N,)
+
+        hidden = self._embed(ids)  # (1, N, H)
+        cos_sin = self.decoder.rotary_emb(hidden, seq.position_ids)
+
+        def call(layer, h):
+            out = layer(h, attention_mask=seq, position_ids=seq.position_ids, position_embeddings=cos_sin)
+            return out[0] if isinstance(out, tuple) else out
+
+        hidden = run_layers(self.decoder.layers, hidden, call, self.checkpointing)
+        hidden = self.decoder.norm(hidden)
+        head = _active(self.causal_lm.lm_head)
+        weight = head.weight.to(self.compute_dtype)
+        bias = head.bias.to(self.compute_dtype) if head.bias is not None else None
+        softcap = getattr(self.causal_lm.config, self.spec.final_softcap_key) if self.spec.final_softcap_key else None
+        return fused_linear_cross_entropy(hidden[0], weight, targets, bias, IGNORE_INDEX, "sum", softcap=softcap)
+
+    def load_trainable(self, checkpoint: Path) -> None:
+        set_peft_model_state_dict(self.model, load_file(checkpoint / "adapter_model.safetensors"))
+
+    def save(self, dest: Path) -> None:
+        self.model.save_pretrained(dest, safe_serialization=True)
