@@ -1,0 +1,202 @@
+"""The triton engine against the torch engine (the reference) on tiny models of each architecture.
+
+CPU, fp32, kernels interpreted (TRITON_INTERPRET=1): the two engines compute the same
+functions in a different order (fused kernels, chunked loss, packed attention), so they agree to
+float32 rounding. 1e-5 relative (loss, and every trained tensor's gradient as a whole) leaves
+room for a few dozen fp32 roundings and is far below any wrong mask, cast or missing term.
+"""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from tests.helpers import tiny_run
+from tests.train.triton_models import CONFIGS, packed_batch, tiny_model
+from tunedag.kernels.nf4 import NF4Weight
+from tunedag.train.batching import loss_sum
+from tunedag.train.engines import TorchEngine, make_engine
+from tunedag.train.triton_engine import TritonEngine
+
+CPU = torch.device("cpu")
+FP32_REL = 1e-5
+
+
+def _run(model_dir, **overrides):
+    keys = dict(base_model=str(model_dir), lora_r=4, lora_alpha=8, train_engine="triton")
+    keys.update(overrides)
+    return tiny_run(model_dir / "config.json", **keys)
+
+
+def _engines(model_dir, **overrides):
+    """(torch engine, triton engine) with identical, non-trivial trainable weights."""
+    run = _run(model_dir, **overrides)
+    ref = TorchEngine(run, model_dir, CPU)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in ref.model.named_parameters():
+            if "lora_B" in name:  # peft starts B at 0, which would leave every A gradient 0
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    fast = TritonEngine(run, model_dir, CPU)
+    trained = {n for n, p in ref.model.named_parameters() if p.requires_grad}
+    missing = fast.model.load_state_dict({k: v for k, v in ref.model.state_dict().items() if k in trained},
+                                         strict=False)
+    assert not missing.unexpected_keys and trained.isdisjoint(missing.missing_keys)
+    return ref, fast
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def _assert_same_step(ref, fast, batch):
+    ref_loss, fast_loss = ref.loss_sum(batch), fast.loss_sum(batch)
+    ref_loss.backward()
+    fast_loss.backward()
+    assert _rel(fast_loss.detach(), ref_loss.detach()) < FP32_REL, (float(fast_loss), float(ref_loss))
+    fast_grads = {n: p.grad for n, p in fast.model.named_parameters() if p.requires_grad}
+    ref_grads = {n: p.grad for n, p in ref.model.named_parameters() if p.requires_grad}
+    assert fast_grads.keys() == ref_grads.keys()
+    for name, g in ref_grads.items():
+        assert g is not None and g.abs().sum() > 0, f"{name}: no reference gradient"
+        assert _rel(fast_grads[name], g) < FP32_REL, f"{name}: relative error {_rel(fast_grads[name], g):.2e}"
+
+
+CASES = {
+    # the default config's shape: embed_tokens and lm_head trained in full, checkpointing on
+    "llama": dict(lora_modules_to_save=["embed_tokens", "lm_head"], gradient_checkpointing=True),
+    "mistral": {}, "qwen2": {}, "qwen3": {}, "gemma": {}, "gemma2": {},
+}
+
+
+@pytest.mark.parametrize("arch", list(CASES))
+def test_loss_and_gradients_match_the_torch_engine(arch, tmp_path):
+    model_dir = tiny_model(arch, tmp_path / arch)
+    ref, fast = _engines(model_dir, **CASES[arch])
+    record = fast.model.tunedag_patches
+    assert record.architecture == arch
+    replaced = {new for _, new in record.modules.values()}
+    assert replaced == {"FusedLoRAAttention", "FusedLoRAMLP", "FusedRMSNorm"}
+    n_layers = CONFIGS[arch]().num_hidden_layers
+    assert sum(new == "FusedLoRAMLP" for _, new in record.modules.values()) == n_layers
+    _assert_same_step(ref, fast, packed_batch())
+
+
+def test_qlora_matches_the_torch_engine_on_dequantised_weights(tmp_path):
+    model_dir = tiny_model("llama", tmp_path / "llama")
+    ref, fast = _engines(model_dir, adapter="qlora")
+    mlp = fast.model.get_base_model().model.layers[0].mlp
+    assert isinstance(mlp._nf4["gate_proj"], NF4Weight)
+    assert mlp.gate_proj.base_layer.weight.numel() == 0  # the dense copy is gone
+    assert len(fast.model.tunedag_patches.nf4_weights) == 7 * 2
+    _assert_same_step(ref, fast, packed_batch())
+
+
+def test_packed_and_unpacked_samples_give_the_same_loss(tmp_path):
+    fast = _engines(tiny_model("qwen2", tmp_path / "m"))[1]
+    lengths = (4, 6, 5)
+    batch = packed_batch(seed=5, rows=(lengths,))
+    alone = packed_batch(seed=5, rows=tuple((n,) for n in lengths))  # same samples, one per row, padded
+    assert torch.equal(batch["input_ids"][batch["segment_ids"] > 0], alone["input_ids"][alone["segment_ids"] > 0])
+    with torch.no_grad():
+        torch.testing.assert_close(fast.loss_sum(batch), fast.loss_sum(alone), rtol=FP32_REL, atol=0)
+
+
+def test_sliding_window_matches_transformers_own_mask(tmp_path):
+    """One document longer than the window: the triton engine against HF's unpacked forward."""
+    model_dir = tiny_model("mistral", tmp_path / "m", sliding_window=4)
+    ref, fast = _engines(model_dir)
+    batch = packed_batch(seed=2, rows=((11,),))
+    with torch.no_grad():  # no attention_mask: transformers builds its own sliding-window mask
+        expected = loss_sum(ref.model(input_ids=batch["input_ids"]).logits, batch["labels"])
+        torch.testing.assert_close(fast.loss_sum(batch), expected, rtol=FP32_REL, atol=0)
+        # and the window matters here: the torch engine's packed mask (no window) differs
+        assert abs(float(ref.loss_sum(batch) - expected)) > 1e-3
+
+
+def test_training_curve_follows_the_torch_engine(tmp_path):
+    """30 AdamW steps on both engines from the same start: the loss curves agree."""
+    model_dir = tiny_model("llama", tmp_path / "m", num_hidden_layers=1)
+    ref, fast = _engines(model_dir)
+    curves = []
+    for engine in (ref, fast):
+        params = engine.trainable_parameters()
+        opt = torch.optim.AdamW(params, lr=1e-2)
+        losses = []
+        for step in range(30):
+            batch = packed_batch(seed=step % 3, rows=((3, 4),))
+            loss = engine.loss_sum(batch)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss))
+        curves.append(torch.tensor(losses))
+    assert curves[0][-3:].mean() < 0.7 * curves[0][:3].mean(), "the reference did not learn"
+    # Adam divides by sqrt(v): fp32 differences grow over steps; 1e-4 still separates any real bug
+    torch.testing.assert_close(curves[1], curves[0], rtol=1e-4, atol=0)
+
+
+def test_saved_adapter_is_peft_format(tmp_path):
+    model_dir = tiny_model("llama", tmp_path / "m")
+    ref, fast = _engines(model_dir, lora_modules_to_save=["lm_head"])
+    fast.save(tmp_path / "adapter")
+    other = TorchEngine(_run(model_dir, lora_modules_to_save=["lm_head"]), model_dir, CPU)
+    other.load_trainable(tmp_path / "adapter")
+    theirs = dict(other.model.named_parameters())
+    for name, p in fast.model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(theirs[name], p), name
+
+
+def _phi3(tmp_path):
+    from transformers import Phi3Config
+
+    Phi3Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+               num_attention_heads=4, pad_token_id=0).save_pretrained(tmp_path / "phi3")
+    return tmp_path / "phi3"
+
+
+FALLBACKS = {
+    "lora_dropout": (dict(lora_dropout=0.1), "lora_dropout 0.1 > 0"),
+    "targets": (dict(lora_target_modules=["q_proj", "v_proj"]), "not exactly the seven projections"),
+    "modules_to_save": (dict(lora_modules_to_save=["norm"]), "only ['embed_tokens', 'lm_head']"),
+    "full_finetune": (dict(adapter=None), "full fine-tune"),
+    "tied": ("gemma", "tied input/output embeddings"),
+    "architecture": ("phi3", "architecture 'phi3' has no fused path"),
+}
+
+
+@pytest.mark.parametrize("case", list(FALLBACKS))
+def test_uncovered_settings_fall_back_to_torch_with_the_reason(case, tmp_path, caplog, monkeypatch):
+    overrides, reason = FALLBACKS[case]
+    if overrides == "phi3":
+        model_dir, overrides = _phi3(tmp_path), {}
+        monkeypatch.setattr("tunedag.train.engines.TorchEngine", lambda run, path, device: "torch-engine")
+    elif overrides == "gemma":
+        model_dir, overrides = tiny_model("gemma", tmp_path / "g"), dict(lora_modules_to_save=["lm_head"])
+    else:
+        model_dir = tiny_model("llama", tmp_path / "m")
+    with caplog.at_level(logging.INFO, logger="tunedag.train.engines"):
+        engine = make_engine(_run(model_dir, **overrides), model_dir)
+    assert engine == "torch-engine" or isinstance(engine, TorchEngine)
+    assert f"using the torch engine because {reason}" in caplog.text or reason in caplog.text, caplog.text
+
+
+def test_triton_is_chosen_when_covered(tmp_path):
+    model_dir = tiny_model("llama", tmp_path / "m")
+    assert isinstance(make_engine(_run(model_dir), model_dir), TritonEngine)
+    assert isinstance(make_engine(_run(model_dir, train_engine="torch"), model_dir), TorchEngine)
+    # auto means triton only with exactly one CUDA GPU
+    auto = make_engine(_run(model_dir, train_engine="auto"), model_dir)
+    assert isinstance(auto, TritonEngine if torch.cuda.device_count() == 1 else TorchEngine)
+
+
+def test_collate_segments_flatten_to_documents():
+    from tunedag.models.packed_attention import PackedSequences
+
+    batch = packed_batch(rows=((4, 6), (5,)))
+    seq = PackedSequences.from_batch(batch["segment_ids"], batch["position_ids"], CPU)
+    assert seq.cu_seqlens.tolist() == [0, 4, 10, 15] and seq.max_len == 6
+    assert seq.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4]]
+    assert seq.keep.tolist() == [True] * 10 + [True] * 5 + [False] * 5
