@@ -169,5 +169,9 @@ def test_snakemake_slurm_profile_runs_the_dag_with_training_as_a_slurm_job(tmp_p
     assert "submitted Slurm job" in train_log and "--launcher slurm" in out
     info = json.loads((run / "train_info.json").read_text())
     assert info["steps"] == 6
-    # the other stages ran as Slurm jobs submitted by the plugin
-    assert list((work / ".snakemake/slurm_logs").glob("rule_tokenize/*.log"))
+    # the other stages ran as Slurm jobs submitted by the plugin (named by its run id)
+    import re
+    run_id = re.search(r"SLURM run ID: (\S+)", out).group(1)
+    jobs = subprocess.run(["sacct", "-X", "-n", "-P", "-S", "now-1days", "--name", run_id, "-o", "State"],
+                          capture_output=True, text=True, timeout=30).stdout.split()
+    assert len(jobs) >= 4 and set(jobs) == {"COMPLETED"}, jobs
