@@ -87,7 +87,8 @@ def test_nothing_reruns_when_nothing_changed(workdir):
 
 def test_forcerun_tokenize_reruns_it_and_what_follows(workdir):
     planned = planned_rules(snakemake(workdir, "-n", "--forcerun", "tokenize"))
-    assert planned == {"tokenize", "train", "merge", "evaluate", "export_gguf", "export_vllm", "all"}
+    assert planned == {"tokenize", "train", "merge", "evaluate", "export_gguf", "export_vllm", "report_run",
+                       "report_compare", "all"}
 
 
 def test_until_train_stops_after_training(workdir):
@@ -104,7 +105,8 @@ def test_changed_training_key_reruns_train_and_later_but_not_data_stages(workdir
            "--configfile", str(changed), "--profile", str(REPO / "profiles/local"), "-n"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert planned_rules(proc) == {"train", "merge", "evaluate", "export_gguf", "export_vllm", "all"}
+    assert planned_rules(proc) == {"train", "merge", "evaluate", "export_gguf", "export_vllm", "report_run",
+                                   "report_compare", "all"}
 
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
