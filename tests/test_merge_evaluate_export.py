@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from peft.tuners.lora import LoraModel
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from tunedag.config import DatasetConfig
@@ -14,7 +14,9 @@ from tunedag.data.shards import ShardReader
 from tunedag.data.tokenize import tokenize_run
 from tunedag.evaluate import evaluate_run, teacher_forced_metrics
 from tunedag.export.vllm import VLLMExportError, export_vllm
+from tunedag import merge_weights
 from tunedag.merge import MergeError, merge_adapter
+from tunedag.merge_weights import parse_size
 from tunedag.models.loading import load_causal_lm
 from tests.helpers import sample_rows, tiny_run, write_jsonl
 
@@ -37,7 +39,7 @@ def test_merged_model_reproduces_base_plus_adapter(tmp_path, tiny_model_dir):
     adapter = make_adapter(tiny_model_dir, tmp_path / "adapter")
     run, _ = _run(tmp_path, merge_dtype="float32")
     report = merge_adapter(run, tiny_model_dir, adapter, tmp_path / "merged")
-    assert report["relative_logit_error"] < 1e-5
+    assert report["relative_logit_error"] < 1e-5 and report["merged_tensors"] == 12
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     adapted = PeftModel.from_pretrained(load_causal_lm(tiny_model_dir), adapter)
     base = load_causal_lm(tiny_model_dir)
@@ -61,11 +63,49 @@ def test_merge_casts_to_the_requested_dtype(tmp_path, tiny_model_dir):
 def test_a_merge_that_does_not_reproduce_the_adapter_fails_and_writes_nothing(tmp_path, tiny_model_dir, monkeypatch):
     adapter = make_adapter(tiny_model_dir, tmp_path / "adapter")
     run, _ = _run(tmp_path)
-    # a broken merge: the adapter is dropped instead of folded in
-    monkeypatch.setattr(LoraModel, "merge_and_unload", lambda self, *args, **kwargs: self.unload())
+    real = merge_weights.merge_tensor
+    monkeypatch.setattr(merge_weights, "merge_tensor", lambda w, lora, scale: real(w, lora, scale / 2))
+    with pytest.raises(MergeError, match=r"merged model\.layers\.0\..*differs from base \+ adapter"):
+        merge_adapter(run, tiny_model_dir, adapter, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+    # with the per-tensor check out of the way, the end-to-end logit check still catches it
+    monkeypatch.setattr(merge_weights, "check_tensor", lambda *args: 0.0)
     with pytest.raises(MergeError, match="merged model's logits differ from base \\+ adapter"):
         merge_adapter(run, tiny_model_dir, adapter, tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("variant", [{"use_rslora": True}, {"use_dora": True}, {"modules_to_save": ["lm_head"]}])
+def test_rslora_dora_and_saved_modules_merge_like_peft(tmp_path, tiny_model_dir, variant):
+    torch.manual_seed(1)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False, **variant)
+    model = get_peft_model(load_causal_lm(tiny_model_dir), config)
+    if "modules_to_save" in variant:
+        with torch.no_grad():
+            model.base_model.model.lm_head.modules_to_save["default"].weight.mul_(1.5)
+    model.save_pretrained(tmp_path / "adapter")
+    run, _ = _run(tmp_path, merge_dtype="float32")
+    report = merge_adapter(run, tiny_model_dir, tmp_path / "adapter", tmp_path / "merged")
+    assert report["relative_logit_error"] < 1e-5 and report["max_relative_tensor_error"] < 1e-5
+
+
+def test_qlora_merge_uses_the_nf4_rounded_base(tmp_path, tiny_model_dir):
+    adapter = make_adapter(tiny_model_dir, tmp_path / "adapter")
+    run, _ = _run(tmp_path, adapter="qlora", merge_dtype="float32")
+    report = merge_adapter(run, tiny_model_dir, adapter, tmp_path / "merged")
+    assert report["relative_logit_error"] < 1e-5  # against PEFT on the NF4-rounded base
+    merged = load_file(tmp_path / "merged/model.safetensors")
+    base = load_file(tiny_model_dir / "model.safetensors")
+    untouched = "model.layers.0.self_attn.k_proj.weight"  # no adapter here, but NF4-rounded in training
+    assert not torch.equal(merged[untouched], base[untouched])
+    torch.testing.assert_close(merged[untouched], base[untouched], rtol=0, atol=0.2 * base[untouched].abs().max())
+    assert torch.equal(merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+
+
+def test_shard_sizes_parse():
+    assert parse_size("2GB") == 2_000_000_000 and parse_size("500MiB") == 500 * 2**20
+    with pytest.raises(MergeError, match="max_shard_size 'big'"):
+        parse_size("big")
 
 
 def test_missing_adapter_is_named(tmp_path, tiny_model_dir):

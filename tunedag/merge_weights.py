@@ -1,0 +1,201 @@
+"""LoRA merged into base weights one tensor at a time, straight from the safetensors files.
+
+Memory stays about one base tensor plus its adapter: the base model is never loaded whole, and
+the merged model is written shard by shard as it is produced. Each merged weight is
+W' = W + s·B·A in fp32 (s = alpha / r, or alpha / sqrt(r) for rsLoRA); with DoRA,
+W' = m / ‖W + s·B·A‖_row · (W + s·B·A). A QLoRA adapter was trained against the NF4-rounded base,
+so its base weights are quantised and dequantised the same way before the merge. Every merged
+weight is checked on random inputs against the unmerged computation x·Wᵀ + s·(x·Aᵀ)·Bᵀ.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from tunedag.errors import TunedagError
+from tunedag.kernels.nf4 import dequantize_nf4_reference
+from tunedag.models.qlora import quantize_weight
+from tunedag.models.registry import LORA_TARGETS
+
+PREFIX = "base_model.model."
+# fp32 merge vs the unmerged product, relative: rounding of the sum stays near 1e-6; a wrong
+# scale, transpose or layer shows at 1e-2 and above
+MAX_RELATIVE_ERROR = 1e-4
+
+
+class MergeError(TunedagError, RuntimeError):
+    """The adapter cannot be merged into this base, or the merge does not reproduce it."""
+
+
+@dataclass
+class LoraTensors:
+    a: torch.Tensor
+    b: torch.Tensor
+    magnitude: torch.Tensor | None  # DoRA
+
+
+def parse_size(text: str) -> int:
+    """'2GB' → 2·10⁹, '500MiB' → 500·2²⁰ (the units max_shard_size takes in transformers)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)\s*", text, re.I)
+    if not match:
+        raise MergeError(f"max_shard_size {text!r}: expected a size such as 2GB or 500MiB")
+    number, unit = float(match.group(1)), match.group(2).upper()
+    base = 1024 if "I" in unit else 1000
+    return int(number * base ** "KMG".index(unit[0]) * base)
+
+
+def read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, LoraTensors], dict[str, torch.Tensor]]:
+    """(adapter config, LoRA tensors by base weight name, full replacements by base weight name)."""
+    config_path = adapter_dir / "adapter_config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json (run the train stage)")
+    config = json.loads(config_path.read_text())
+    if config.get("alpha_pattern"):
+        raise MergeError(f"{config_path}: per-module alpha_pattern is not supported by the merge")
+    if config.get("bias", "none") != "none":
+        raise MergeError(f"{config_path}: bias={config['bias']!r} adapters are not supported by the merge")
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    replaced: dict[str, torch.Tensor] = {}
+    with safe_open(adapter_dir / "adapter_model.safetensors", framework="pt") as fh:
+        for key in fh.keys():
+            name = key.removeprefix(PREFIX)
+            match = re.fullmatch(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)", name)
+            if match:
+                parts.setdefault(f"{match.group(1)}.weight", {})[match.group(2)] = fh.get_tensor(key)
+            else:  # modules_to_save: a full copy of the module's tensor
+                replaced[name] = fh.get_tensor(key)
+    lora = {}
+    for weight, p in parts.items():
+        if "lora_A.weight" not in p or "lora_B.weight" not in p:
+            raise MergeError(f"{adapter_dir}: {weight} has only {sorted(p)} of lora_A/lora_B")
+        lora[weight] = LoraTensors(p["lora_A.weight"], p["lora_B.weight"], p.get("lora_magnitude_vector"))
+    return config, lora, replaced
+
+
+def lora_scale(config: dict, rank: int) -> float:
+    alpha = config["lora_alpha"]
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def merge_tensor(weight: torch.Tensor, lora: LoraTensors, scale: float) -> torch.Tensor:
+    """The merged weight in fp32 (weight is (out, in); A is (r, in), B is (out, r))."""
+    merged = weight.float() + scale * (lora.b.float() @ lora.a.float())
+    if lora.magnitude is not None:
+        merged = (lora.magnitude.float() / torch.linalg.norm(merged, dim=1))[:, None] * merged
+    return merged
+
+
+def check_tensor(name: str, weight: torch.Tensor, merged: torch.Tensor, lora: LoraTensors, scale: float,
+                 generator: torch.Generator) -> float:
+    """Relative error of x·W'ᵀ against the unmerged adapter computation on random inputs."""
+    x = torch.randn(8, weight.shape[1], generator=generator)
+    ref = x @ weight.float().T + scale * (x @ lora.a.float().T) @ lora.b.float().T
+    if lora.magnitude is not None:
+        norm = torch.linalg.norm(weight.float() + scale * lora.b.float() @ lora.a.float(), dim=1)
+        ref = ref * (lora.magnitude.float() / norm)
+    error = float((x @ merged.T - ref).norm() / ref.norm().clamp_min(1e-30))
+    if error > MAX_RELATIVE_ERROR:
+        raise MergeError(f"merged {name} differs from base + adapter by {error:.2e} (relative; limit "
+                         f"{MAX_RELATIVE_ERROR:.0e})")
+    return error
+
+
+def base_tensors(model_path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every base weight, one at a time, in file order."""
+    index = model_path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in model_path.glob("*.safetensors"))
+    if not files:
+        raise MergeError(f"{model_path}: no .safetensors weights")
+    for file in files:
+        with safe_open(model_path / file, framework="pt") as fh:
+            for key in fh.keys():
+                yield key, fh.get_tensor(key)
+
+
+class ShardWriter:
+    """Write tensors into model-NNNNN-of-MMMMM.safetensors files of at most ``max_bytes`` each."""
+
+    def __init__(self, out_dir: Path, max_bytes: int):
+        self.out_dir, self.max_bytes = out_dir, max_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes, self.files, self.weight_map = 0, [], {}
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self._flush()
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += size
+
+    def _flush(self) -> None:
+        path = self.out_dir / f"shard-{len(self.files):05d}.safetensors"
+        save_file(self.pending, str(path), metadata={"format": "pt"})
+        self.files.append(path)
+        self.weight_map.update({name: path.name for name in self.pending})
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self, total_bytes: int) -> None:
+        """Give shards their final names (model.safetensors when there is one) and write the index."""
+        if self.pending:
+            self._flush()
+        if len(self.files) == 1:
+            self.files[0].rename(self.out_dir / "model.safetensors")
+            return
+        names = {p.name: f"model-{i + 1:05d}-of-{len(self.files):05d}.safetensors" for i, p in enumerate(self.files)}
+        for path in self.files:
+            path.rename(self.out_dir / names[path.name])
+        index = {"metadata": {"total_size": total_bytes},
+                 "weight_map": {k: names[v] for k, v in sorted(self.weight_map.items())}}
+        (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def is_nf4_weight(name: str) -> bool:
+    """Whether QLoRA training held this base weight in NF4 (the decoder layers' projections)."""
+    module, _, leaf = name.rpartition(".")
+    return leaf == "weight" and ".layers." in f".{module}" and module.rsplit(".", 1)[-1] in LORA_TARGETS
+
+
+def nf4_round_trip(weight: torch.Tensor) -> torch.Tensor:
+    """The weight QLoRA training saw: quantised to NF4 as the engines do, dequantised."""
+    return dequantize_nf4_reference(quantize_weight(weight), torch.float32).to(weight.dtype)
+
+
+def merge_weights(model_path: Path, adapter_dir: Path, out_dir: Path, dtype: torch.dtype,
+                  max_shard_bytes: int, nf4_base: bool, seed: int = 0) -> dict[str, float]:
+    """Write the merged weights into ``out_dir``; return the worst per-tensor check error."""
+    config, lora, replaced = read_adapter(adapter_dir)
+    generator = torch.Generator().manual_seed(seed)
+    writer, total, worst, seen = ShardWriter(out_dir, max_shard_bytes), 0, 0.0, set()
+    for name, tensor in base_tensors(model_path):
+        seen.add(name)
+        if nf4_base and is_nf4_weight(name):
+            tensor = nf4_round_trip(tensor)
+        if name in lora:
+            parts = lora[name]
+            base = tensor
+            scale = lora_scale(config, parts.a.shape[0])
+            merged = merge_tensor(base, parts, scale)
+            worst = max(worst, check_tensor(name, base, merged, parts, scale, generator))
+            tensor = merged
+        elif name in replaced:
+            tensor = replaced[name]
+        tensor = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        writer.add(name, tensor)
+        total += tensor.numel() * tensor.element_size()
+    missing = (set(lora) | set(replaced)) - seen
+    if missing:
+        raise MergeError(f"{adapter_dir}: adapter tensors for weights the base at {model_path} does not have: "
+                         f"{sorted(missing)[:5]}")
+    writer.close(total)
+    return {"max_relative_tensor_error": worst, "merged_tensors": len(lora), "replaced_tensors": len(replaced)}
