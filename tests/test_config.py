@@ -119,3 +119,8 @@ def test_snakemake_exits_nonzero_on_a_bad_config(raw, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "unknown key 'lora_rank' (did you mean 'lora_r'?)" in proc.stdout + proc.stderr
+
+
+def test_full_fine_tuning_is_refused_until_the_train_stage_supports_it(raw):
+    raw["runs"]["demo"]["adapter"] = None
+    assert "runs.demo.adapter: full fine-tuning (adapter: null) is not supported" in error_of(raw)

@@ -101,7 +101,7 @@ class RunConfig:
                                                    doc="a malformed row stops the stage, or is skipped and counted")
     adapter: Optional[Literal["lora", "qlora"]] = _field(
         "lora", stages=("train", "merge"),
-        doc="lora, qlora (LoRA over a 4-bit NF4 base), or null for a full fine-tune")
+        doc="lora, or qlora (LoRA over a 4-bit NF4 base); full fine-tuning (null) is not supported yet")
     lora_r: int = _field(16, stages=("train",), doc="LoRA rank")
     lora_alpha: float = _field(32, stages=("train",), doc="LoRA scale numerator (scale = alpha / r)")
     lora_dropout: float = _field(0.0, stages=("train",), doc="dropout on the LoRA input")
@@ -285,6 +285,9 @@ def _check_run(run: RunConfig, where: str, base_dir: Path) -> None:
     """Checks that need more than a type: files that must exist, values in range."""
     if not run.datasets:
         raise ConfigError(f"{where}.datasets: at least one dataset is needed")
+    if run.adapter is None:
+        raise ConfigError(f"{where}.adapter: full fine-tuning (adapter: null) is not supported by the train "
+                          "stage yet; use adapter: lora or qlora")
     for i, ds in enumerate(run.datasets):
         key = f"{where}.datasets[{i}].path"
         if ds.path.startswith("https://") or ds.path.startswith("http://"):
