@@ -162,7 +162,8 @@ def test_snakemake_slurm_profile_runs_the_dag_with_training_as_a_slurm_job(tmp_p
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(work),
            "--configfile", str(work / "config.yaml"), "--profile", str(REPO / "profiles/slurm"),
            *SNAKEMAKE_OVERRIDES]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=480)
+    # 9 Slurm jobs, each starting Python + Snakemake: ~7 min on 2 busy cores
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     run = work / "runs/tiny"
