@@ -129,6 +129,21 @@ class RunConfig:
         "auto", stages=("train",),
         doc="training engine; auto: triton on exactly one CUDA GPU, else torch; in a Slurm job with "
             "several ranks: ddp (replicated model, summed gradients) or fsdp (FSDP2 per decoder layer)")
+    rl: Optional[Literal["dpo", "orpo", "kto", "reward"]] = _field(
+        None, stages=("train", "evaluate"),
+        doc="preference objective on dpo (dpo, orpo) or kto (kto) data; null: supervised fine-tuning; "
+            "reward (a scalar head) is not supported yet")
+    rl_beta: float = _field(0.1, stages=("train", "evaluate"),
+                            doc="dpo/kto: strength of the pull to the reference model (Axolotl's rl_beta, "
+                                "formerly dpo_beta); IPO: its tau")
+    dpo_loss_type: Literal["sigmoid", "ipo"] = _field(
+        "sigmoid", stages=("train",), doc="dpo loss: sigmoid (DPO) or ipo (squared, per-token log-ratios)")
+    dpo_label_smoothing: float = _field(0.0, stages=("train",),
+                                        doc="dpo sigmoid: assumed share of flipped labels (conservative DPO), "
+                                            "in [0, 0.5)")
+    orpo_alpha: float = _field(0.1, stages=("train",), doc="orpo: weight of the odds-ratio term beside the NLL")
+    kto_desirable_weight: float = _field(1.0, stages=("train",), doc="kto: weight of desirable samples")
+    kto_undesirable_weight: float = _field(1.0, stages=("train",), doc="kto: weight of undesirable samples")
     save_steps: int = _field(50, stages=("train",), doc="checkpoint every this many optimizer steps")
     keep_last_checkpoints: int = _field(2, stages=("train",), doc="complete checkpoints kept on disk")
     logging_steps: int = _field(1, stages=("train",), doc="steps between metric lines")
@@ -314,6 +329,22 @@ def _check_run(run: RunConfig, where: str, base_dir: Path) -> None:
     for name in positive:
         if getattr(run, name) < 1:
             raise ConfigError(f"{where}.{name}: must be at least 1, got {getattr(run, name)!r}")
+    if run.rl == "reward":
+        raise ConfigError(f"{where}.rl: reward modelling is not supported by the train stage yet; "
+                          "use rl: dpo, orpo or kto")
+    if run.rl is not None:
+        if run.rl_beta <= 0:
+            raise ConfigError(f"{where}.rl_beta: must be positive, got {run.rl_beta!r}")
+        if not 0.0 <= run.dpo_label_smoothing < 0.5:
+            raise ConfigError(f"{where}.dpo_label_smoothing: must be in [0, 0.5), got {run.dpo_label_smoothing!r}")
+        want = "kto" if run.rl == "kto" else "dpo"
+        wrong = [ds.dataset_name for ds in run.datasets if ds.type != want]
+        if wrong:
+            raise ConfigError(f"{where}.datasets: rl: {run.rl} trains on type: {want} data; "
+                              f"{', '.join(repr(w) for w in wrong)} are not")
+        if run.train_engine in ("ddp", "fsdp"):
+            raise ConfigError(f"{where}.train_engine: rl: {run.rl} runs on the torch engine (one process) only so far, "
+                              f"not {run.train_engine}")
     if run.max_steps is not None and run.max_steps < 1:
         raise ConfigError(f"{where}.max_steps: must be at least 1, got {run.max_steps!r}")
     if run.val_set_size <= 0:
