@@ -71,6 +71,8 @@ def fast_path_blocker(run: RunConfig, config: Any) -> str | None:
     spec = ARCHITECTURES.get(model_type)
     if spec is None:
         return f"architecture {model_type!r} has no fused path (covered: {', '.join(ARCHITECTURES)})"
+    if run.rl is not None:
+        return f"rl: {run.rl} (preference losses run on the torch engine; the fused loss is next-token only)"
     if run.adapter is None:
         return "a full fine-tune (adapter: null) is not on the fused path, which trains adapters"
     if run.lora_dropout > 0:

@@ -13,7 +13,8 @@ from tunedag.data.formats import IGNORE_INDEX
 
 
 def collate(rows: list[dict[str, np.ndarray]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad rows to the longest; ``segment_ids`` numbers samples from 1 (0 = padding)."""
+    """Pad rows to the longest; ``segment_ids`` numbers samples from 1 (0 = padding); preference rows
+    also carry their ``segment_labels``."""
     width = max(len(r["input_ids"]) for r in rows)
     batch = {
         "input_ids": torch.full((len(rows), width), pad_id, dtype=torch.long),
@@ -28,6 +29,12 @@ def collate(rows: list[dict[str, np.ndarray]], pad_id: int) -> dict[str, torch.T
         batch["position_ids"][b, :n] = torch.from_numpy(row["position_ids"].astype(np.int64))
         lengths = np.diff(row["cu_seqlens"])
         batch["segment_ids"][b, :n] = torch.from_numpy(np.repeat(np.arange(1, len(lengths) + 1), lengths))
+    if "segment_labels" in rows[0]:  # preference shards: (B, most segments in a row), -1 padded
+        most = max(len(r["segment_labels"]) for r in rows)
+        batch["segment_labels"] = torch.full((len(rows), most), -1, dtype=torch.long)
+        for b, row in enumerate(rows):
+            batch["segment_labels"][b, :len(row["segment_labels"])] = torch.from_numpy(
+                row["segment_labels"].astype(np.int64))
     return batch
 
 

@@ -21,6 +21,7 @@ from tunedag.config import RunConfig
 from tunedag.models.loading import load_causal_lm
 from tunedag.models.qlora import fake_quantize_
 from tunedag.train.batching import loss_sum, model_inputs
+from tunedag.train.preference import PreferenceObjective
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class TorchEngine:
                           modules_to_save=list(run.lora_modules_to_save) or None)
         self.model = get_peft_model(base, lora).to(device)
         self.model.train()
+        self.objective = PreferenceObjective(run) if run.rl else None
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -55,7 +57,10 @@ class TorchEngine:
         return contextlib.nullcontext()
 
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Summed next-token loss of one micro-batch (packed samples never see each other)."""
+        """Summed next-token loss of one micro-batch (packed samples never see each other); with ``rl``,
+        the summed preference loss of its pairs or samples (tunedag.train.preference)."""
+        if self.objective is not None:
+            return self.objective.loss_sum(self.model, batch, self.device, self.autocast)
         with self.autocast():
             logits = self.model(**model_inputs(batch, self.device, torch.float32)).logits
         return loss_sum(logits, batch["labels"])

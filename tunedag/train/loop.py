@@ -23,14 +23,20 @@ from transformers import get_scheduler
 
 from tunedag.config import RunConfig
 from tunedag.data.shards import ShardReader
+from tunedag.errors import TunedagError
 from tunedag.io import atomic_path, write_json
 from tunedag.train import checkpoint as ckpt
 from tunedag.train.batching import collate, trained_token_count
 from tunedag.train.engines import make_engine
 from tunedag.train.metrics_log import MetricsLog
+from tunedag.train.preference import check_preference_shards
 
 log = logging.getLogger(__name__)
 SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+
+
+class TrainError(TunedagError, ValueError):
+    """The shards and the run's objective do not fit together."""
 
 
 def seed_everything(seed: int) -> None:
@@ -73,7 +79,15 @@ def train(run: RunConfig, shards_dir: Path, model_path: Path, run_dir: Path) -> 
     config_hash = run.stage_hash("train")
     manifest = json.loads((shards_dir / "manifest.json").read_text())
     seed_everything(run.seed)
+    objective = manifest.get("objective", "sft")
+    if (run.rl is None) != (objective == "sft"):
+        raise TrainError(f"{shards_dir}: shards of objective {objective!r} cannot train rl: {run.rl} "
+                         "(rl: dpo and orpo need type: dpo data, kto type: kto, null supervised data)")
     engine = make_engine(run, model_path)
+    if run.rl is not None:
+        config = engine.model.config
+        check_preference_shards(shards_dir / "train", objective, {config.eos_token_id, manifest["pad_token_id"]})
+    count = engine.objective.loss_units if run.rl is not None else lambda b: trained_token_count(b["labels"])
     reader = ShardReader(shards_dir / "train")
     steps = total_steps(run, len(reader))
     params = engine.trainable_parameters()
@@ -107,7 +121,7 @@ def train(run: RunConfig, shards_dir: Path, model_path: Path, run_dir: Path) -> 
             group = [b for _, b in zip(range(run.gradient_accumulation_steps), batches)]
             if not group:
                 break
-            n_tokens = sum(trained_token_count(batch["labels"]) for batch, _, _ in group)
+            n_tokens = sum(count(batch) for batch, _, _ in group)  # trained tokens, or pairs/samples for rl
             loss_total = 0.0
             for batch, _, _ in group:
                 loss = engine.loss_sum(batch) / max(n_tokens, 1)
