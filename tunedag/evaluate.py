@@ -4,7 +4,9 @@ Two kinds of evidence: teacher-forced metrics on the packed validation shards (m
 perplexity = exp(loss), next-token accuracy on trained tokens, with the same sample-boundary
 masking as training) and the task itself: answers generated for held-out prompts (rendered in
 the run's own prompt format), greedy and sampled, scored against the reference answers by
-exact match, token F1 and ROUGE-L. lm-evaluation-harness tasks run when the package and the
+exact match, token F1 and ROUGE-L. With ``rl: dpo`` or ``orpo``, the validation pairs are scored too:
+preference accuracy and log-prob margin of each model, and the fine-tuned model's DPO rewards
+(accuracy, margin) with the base as reference. lm-evaluation-harness tasks run when the package and the
 tasks' data are available locally; otherwise metrics.json says why they did not.
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ from tunedag.io import atomic_path
 from tunedag.models.loading import load_causal_lm, load_tokenizer
 from tunedag.text_metrics import score_answers
 from tunedag.train.batching import collate, loss_sum, model_inputs
+from tunedag.train.preference import pair_logps, preference_metrics
 
 EVAL_BATCH_ROWS = 8
 
@@ -94,6 +97,7 @@ def evaluate_run(run: RunConfig, base_path: Path, merged_path: Path, shards_dir:
     answers: dict[str, list[str]] = {}
     references = [p["reference"] for p in prompts]
     sampling = {"temperature": run.eval_temperature, "top_p": run.eval_top_p}
+    pairs: dict[str, torch.Tensor] = {}
     for label, path in (("base", base_path), ("finetuned", merged_path)):
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         model = load_causal_lm(path, dtype, run.trust_remote_code).to(device).eval()
@@ -107,6 +111,10 @@ def evaluate_run(run: RunConfig, base_path: Path, merged_path: Path, shards_dir:
             result["sampled"] = score_answers(answers[f"{label}_sampled"], references)
         if run.lm_eval_tasks:
             result["lm_eval"] = lm_eval_tasks(path, run.lm_eval_tasks, device)
+        if run.rl in ("dpo", "orpo"):  # the base is the reference of the fine-tuned model's rewards
+            pairs[label] = pair_logps(model, shards_dir / "val", manifest["pad_token_id"])
+            result["preference"] = preference_metrics(pairs[label], pairs.get("base") if label != "base" else None,
+                                                      run.rl_beta)
         metrics[label] = result
         del model
     metrics["improvement"] = {k: metrics["finetuned"][k] - metrics["base"][k]
