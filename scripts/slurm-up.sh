@@ -105,7 +105,7 @@ for _ in $(seq 1 150); do
   [ "$(sinfo -h -n "$H" -o %t 2>/dev/null)" = idle ] && break; sleep 0.2
 done
 sinfo
-[ "$(sinfo -h -n "$H" -o %t)" = idle ] || { echo "node not idle" >&2; tail -20 /var/log/slurm/slurmctld.log /var/log/slurm/slurmd.log >&2; exit 1; }
+[ "$(sinfo -h -n "$H" -o %t)" = idle ] || { echo "node not idle" >&2; tail -n 20 /var/log/slurm/slurmctld.log /var/log/slurm/slurmd.log >&2; exit 1; }
 if [ "$WITH_DBD" = 1 ]; then
   for _ in $(seq 1 100); do sacctmgr -n show cluster format=cluster 2>/dev/null | grep -q localclus && break; sleep 0.2; done
   sacct -n -X >/dev/null
