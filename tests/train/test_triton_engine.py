@@ -161,7 +161,6 @@ FALLBACKS = {
     "lora_dropout": (dict(lora_dropout=0.1), "lora_dropout 0.1 > 0"),
     "targets": (dict(lora_target_modules=["q_proj", "v_proj"]), "not exactly the seven projections"),
     "modules_to_save": (dict(lora_modules_to_save=["norm"]), "only ['embed_tokens', 'lm_head']"),
-    "full_finetune": (dict(adapter=None), "full fine-tune"),
     "tied": ("gemma", "tied input/output embeddings"),
     "architecture": ("phi3", "architecture 'phi3' has no fused path"),
 }

@@ -73,8 +73,6 @@ def fast_path_blocker(run: RunConfig, config: Any) -> str | None:
         return f"architecture {model_type!r} has no fused path (covered: {', '.join(ARCHITECTURES)})"
     if run.rl is not None:
         return f"rl: {run.rl} (preference losses run on the torch engine; the fused loss is next-token only)"
-    if run.adapter is None:
-        return "a full fine-tune (adapter: null) is not on the fused path, which trains adapters"
     if run.lora_dropout > 0:
         return f"lora_dropout {run.lora_dropout} > 0 (the fused LoRA kernels apply no dropout)"
     if sorted(run.lora_target_modules) != sorted(LORA_TARGETS):
