@@ -18,10 +18,8 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from .swiglu import _check, _rows
+from .swiglu import BLOCK, NUM_WARPS, _check, _rows, launch_gated_backward
 
-BLOCK = 1024  # as swiglu.BLOCK
-NUM_WARPS = 4
 
 _APPROXIMATIONS = {"none": 0, "tanh": 1}
 
@@ -93,24 +91,7 @@ def geglu_backward(
     dc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, approximate: str = "none", in_place: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the backward; returns ``(da, db)``, written over ``a`` and ``b`` when ``in_place``."""
-    tanh = _tanh_flag(approximate)
-    a2, b2, dc2 = _rows(a), _rows(b), _rows(dc)
-    n_rows, n_cols = a2.shape
-    in_place = in_place and a2.data_ptr() == a.data_ptr() and b2.data_ptr() == b.data_ptr()
-    in_place = in_place and a.data_ptr() != b.data_ptr()
-    da2, db2 = (a2, b2) if in_place else (torch.empty_like(a2), torch.empty_like(b2))
-    grid = (n_rows, triton.cdiv(n_cols, BLOCK))
-    _geglu_backward_kernel[grid](
-        da2, da2.stride(0), db2, db2.stride(0), dc2, dc2.stride(0), a2, a2.stride(0), b2, b2.stride(0),
-        n_cols, TANH=tanh, BLOCK=BLOCK, num_warps=NUM_WARPS,
-    )
-    if in_place:
-        torch.autograd.graph.increment_version(a)
-        torch.autograd.graph.increment_version(b)
-        # Detached aliases: a gradient must not carry the autograd view history of the
-        # activation whose memory it took (a chunk of a fused gate-up output, say).
-        return a.detach(), b.detach()
-    return da2.view(a.shape), db2.view(b.shape)
+    return launch_gated_backward(_geglu_backward_kernel, dc, a, b, in_place, TANH=_tanh_flag(approximate))
 
 
 class TunedagGEGLUFunction(torch.autograd.Function):

@@ -81,10 +81,12 @@ def swiglu_forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return c.view(a.shape)
 
 
-def swiglu_backward(
-    dc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, in_place: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the backward; returns ``(da, db)``, written over ``a`` and ``b`` when ``in_place``."""
+def launch_gated_backward(kernel, dc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, in_place: bool,
+                          **constexprs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run a gated activation's backward ``kernel``; ``(da, db)`` written over ``a``, ``b`` when ``in_place``.
+
+    Shared by SwiGLU and GeGLU, whose backward kernels take the same arguments.
+    """
     a2, b2, dc2 = _rows(a), _rows(b), _rows(dc)
     n_rows, n_cols = a2.shape
     # In place only where a and b are distinct buffers that _rows did not copy.
@@ -92,9 +94,9 @@ def swiglu_backward(
     in_place = in_place and a.data_ptr() != b.data_ptr()
     da2, db2 = (a2, b2) if in_place else (torch.empty_like(a2), torch.empty_like(b2))
     grid = (n_rows, triton.cdiv(n_cols, BLOCK))
-    _swiglu_backward_kernel[grid](
+    kernel[grid](
         da2, da2.stride(0), db2, db2.stride(0), dc2, dc2.stride(0), a2, a2.stride(0), b2, b2.stride(0),
-        n_cols, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        n_cols, BLOCK=BLOCK, num_warps=NUM_WARPS, **constexprs,
     )
     if in_place:
         torch.autograd.graph.increment_version(a)
@@ -103,6 +105,13 @@ def swiglu_backward(
         # activation whose memory it took (a chunk of a fused gate-up output, say).
         return a.detach(), b.detach()
     return da2.view(a.shape), db2.view(b.shape)
+
+
+def swiglu_backward(
+    dc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, in_place: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the backward; returns ``(da, db)``, written over ``a`` and ``b`` when ``in_place``."""
+    return launch_gated_backward(_swiglu_backward_kernel, dc, a, b, in_place)
 
 
 class TunedagSwiGLUFunction(torch.autograd.Function):
