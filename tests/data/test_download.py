@@ -58,6 +58,23 @@ def test_bad_lines_are_set_aside_with_their_line_and_field(tmp_path):
     assert record["rows"] == 3 and record["bad_rows"] == 3
 
 
+def test_a_type_that_changes_between_batches_sets_only_those_rows_aside(tmp_path, monkeypatch):
+    """Batches are typed one at a time: a field that is a string in most batches and a number in
+    one loses only that batch's rows (listed with their lines), and int/float batches promote."""
+    monkeypatch.setattr("tunedag.data.download.BATCH_ROWS", 3)
+    outputs = ["a", "b", "c", 1, 2, None, "d", "e", "f"]
+    scores = [1, 2, 3, 0.5, 1.5, 2.5, 4, 5, 6]
+    src = write_jsonl(tmp_path / "d.jsonl", [{"output": o, "score": s} for o, s in zip(outputs, scores)])
+    record = download_dataset(DatasetConfig(path=str(src)), tmp_path / "raw")
+    got = read_rows(tmp_path / "raw")
+    assert [r["output"] for r in got] == ["a", "b", "c", None, "d", "e", "f"]
+    assert [r["score"] for r in got] == [1.0, 2.0, 3.0, 2.5, 4.0, 5.0, 6.0]
+    bad = [json.loads(l) for l in (tmp_path / "raw/bad_rows.jsonl").read_text().splitlines()]
+    assert [(b["row"], b["where"], b["field"]) for b in bad] == [(3, "line 4", "output"), (4, "line 5", "output")]
+    assert bad[0]["error"] == "field 'output' is int64, most rows have string"
+    assert record["rows"] == 7 and record["bad_rows"] == 2
+
+
 def test_a_file_of_only_bad_rows_is_an_error(tmp_path):
     src = tmp_path / "d.jsonl"
     src.write_text('{"instruction": oops}\n')

@@ -82,10 +82,13 @@ def _shape(value: Any) -> str:
     return "number" if isinstance(value, (int, float)) and not isinstance(value, bool) else type(value).__name__
 
 
-def _rows_table(path: Path, batch: list[tuple[int, str, dict[str, Any]]], bad: list[dict[str, Any]]) -> pa.Table | None:
+Batch = tuple[pa.Table, list[tuple[int, str]] | None]  # a table and each row's (number, where) if known
+
+
+def _rows_table(path: Path, batch: list[tuple[int, str, dict[str, Any]]], bad: list[dict[str, Any]]) -> Batch | None:
     """One Arrow table from JSON rows; rows whose field type disagrees with most rows go to ``bad``."""
     try:
-        return pa.Table.from_pylist([row for _, _, row in batch])
+        return pa.Table.from_pylist([row for _, _, row in batch]), [(n, where) for n, where, _ in batch]
     except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
         failure = err
     odd: dict[int, dict[str, Any]] = {}
@@ -111,22 +114,22 @@ def _rows_table(path: Path, batch: list[tuple[int, str, dict[str, Any]]], bad: l
     if not odd:
         raise DataSourceError(f"{path}: rows cannot be stored as a table: {failure}") from failure
     bad.extend(odd.values())
-    rest = [row for k, (_, _, row) in enumerate(batch) if k not in odd]
+    rest = [item for k, item in enumerate(batch) if k not in odd]
     try:
-        return pa.Table.from_pylist(rest) if rest else None
+        return (pa.Table.from_pylist([row for _, _, row in rest]), [(n, where) for n, where, _ in rest]) if rest else None
     except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
         raise DataSourceError(f"{path}: rows cannot be stored as a table: {err}") from err
 
 
-def _batches(path: Path, bad: list[dict[str, Any]]) -> Iterator[pa.Table]:
+def _batches(path: Path, bad: list[dict[str, Any]]) -> Iterator[Batch]:
     """Stream a local file as Arrow tables of at most BATCH_ROWS rows (bad rows set aside)."""
     if path.suffix == ".parquet":
         for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS):
-            yield pa.Table.from_batches([batch])
+            yield pa.Table.from_batches([batch]), None
     elif path.suffix == ".csv":
         reader = pyarrow.csv.open_csv(path)
         for batch in reader:
-            yield pa.Table.from_batches([batch])
+            yield pa.Table.from_batches([batch]), None
     else:
         rows: list[tuple[int, str, dict[str, Any]]] = []
         for item in _json_rows(path, bad):
@@ -139,27 +142,71 @@ def _batches(path: Path, bad: list[dict[str, Any]]) -> Iterator[pa.Table]:
             yield table
 
 
+def _settle_schema(schemas: list[tuple[pa.Schema, int]]) -> tuple[pa.Schema, dict[str, set[pa.DataType]]]:
+    """One schema for all batches, and per field the types it refuses.
+
+    Batches are typed one at a time, so a field can be a string in one and a number in another.
+    Each field takes the type held by the most rows, widened by every type that promotes with it
+    (int with float); the rows of a batch whose type does not promote are set aside as bad rows.
+    """
+    try:
+        return pa.unify_schemas([s for s, _ in schemas], promote_options="permissive"), {}
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        pass
+    fields, refused = [], {}
+    for name in dict.fromkeys(n for s, _ in schemas for n in s.names):
+        rows: dict[pa.DataType, int] = {}
+        for s, n in schemas:
+            if name in s.names and s.field(name).type != pa.null():
+                rows[s.field(name).type] = rows.get(s.field(name).type, 0) + n
+        kept = pa.schema([pa.field(name, pa.null())])
+        for kind in sorted(rows, key=rows.get, reverse=True):
+            try:
+                kept = pa.unify_schemas([kept, pa.schema([pa.field(name, kind)])], promote_options="permissive")
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                refused.setdefault(name, set()).add(kind)
+        fields.append(kept.field(name))
+    return pa.schema(fields), refused
+
+
+def _set_aside(path: Path, batch: Batch, schema: pa.Schema, refused: dict[str, set[pa.DataType]],
+               bad: list[dict[str, Any]]) -> pa.Table:
+    """``batch`` without the rows whose field has a refused type (listed in ``bad``)."""
+    table, where = batch
+    for name, kinds in refused.items():
+        if name not in table.column_names or table.schema.field(name).type not in kinds:
+            continue
+        if where is None:
+            raise DataSourceError(f"{path}: field {name!r} is {table.schema.field(name).type} in some rows, "
+                                  f"{schema.field(name).type} in others")
+        has = table.column(name).is_valid().to_pylist()
+        error = f"field {name!r} is {table.schema.field(name).type}, most rows have {schema.field(name).type}"
+        bad.extend({"row": n, "where": w, "field": name, "error": error} for (n, w), h in zip(where, has) if h)
+        keep = [not h for h in has]
+        table = table.filter(pa.array(keep)).drop_columns([name])
+        where = [w for w, k in zip(where, keep) if k]
+    return table
+
+
 def convert_to_parquet(path: Path, dest: Path) -> int:
     """Write ``path`` as one Parquet file at ``dest``; return the row count.
 
-    Two streaming passes: the first unifies the schema of all batches (a field missing from
-    early rows still gets its column), the second writes; memory stays one batch.
+    Two streaming passes: the first settles one schema for all batches (a field missing from
+    early rows still gets its column; see _settle_schema), the second writes; memory stays one batch.
     """
     if path.suffix not in LOCAL_SUFFIXES:
         raise DataSourceError(f"{path}: unsupported file type {path.suffix!r}; "
                               f"use one of {', '.join(LOCAL_SUFFIXES)}")
     bad: list[dict[str, Any]] = []
-    schemas = [t.schema for t in _batches(path, bad)]
+    schemas = [(table.schema, len(table)) for table, _ in _batches(path, bad)]
     if not schemas:
         first = f"; first bad row: {bad[0]['where']}: {bad[0]['error']}" if bad else ""
         raise DataSourceError(f"{path}: no rows{first}")
-    try:
-        schema = pa.unify_schemas(schemas, promote_options="permissive")
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
-        raise DataSourceError(f"{path}: rows disagree on field types: {err}") from err
+    schema, refused = _settle_schema(schemas)
     rows = 0
     with atomic_path(dest) as tmp, pq.ParquetWriter(tmp, schema) as writer:
-        for table in _batches(path, []):
+        for batch in _batches(path, []):
+            table = _set_aside(path, batch, schema, refused, bad)
             for name in schema.names:
                 if name not in table.column_names:
                     table = table.append_column(name, pa.nulls(len(table), schema.field(name).type))
