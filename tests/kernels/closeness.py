@@ -1,4 +1,4 @@
-"""Comparison helpers for the RMSNorm, RoPE, SwiGLU and GeGLU kernel tests (CPU and CUDA).
+"""Comparison helpers for the kernel tests (CPU and CUDA).
 
 Every check is two-sided and NaN never passes: the relative error of the whole tensor,
 ``||out - ref|| / ||ref||``, must be under ``rel``, and every element must satisfy
@@ -122,3 +122,31 @@ def check_gated_activation(fn, reference, shape, dtype, device, layout, scale=2.
     assert_matches(c, c_ref, tol, "c")
     for i, (got, want) in enumerate(zip(grads, grads_ref)):
         assert_matches(got, want, tol, f"grad {i}")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``||a - b|| / ||b||`` in float64; non-finite values on either side fail."""
+    assert torch.isfinite(a).all(), "non-finite values in the kernel's output"
+    assert torch.isfinite(b).all(), "non-finite values in the reference"
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def leaf32(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A float32 leaf copy of a (possibly bf16) input, for the float32 reference."""
+    return None if t is None else t.detach().float().requires_grad_()
+
+
+def check_mlp_matches_hf(ours: torch.nn.Module, hf: torch.nn.Module, hidden: int) -> None:
+    """``ours`` (with ``hf``'s weights) gives HF's MLP output and the gradients of input and weights."""
+    hf, ours = hf.to(DEVICE), ours.to(DEVICE)
+    ours.load_state_dict(hf.state_dict())
+    x = rand((2, 5, hidden), torch.float32, DEVICE, requires_grad=True)
+    x_hf = x.detach().clone().requires_grad_()
+    g = torch.randn(2, 5, hidden, device=DEVICE)
+    y, y_hf = ours(x), hf(x_hf)
+    assert_matches(y, y_hf, FP32, "MLP output")
+    y.backward(g)
+    y_hf.backward(g)
+    assert_matches(x.grad, x_hf.grad, FP32, "dx")
+    for (name, p), p_hf in zip(ours.named_parameters(), hf.parameters()):
+        assert_matches(p.grad, p_hf.grad, FP32, f"d {name}")

@@ -2,14 +2,10 @@
 import pytest
 import torch
 
+from closeness import leaf32, rel
+
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 NAMES = ("x", "gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert torch.isfinite(a).all(), "non-finite values in the kernel's output"
-    assert torch.isfinite(b).all(), "non-finite values in the reference"
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def make(n, h, i, r, dtype, ab_dtype=None, seed=0):
@@ -39,10 +35,6 @@ def forward_backward(fn, x, ws, ab, scaling, activation, seed=1):
     dy = torch.randn(y.shape, generator=g).to(y.device, y.dtype)
     y.backward(dy)
     return y.detach(), [t.grad.detach().clone() for t in [x, *ab]]
-
-
-def leaf32(t):
-    return t.detach().float().requires_grad_()
 
 
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])

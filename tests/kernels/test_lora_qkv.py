@@ -2,14 +2,10 @@
 import pytest
 import torch
 
+from closeness import leaf32, rel
+
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 NAMES = ("x", "q_a", "q_b", "k_a", "k_b", "v_a", "v_b")
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert torch.isfinite(a).all(), "non-finite values in the kernel's output"
-    assert torch.isfinite(b).all(), "non-finite values in the reference"
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def make(n, h, outs, r, dtype, ab_dtype=None, seed=0):
@@ -44,10 +40,6 @@ def fwd_bwd_o(fn, x, w, a, b, scaling, seed=2):
     g = torch.Generator().manual_seed(seed)
     out.backward(torch.randn(out.shape, generator=g).to(out.device, out.dtype))
     return out.detach(), [t.grad.detach().clone() for t in (x, a, b)]
-
-
-def leaf32(t):
-    return t.detach().float().requires_grad_()
 
 
 @pytest.mark.parametrize("n,h,outs,r", [(13, 32, (32, 16, 16), 4), (1, 24, (24, 8, 8), 2)])

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from closeness import DEVICE, FP32, assert_matches, check_gated_activation, rand
+from closeness import DEVICE, FP32, assert_matches, check_gated_activation, check_mlp_matches_hf, rand
 
 SHAPES = [(1, 1, 37), (3, 5, 1100)]  # one row, odd width; several rows, a partial 1024-column block
 
@@ -53,15 +53,4 @@ def test_module_matches_llama_mlp():
 
     config = LlamaConfig(hidden_size=24, intermediate_size=70, num_attention_heads=4, hidden_act="silu")
     hf, ours = LlamaMLP(config), TunedagSwiGLUMLP(config)
-    hf, ours = hf.to(DEVICE), ours.to(DEVICE)
-    ours.load_state_dict(hf.state_dict())
-    x = rand((2, 5, 24), torch.float32, DEVICE, requires_grad=True)
-    x_hf = x.detach().clone().requires_grad_()
-    g = torch.randn(2, 5, 24, device=DEVICE)
-    y, y_hf = ours(x), hf(x_hf)
-    assert_matches(y, y_hf, FP32, "MLP output")
-    y.backward(g)
-    y_hf.backward(g)
-    assert_matches(x.grad, x_hf.grad, FP32, "dx")
-    for (name, p), p_hf in zip(ours.named_parameters(), hf.parameters()):
-        assert_matches(p.grad, p_hf.grad, FP32, f"d {name}")
+    check_mlp_matches_hf(ours, hf, 24)
