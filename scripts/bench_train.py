@@ -14,8 +14,29 @@ Model FLOPs per trained token (stated, not measured; recomputation is not counte
                      c = (S + 1) / 2 is the mean causal context of an S-token document)
 8B at S = 4096: 33.5 GFLOP/token. MFU = tokens/s * FLOP/token / 989.5e12 (H200 dense bf16 peak).
 
+DPO (``--plan dpo``; ``--batch`` counts pairs, ``--seq`` is one sequence, prompt + response): a step is
+the policy forward + backward and the reference forward (LoRA adapters disabled, no gradients) over
+chosen and rejected, sigmoid loss, beta 0.1, and the optimizer step. Variants:
+  trl_dpo             TRL's DPOTrainer, defaults (gradient checkpointing, bf16, TRL's fused log-prob head)
+                      except max_length = --seq; driven through its own training_step on a batch from its
+                      own collator (trainer.train() needs a dataset pipeline, whose time is not measured).
+  trl_dpo_liger       the same with use_liger_kernel=True (Liger's RMSNorm / RoPE / SwiGLU; TRL keeps its
+                      own fused head).
+  trl_liger_dpo_loss  HF + peft + Liger kernels with Liger's LigerFusedLinearDPOLoss on the backbone's
+                      hidden states, as TRL's use_liger_loss path computed it (policy and reference).
+  ours_dpo            tunedag with rl: dpo as it runs today on one GPU: the torch engine (the triton engine
+                      refuses rl) with PreferenceObjective: fp32 base under bf16 autocast, one packed row per
+                      pair, chunked response log-probs.
+  ours_dpo_triton     prototype, not wired into any engine: the triton engine's decoder (packed varlen
+                      attention, fused LoRA kernels) + PreferenceObjective's chunked log-probs and DPO loss;
+                      the reference pass zeroes lora_B under no_grad (the fused kernels ignore peft's
+                      disable_adapter), so it still pays for the LoRA matmuls.
+  logp_path           the log-prob + DPO-loss path alone on random hidden states (policy with gradient,
+                      reference without): materialised logits vs TRL's kernel vs Liger vs ours.
+
 Usage: python scripts/bench_train.py --out bench.jsonl [--budget-s 330] [--plan default]
        python scripts/bench_train.py --variant ours_lora --shape 8b --batch 4   (one measurement)
+       python scripts/bench_train.py --plan dpo --out dpo.jsonl --budget-s 390   (DPO rows, 8b, 2 pairs)
 """
 from __future__ import annotations
 
@@ -26,13 +47,23 @@ import subprocess
 import sys
 import time
 
+# scripts/tokenize.py would shadow the standard library's tokenize: run from the repository root instead
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
+
 SEQ = 4096
+DPO_SEQ, DPO_PROMPT, DPO_BETA = 2048, 512, 0.1
+DPO_VARIANTS = ("trl_dpo", "trl_dpo_liger", "trl_liger_dpo_loss", "ours_dpo", "ours_dpo_triton", "logp_path")
 PEAK_FLOPS = 989.5e12
 SHAPES = {
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8, tie_word_embeddings=True, head_dim=64),
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, tie_word_embeddings=False, head_dim=128),
+    # smoke tests only
+    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, tie_word_embeddings=False, head_dim=64),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PLANS = {
@@ -40,6 +71,8 @@ PLANS = {
                 ("hf_bnb_qlora", "8b", 4), ("ours_lora_offload", "8b", 4), ("ours_lora", "8b", 1),
                 ("hf_peft", "8b", 1), ("ours_lora", "1b", 4), ("hf_peft", "1b", 4), ("hf_peft_liger", "1b", 4),
                 ("ours_lora", "1b", 8), ("ours_qlora_long", "8b", 1)],
+    "dpo": [("trl_dpo", "8b", 2), ("ours_dpo_triton", "8b", 2), ("ours_dpo", "8b", 2), ("trl_dpo_liger", "8b", 2),
+            ("trl_liger_dpo_loss", "8b", 2), ("logp_path", "8b", 2)],
 }
 
 
@@ -170,6 +203,328 @@ def measure(variant: str, shape: str, batch: int, seq: int, steps: int = 3) -> d
             "trainable": sum(p.numel() for p in params)}
 
 
+# --------------------------------------------------------------------------- DPO
+
+
+def make_pairs(pairs: int, seq: int, prompt: int, seed: int = 0) -> list[dict]:
+    """Token-level preference pairs: a shared prompt, chosen and rejected responses of seq - prompt tokens."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(3, 128256, (n,), generator=g).tolist()  # noqa: E731
+    return [{"prompt_ids": ids(prompt), "chosen_ids": ids(seq - prompt), "rejected_ids": ids(seq - prompt)}
+            for _ in range(pairs)]
+
+
+def packed_pairs(examples: list[dict]) -> dict:
+    """tunedag's packed preference batch: one row per pair, [prompt + chosen, prompt + rejected], prompts masked."""
+    import torch
+
+    rows = []
+    for ex in examples:
+        segs = [ex["prompt_ids"] + ex["chosen_ids"], ex["prompt_ids"] + ex["rejected_ids"]]
+        rows.append(dict(ids=sum(segs, []), labels=sum(([-100] * len(ex["prompt_ids"]) + s[len(ex["prompt_ids"]):]
+                                                        for s in segs), []),
+                         pos=sum((list(range(len(s))) for s in segs), []),
+                         seg=sum(([k + 1] * len(s) for k, s in enumerate(segs)), [])))
+    t = lambda key: torch.tensor([r[key] for r in rows], dtype=torch.long)  # noqa: E731
+    return {"input_ids": t("ids"), "labels": t("labels"), "position_ids": t("pos"), "segment_ids": t("seg"),
+            "segment_labels": torch.tensor([[1, 0]] * len(rows), dtype=torch.long)}
+
+
+def _random_base(shape: str, dtype, device: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(llama_config(shape), dtype=dtype)
+
+
+def _lora_config():
+    from peft import LoraConfig
+
+    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, bias="none",
+                      task_type="CAUSAL_LM")
+
+
+def build_trl_dpo(shape: str, variant: str, examples: list[dict], device: str):
+    """TRL's DPOTrainer (defaults; max_length = the sequence length), one step = its own training_step."""
+    import tempfile
+
+    import torch
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from trl import DPOConfig, DPOTrainer
+
+    # TRL tokenizes its dataset at construction: a word-level tokenizer built here stands in for a hub one
+    word = Tokenizer(models.WordLevel({"<pad>": 0, "<eos>": 1, "a": 2}, unk_token="a"))
+    word.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=word, eos_token="<eos>", pad_token="<pad>")
+    data = Dataset.from_dict({"prompt": ["a a"], "chosen": [" a"], "rejected": [" a a"]})
+    seq = len(examples[0]["prompt_ids"]) + len(examples[0]["chosen_ids"])
+    args = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=len(examples), max_length=seq,
+                     report_to="none", bf16=device == "cuda", use_liger_kernel="liger" in variant,
+                     use_cpu=device == "cpu")
+    base = _random_base(shape, torch.bfloat16 if device == "cuda" else torch.float32, device)
+    trainer = DPOTrainer(model=base, args=args, train_dataset=data, processing_class=tok, peft_config=_lora_config())
+    # what trainer.train() does before its first step: Liger's kernels, checkpointing, accelerate's autocast
+    if args.use_liger_kernel:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        _apply_liger_kernel_to_instance(model=trainer.model.get_base_model(), **(args.liger_kernel_config or {}))
+    if args.gradient_checkpointing:
+        kwargs = args.gradient_checkpointing_kwargs or {"use_reentrant": False}
+        trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        trainer.model.enable_input_require_grads()
+    model = trainer.accelerator.prepare(trainer.model)
+    trainer.model_wrapped = model
+    if not hasattr(trainer, "current_gradient_accumulation_steps"):
+        trainer.current_gradient_accumulation_steps = 1
+    inputs = trainer.data_collator(examples)  # [chosen..., rejected...], right-padded
+
+    def step():
+        return trainer.training_step(model, inputs)
+
+    return trainer.model, step, {"trl_max_length": args.max_length, "trl_grad_ckpt": bool(args.gradient_checkpointing),
+                                 "trl_precompute_ref": bool(args.precompute_ref_log_probs)}
+
+
+def build_liger_dpo_loss(shape: str, examples: list[dict], device: str):
+    """HF + peft + Liger kernels, loss = LigerFusedLinearDPOLoss on hidden states (TRL's former use_liger_loss)."""
+    import torch
+    from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    from peft import get_peft_model
+
+    base = _random_base(shape, torch.bfloat16, device)
+    _apply_liger_kernel_to_instance(model=base, fused_linear_cross_entropy=False, cross_entropy=False)
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.enable_input_require_grads()
+    model = get_peft_model(base, _lora_config())
+    model.train()
+    loss_fn = LigerFusedLinearDPOLoss(ignore_index=-100, beta=DPO_BETA, use_ref_model=True, loss_type="sigmoid")
+    ids = torch.tensor([e["prompt_ids"] + e["chosen_ids"] for e in examples]
+                       + [e["prompt_ids"] + e["rejected_ids"] for e in examples], device=device)
+    labels = ids.clone()
+    labels[:, :len(examples[0]["prompt_ids"])] = -100
+    decoder, head = model.get_base_model().model, model.get_base_model().lm_head
+
+    def step():
+        with torch.autocast(device, dtype=torch.bfloat16):
+            hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
+            with torch.no_grad(), model.disable_adapter():
+                ref = decoder(input_ids=ids, use_cache=False).last_hidden_state
+            out = loss_fn(head.weight, hidden[:, :-1], labels[:, 1:], ref_input=ref[:, :-1], ref_weight=head.weight)
+        loss = out[0] if isinstance(out, tuple) else out
+        loss.backward()
+        return loss.detach()
+
+    return model, step, {}
+
+
+def build_ours_dpo(shape: str, variant: str, examples: list[dict], device: str):
+    import torch
+
+    from tunedag.config import RunConfig
+    from tunedag.train import engines
+    from tunedag.train.preference import PreferenceObjective
+
+    batch = packed_pairs(examples)
+    pairs = len(examples)
+    if variant == "ours_dpo":  # what make_engine builds for rl: dpo: the torch engine
+        run = RunConfig(base_model="bench", datasets=[], lora_r=16, lora_alpha=32, lora_dropout=0.0, rl="dpo",
+                        rl_beta=DPO_BETA, gradient_checkpointing=True, train_engine="torch")
+        base = _random_base(shape, torch.float32, device)
+        loader, engines.load_causal_lm = engines.load_causal_lm, lambda *a, **k: base
+        try:
+            engine = engines.TorchEngine(run, None, torch.device(device))
+        finally:
+            engines.load_causal_lm = loader
+        assert isinstance(engine.objective, PreferenceObjective)
+
+        def step():
+            loss = engine.loss_sum(batch) / engine.objective.loss_units(batch)
+            loss.backward()
+            return loss.detach()
+
+        return engine.model, step, {}
+
+    # ours_dpo_triton: prototype (see the module docstring)
+    from tunedag.train.layer_checkpoint import run_layers
+    from tunedag.models.packed_attention import PackedSequences
+    from tunedag.train import preference
+    from tunedag.train.preference import dpo_losses, token_logps
+    from tunedag.train.triton_engine import TritonEngine, _active
+
+    run = RunConfig(base_model="bench", datasets=[], lora_r=16, lora_alpha=32, gradient_checkpointing=True,
+                    train_engine="triton")
+    engine = TritonEngine(run, None, torch.device(device), base=_random_base(shape, torch.bfloat16, device))
+    torch.cuda.empty_cache()
+    dev = torch.device(device)
+    seq = PackedSequences.from_batch(batch["segment_ids"], batch["position_ids"], dev)
+    keep = batch["segment_ids"].reshape(-1) > 0
+    targets = torch.full_like(batch["labels"], -100)
+    targets[:, :-1] = batch["labels"][:, 1:]
+    index, _ = (getattr(preference, "segment_index", None) or preference._segment_index)(batch)
+    where = torch.full_like(index, -1)
+    where[:, :-1] = index[:, 1:]  # position t is scored on token t + 1: its segment
+    ids = batch["input_ids"].reshape(-1)[keep][None].to(dev)
+    targets = targets.reshape(-1)[keep].to(dev)
+    trained = targets != -100
+    targets, where = targets[trained], where.reshape(-1)[keep].to(dev)[trained]
+    head = _active(engine.causal_lm.lm_head)
+    lora_b = [p for n, p in engine.model.named_parameters() if "lora_B" in n]
+
+    def logps():
+        hidden = engine._embed(ids)
+        cos_sin = engine.decoder.rotary_emb(hidden, seq.position_ids)
+
+        def call(layer, h):
+            out = layer(h, attention_mask=seq, position_ids=seq.position_ids, position_embeddings=cos_sin)
+            return out[0] if isinstance(out, tuple) else out
+
+        hidden = engine.decoder.norm(run_layers(engine.decoder.layers, hidden, call, engine.checkpointing))[0]
+        lp = token_logps(hidden[trained], targets, head)
+        return torch.zeros(2 * pairs, dtype=torch.float32, device=dev).index_add(0, where, lp)
+
+    def step():
+        policy = logps()
+        with torch.no_grad():
+            saved = [p.data for p in lora_b]
+            for p in lora_b:
+                p.data = torch.zeros_like(p)
+            try:
+                ref = logps()
+            finally:
+                for p, d in zip(lora_b, saved):
+                    p.data = d
+        loss = dpo_losses(policy[0::2], policy[1::2], ref[0::2], ref[1::2], DPO_BETA).mean()
+        loss.backward()
+        return loss.detach()
+
+    return engine.model, step, {}
+
+
+def measure_dpo(variant: str, shape: str, pairs: int, seq: int, prompt: int, steps: int = 3) -> dict:
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.backends.cuda.matmul.allow_tf32 = True
+    examples = make_pairs(pairs, seq, prompt)
+    if variant.startswith("trl_dpo"):
+        model, step, extra = build_trl_dpo(shape, variant, examples, device)
+    elif variant == "trl_liger_dpo_loss":
+        model, step, extra = build_liger_dpo_loss(shape, examples, device)
+    else:
+        model, step, extra = build_ours_dpo(shape, variant, examples, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda")
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    losses = []
+    for i in range(steps + 1):
+        if i == 1:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        losses.append(float(step()))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    tokens = 2 * pairs * seq  # chosen and rejected, prompt included, per step
+    return {"variant": variant, "shape": shape, "batch": pairs, "seq": seq, "prompt": prompt,
+            "pairs_per_s": round(steps * pairs / elapsed, 3), "tokens_per_s": round(steps * tokens / elapsed, 1),
+            "step_s": round(elapsed / steps, 3),
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
+            "step1_loss": round(losses[0], 4), "losses": [round(x, 4) for x in losses],
+            "trainable": sum(p.numel() for p in params), **extra}
+
+
+def measure_logp_path(shape: str, pairs: int, seq: int, prompt: int, reps: int = 3) -> dict:
+    """Peak memory above the inputs (and time) of the DPO head alone: policy log-probs with gradient, reference
+    log-probs without, sigmoid loss, backward to the hidden states, for 2 * pairs sequences of ``seq`` tokens."""
+    import torch
+
+    from tunedag.train.preference import dpo_losses, token_logps
+
+    dev = "cuda"
+    h_size, vocab = SHAPES[shape]["hidden_size"], 128256
+    g = torch.Generator(device=dev).manual_seed(0)
+    n_seq = 2 * pairs
+    hidden = (torch.randn(n_seq, seq, h_size, device=dev, generator=g) * 1.5).bfloat16()
+    ref_hidden = (hidden.float() + 0.01 * torch.randn(hidden.shape, device=dev, generator=g)).bfloat16()
+    weight = (torch.randn(vocab, h_size, device=dev, generator=g) * 0.02).bfloat16()
+    labels = torch.randint(3, vocab, (n_seq, seq), device=dev, generator=g)
+    labels[:, :prompt] = -100
+    target, mask = labels[:, 1:], labels[:, 1:] != -100
+
+    def seq_logps_eager(h):  # full [tokens, vocab] fp32 logits, as DPO trainers did before fused heads
+        logits = (h[:, :-1] @ weight.T).float()
+        lp = torch.gather(logits.log_softmax(-1), 2, target.clamp(min=0)[..., None])[..., 0]
+        return (lp * mask).sum(-1)
+
+    def seq_logps_trl(h):
+        from trl.kernels import ChunkedLogProbFunction
+
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+        hs = h[:, :-1]
+        out = ChunkedLogProbFunction.apply(hs[mask], weight, None, target[mask], 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE,
+                                           None, 1.0, ("log_probs", "entropy", "mean_logits", "is_top1"))
+        return out[0].new_zeros(mask.shape).masked_scatter(mask, out[0]).sum(-1)
+
+    def seq_logps_ours(h):
+        hs = h[:, :-1]
+        lp = token_logps(hs[mask], target[mask], lambda x: x @ weight.T)
+        return lp.new_zeros(mask.shape).masked_scatter(mask, lp).sum(-1)
+
+    def dpo_from(fn):
+        def run(h):
+            pol = fn(h)
+            with torch.no_grad():
+                ref = fn(ref_hidden)
+            return dpo_losses(pol[:pairs], pol[pairs:], ref[:pairs], ref[pairs:], DPO_BETA).mean()
+        return run
+
+    def liger(h):
+        from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+        out = LigerFusedLinearDPOLoss(ignore_index=-100, beta=DPO_BETA, use_ref_model=True)(
+            weight, h[:, :-1], target, ref_input=ref_hidden[:, :-1], ref_weight=weight)
+        return out[0] if isinstance(out, tuple) else out
+
+    results = {}
+    for name, fn in [("eager_logits", dpo_from(seq_logps_eager)), ("trl_fused", dpo_from(seq_logps_trl)),
+                     ("liger_dpo_loss", liger), ("ours_chunked", dpo_from(seq_logps_ours))]:
+        try:
+            times, loss = [], None
+            for i in range(reps + 1):
+                h = hidden.detach().requires_grad_(True)
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+                t0 = time.perf_counter()
+                loss = fn(h)
+                loss.backward()
+                torch.cuda.synchronize()
+                if i:
+                    times.append(time.perf_counter() - t0)
+                peak = torch.cuda.max_memory_allocated() - before
+                del h
+            results[name] = {"peak_gib": round(peak / 2**30, 3), "ms": round(1e3 * sorted(times)[len(times) // 2], 1),
+                             "loss": round(float(loss), 5)}
+        except Exception as err:  # noqa: BLE001 - a failing method is reported, the others still run
+            results[name] = {"error": repr(err)[-300:]}
+        print(json.dumps({name: results[name]}), flush=True)
+    return {"variant": "logp_path", "shape": shape, "batch": pairs, "seq": seq, "prompt": prompt,
+            "response_tokens": int(mask.sum()), "methods": results}
+
+
 def longest(shape: str, budget_s: float) -> dict:
     """Longest row (in 8192-token documents) for which one QLoRA step of ours fits (doubling)."""
     import torch
@@ -200,35 +555,44 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--variant")
     ap.add_argument("--shape", default="8b", choices=list(SHAPES))
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=SEQ)
+    ap.add_argument("--batch", type=int, default=4, help="rows of --seq tokens; DPO: pairs")
+    ap.add_argument("--seq", type=int, help=f"row length (default {SEQ}); DPO: one sequence (default {DPO_SEQ})")
+    ap.add_argument("--prompt", type=int, default=DPO_PROMPT, help="DPO: prompt tokens of each sequence")
     ap.add_argument("--plan", default="default", choices=list(PLANS))
+    ap.add_argument("--plan-shape", choices=list(SHAPES), help="run the plan's rows at this shape (smoke tests)")
     ap.add_argument("--budget-s", type=float, default=330)
     ap.add_argument("--out", default="bench_train.jsonl")
     args = ap.parse_args()
     if args.variant:
         if args.variant == "ours_qlora_long":
             result = longest(args.shape, budget_s=60)
+        elif args.variant == "logp_path":
+            result = measure_logp_path(args.shape, args.batch, args.seq or DPO_SEQ, args.prompt)
+        elif args.variant in DPO_VARIANTS:
+            result = measure_dpo(args.variant, args.shape, args.batch, args.seq or DPO_SEQ, args.prompt)
         else:
-            result = measure(args.variant, args.shape, args.batch, args.seq)
+            result = measure(args.variant, args.shape, args.batch, args.seq or SEQ)
         print("RESULT " + json.dumps(result), flush=True)
         return
     start = time.perf_counter()
     results = []
     for variant, shape, batch in PLANS[args.plan]:
+        shape = args.plan_shape or shape
         left = args.budget_s - (time.perf_counter() - start)
         if left < 40:
             print(f"skipped {variant} {shape} b{batch}: budget spent", flush=True)
             continue
-        cmd = [sys.executable, __file__, "--variant", variant, "--shape", shape, "--batch", str(batch)]
+        cmd = [sys.executable, __file__, "--variant", variant, "--shape", shape, "--batch", str(batch),
+               "--prompt", str(args.prompt)] + (["--seq", str(args.seq)] if args.seq else [])
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=min(left, 150), env=os.environ)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ,
+                                  timeout=min(left, 240 if variant in DPO_VARIANTS else 150))
             lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
             if lines:
                 results.append(json.loads(lines[-1][7:]))
             else:
                 results.append({"variant": variant, "shape": shape, "batch": batch,
-                                "error": (proc.stderr or proc.stdout)[-600:]})
+                                "error": (proc.stderr or proc.stdout)[-1500:]})
         except subprocess.TimeoutExpired as err:
             results.append({"variant": variant, "shape": shape, "batch": batch, "error": "timeout",
                             "stdout": (err.stdout or b"")[-400:].decode(errors="replace")
@@ -236,6 +600,9 @@ def main() -> None:
         print(json.dumps(results[-1]), flush=True)
         with open(args.out, "a") as f:
             f.write(json.dumps(results[-1]) + "\n")
+    if args.plan == "dpo":
+        print_dpo(results)
+        return
     base = {(r["shape"], r["batch"]): r for r in results if r.get("variant") == "hf_peft" and "tokens_per_s" in r}
     print(f"\n{'variant':22} {'shape':5} {'batch':>5} {'tok/s':>9} {'x base':>7} {'peak GiB':>9} {'mem/base':>8} "
           f"{'MFU':>6} {'loss1':>8}")
@@ -248,6 +615,27 @@ def main() -> None:
         mem = f"{r['peak_gib'] / b['peak_gib']:.2f}" if b else "-"
         print(f"{r['variant']:22} {r['shape']:5} {r['batch']:>5} {r['tokens_per_s']:>9.0f} {ratio:>7} "
               f"{r['peak_gib']:>9.2f} {mem:>8} {r['mfu']:>6.1%} {r['step1_loss']:>8.4f}")
+
+
+def print_dpo(results: list[dict]) -> None:
+    """The DPO rows against trl_dpo of the same shape and pairs, measured in the same run."""
+    base = {(r["shape"], r["batch"]): r for r in results if r.get("variant") == "trl_dpo" and "tokens_per_s" in r}
+    print(f"\n{'variant':20} {'shape':5} {'pairs':>5} {'pairs/s':>8} {'tok/s':>8} {'x TRL':>6} {'peak GiB':>9} "
+          f"{'mem/TRL':>8} {'losses'}")
+    for r in results:
+        if r.get("variant") == "logp_path" and "methods" in r:
+            for name, m in r["methods"].items():
+                print(f"  logp path {name:16} {m.get('peak_gib', '-')!s:>8} GiB {m.get('ms', '-')!s:>8} ms "
+                      f"loss {m.get('loss', m.get('error', ''))}")
+            continue
+        if "tokens_per_s" not in r:
+            print(f"{r['variant']:20} {r['shape']:5} {r['batch']:>5} {str(r.get('error', ''))[-300:]}")
+            continue
+        b = base.get((r["shape"], r["batch"]))
+        ratio = f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}" if b else "-"
+        mem = f"{r['peak_gib'] / b['peak_gib']:.2f}" if b and r["peak_gib"] else "-"
+        print(f"{r['variant']:20} {r['shape']:5} {r['batch']:>5} {r['pairs_per_s']:>8.3f} {r['tokens_per_s']:>8.0f} "
+              f"{ratio:>6} {r['peak_gib']!s:>9} {mem:>8} {r['losses']}")
 
 
 if __name__ == "__main__":
