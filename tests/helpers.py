@@ -1,11 +1,16 @@
 """Builders the tests share: a built-in model folder, sample data, a run config."""
 from __future__ import annotations
 
+import collections
 import json
+import random
+import types
 from pathlib import Path
 
-from tunedag.config import RunConfig, parse_config
-from tunedag.data.sample_task import animal_rows
+import torch
+
+from tunedag.config import DatasetConfig, RunConfig, parse_config
+from tunedag.data.sample_task import ANIMALS, INSTRUCTION, OTHER_WORDS, animal_rows
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -24,3 +29,50 @@ def tiny_run(data_path: Path, **overrides) -> RunConfig:
 
 def sample_rows(n: int, seed: int = 0) -> list[dict]:
     return animal_rows(n, seed)
+
+
+def preference_rows(n: int, seed: int) -> list[dict]:
+    """The built-in task as pairs: chosen = the animal in the list, rejected = another word of it."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words = rng.sample(OTHER_WORDS, rng.randint(2, 5))
+        animal = rng.choice(ANIMALS)
+        wrong = rng.choice(words)
+        words.insert(rng.randrange(len(words) + 1), animal)
+        rows.append({"prompt": f"{INSTRUCTION}\n{' '.join(words)}", "chosen": animal, "rejected": wrong})
+    return rows
+
+
+def tokenized_pairs(root: Path, model_dir: Path, rows: list[dict], rl: str = "dpo", **overrides) -> tuple[RunConfig, Path]:
+    """``rows`` as type: dpo data through download and tokenize under ``root``: (run, packed shards folder)."""
+    from tunedag.data.download import download_dataset
+    from tunedag.data.tokenize import tokenize_run
+
+    src = write_jsonl(root / "src.jsonl", rows)
+    download_dataset(DatasetConfig(path=str(src), type="dpo"), root / "raw")
+    run = tiny_run(src, datasets=[{"path": str(src), "type": "dpo"}], rl=rl, **overrides)
+    tokenize_run(run, [root / "raw"], model_dir, root / "packed")
+    return run, root / "packed"
+
+
+class _Accelerator:
+    """What TRL's loss methods ask of accelerate's Accelerator on one CPU process."""
+
+    device = torch.device("cpu")
+
+    def gather_for_metrics(self, x):
+        return x
+
+    def gather(self, x):
+        return x
+
+    def unwrap_model(self, m):
+        return m
+
+
+def trl_trainer_state(**attrs) -> types.SimpleNamespace:
+    """The attributes TRL's loss methods read from their trainer, without building one."""
+    return types.SimpleNamespace(accelerator=_Accelerator(), model=types.SimpleNamespace(training=True),
+                                 aux_loss_enabled=False, _metrics={"train": collections.defaultdict(list)},
+                                 _total_train_tokens=0, _tp_size=1, **attrs)

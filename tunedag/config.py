@@ -131,8 +131,8 @@ class RunConfig:
             "several ranks: ddp (replicated model, summed gradients) or fsdp (FSDP2 per decoder layer)")
     rl: Optional[Literal["dpo", "orpo", "kto", "reward"]] = _field(
         None, stages=("train", "evaluate"),
-        doc="preference objective on dpo (dpo, orpo) or kto (kto) data; null: supervised fine-tuning; "
-            "reward (a scalar head) is not supported yet")
+        doc="preference objective on dpo (dpo, orpo, reward) or kto (kto) data; null: supervised fine-tuning; "
+            "reward: a reward model (the decoder with a scalar score head) trained on the pairs")
     rl_beta: float = _field(0.1, stages=("train", "evaluate"),
                             doc="dpo/kto: strength of the pull to the reference model (Axolotl's rl_beta, "
                                 "formerly dpo_beta); IPO: its tau")
@@ -142,6 +142,9 @@ class RunConfig:
                                         doc="dpo sigmoid: assumed share of flipped labels (conservative DPO), "
                                             "in [0, 0.5)")
     orpo_alpha: float = _field(0.1, stages=("train",), doc="orpo: weight of the odds-ratio term beside the NLL")
+    center_rewards_coefficient: float = _field(
+        0.0, stages=("train",), doc="reward: weight of the (r_chosen + r_rejected)² term that keeps rewards "
+                                    "centred on zero (TRL's name; 0 disables)")
     kto_desirable_weight: float = _field(1.0, stages=("train",), doc="kto: weight of desirable samples")
     kto_undesirable_weight: float = _field(1.0, stages=("train",), doc="kto: weight of undesirable samples")
     save_steps: int = _field(50, stages=("train",), doc="checkpoint every this many optimizer steps")
@@ -330,8 +333,13 @@ def _check_run(run: RunConfig, where: str, base_dir: Path) -> None:
         if getattr(run, name) < 1:
             raise ConfigError(f"{where}.{name}: must be at least 1, got {getattr(run, name)!r}")
     if run.rl == "reward":
-        raise ConfigError(f"{where}.rl: reward modelling is not supported by the train stage yet; "
-                          "use rl: dpo, orpo or kto")
+        if run.center_rewards_coefficient < 0:
+            raise ConfigError(f"{where}.center_rewards_coefficient: must be at least 0, "
+                              f"got {run.center_rewards_coefficient!r}")
+        for key in ("lora_target_modules", "lora_modules_to_save"):
+            if "lm_head" in getattr(run, key):
+                raise ConfigError(f"{where}.{key}: a reward model has no lm_head (its score head replaces it "
+                                  "and is trained in full)")
     if run.rl is not None:
         if run.rl_beta <= 0:
             raise ConfigError(f"{where}.rl_beta: must be positive, got {run.rl_beta!r}")

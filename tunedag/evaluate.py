@@ -6,8 +6,14 @@ masking as training) and the task itself: answers generated for held-out prompts
 the run's own prompt format), greedy and sampled, scored against the reference answers by
 exact match, token F1 and ROUGE-L. With ``rl: dpo`` or ``orpo``, the validation pairs are scored too:
 preference accuracy and log-prob margin of each model, and the fine-tuned model's DPO rewards
-(accuracy, margin) with the base as reference. lm-evaluation-harness tasks run when the package and the
-tasks' data are available locally; otherwise metrics.json says why they did not.
+(accuracy, margin) with the base as reference; with ``rl: kto``, the validation samples' mean log-probs
+and the fine-tuned model's KTO rewards (share whose sign matches the label, desirable minus undesirable).
+lm-evaluation-harness tasks run when the package and the tasks' data are available locally; otherwise
+metrics.json says why they did not.
+
+``rl: reward`` trains a scorer, not a generator: only its pairwise accuracy (r_chosen > r_rejected)
+and mean margin on the validation pairs are reported, for the trained model and for the untrained
+one training started from (the base under a score head seeded with the run's seed).
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoModelForSequenceClassification
 
 from tunedag.config import RunConfig
 from tunedag.data.formats import IGNORE_INDEX
@@ -25,7 +32,8 @@ from tunedag.io import atomic_path
 from tunedag.models.loading import load_causal_lm, load_tokenizer
 from tunedag.text_metrics import score_answers
 from tunedag.train.batching import collate, loss_sum, model_inputs
-from tunedag.train.preference import pair_logps, preference_metrics
+from tunedag.train.preference import kto_metrics, pair_logps, preference_metrics, sample_logps
+from tunedag.train.reward import load_reward_model, pair_rewards, reward_metrics
 
 EVAL_BATCH_ROWS = 8
 
@@ -86,9 +94,37 @@ def lm_eval_tasks(model_path: Path, tasks: list[str], device: torch.device) -> d
     return results["results"]
 
 
+def reward_model_metrics(run: RunConfig, base_path: Path, merged_path: Path, val_dir: Path, pad_id: int,
+                         device: torch.device) -> dict[str, Any]:
+    """Pairwise accuracy and margin of the untrained reward model (the base under a head seeded with the
+    run's seed, where training started) and of the trained one, on the validation pairs."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    metrics: dict[str, Any] = {}
+    for label in ("base", "finetuned"):
+        if label == "base":
+            model = load_reward_model(base_path, dtype, run.trust_remote_code, run.seed)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                merged_path, dtype=dtype, use_safetensors=True, trust_remote_code=run.trust_remote_code)
+        metrics[label] = {"reward": reward_metrics(pair_rewards(model.to(device).eval(), val_dir, pad_id))}
+        del model
+    metrics["base"]["head"] = (f"score head freshly initialised with seed {run.seed} (untrained: the "
+                               "fine-tuned head's starting point)")
+    metrics["improvement"] = {k: metrics["finetuned"]["reward"][k] - metrics["base"]["reward"][k]
+                              for k in ("accuracy", "margin") if k in metrics["base"]["reward"]}
+    return metrics
+
+
 def evaluate_run(run: RunConfig, base_path: Path, merged_path: Path, shards_dir: Path, out_dir: Path) -> dict[str, Any]:
     """Write ``out_dir``/metrics.json and samples.jsonl comparing base and fine-tuned."""
     manifest = json.loads((shards_dir / "manifest.json").read_text())
+    if run.rl == "reward":  # scores, not text: no loss, perplexity or generations to compare
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        metrics = {"config_hash": run.stage_hash("evaluate"), "prompts": 0,
+                   **reward_model_metrics(run, base_path, merged_path, shards_dir / "val",
+                                          manifest["pad_token_id"], device)}
+        _write_metrics(out_dir, metrics, [], {})
+        return metrics
     prompts = [json.loads(l) for l in (shards_dir / "val_prompts.jsonl").read_text().splitlines() if l.strip()]
     prompts = prompts[: run.eval_max_samples]
     tokenizer = load_tokenizer(merged_path, run.trust_remote_code)
@@ -97,7 +133,7 @@ def evaluate_run(run: RunConfig, base_path: Path, merged_path: Path, shards_dir:
     answers: dict[str, list[str]] = {}
     references = [p["reference"] for p in prompts]
     sampling = {"temperature": run.eval_temperature, "top_p": run.eval_top_p}
-    pairs: dict[str, torch.Tensor] = {}
+    logps: dict[str, torch.Tensor] = {}
     for label, path in (("base", base_path), ("finetuned", merged_path)):
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         model = load_causal_lm(path, dtype, run.trust_remote_code).to(device).eval()
@@ -111,19 +147,28 @@ def evaluate_run(run: RunConfig, base_path: Path, merged_path: Path, shards_dir:
             result["sampled"] = score_answers(answers[f"{label}_sampled"], references)
         if run.lm_eval_tasks:
             result["lm_eval"] = lm_eval_tasks(path, run.lm_eval_tasks, device)
-        if run.rl in ("dpo", "orpo"):  # the base is the reference of the fine-tuned model's rewards
-            pairs[label] = pair_logps(model, shards_dir / "val", manifest["pad_token_id"])
-            result["preference"] = preference_metrics(pairs[label], pairs.get("base") if label != "base" else None,
+        # the base is the reference of the fine-tuned model's implicit rewards
+        if run.rl in ("dpo", "orpo"):
+            logps[label] = pair_logps(model, shards_dir / "val", manifest["pad_token_id"])
+            result["preference"] = preference_metrics(logps[label], logps["base"] if label != "base" else None,
                                                       run.rl_beta)
+        if run.rl == "kto":
+            logps[label], kto_labels = sample_logps(model, shards_dir / "val", manifest["pad_token_id"])
+            result["preference"] = kto_metrics(logps[label], kto_labels, logps["base"] if label != "base" else None,
+                                               run.rl_beta)
         metrics[label] = result
         del model
     metrics["improvement"] = {k: metrics["finetuned"][k] - metrics["base"][k]
                               for k in ("val_loss", "token_accuracy", "exact_match", "token_f1", "rouge_l")
                               if k in metrics["base"]}
+    _write_metrics(out_dir, metrics, prompts, answers)
+    return metrics
+
+
+def _write_metrics(out_dir: Path, metrics: dict[str, Any], prompts: list[dict], answers: dict[str, list[str]]) -> None:
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         with open(tmp / "samples.jsonl", "w") as fh:
             for i, p in enumerate(prompts):
                 fh.write(json.dumps({**p, **{label: answers[label][i] for label in answers}}) + "\n")
-    return metrics

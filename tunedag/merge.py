@@ -6,6 +6,11 @@ safetensors with an index; config, tokenizer, chat template and generation_confi
 Every merged tensor is checked against the unmerged adapter on random inputs; a model small
 enough to load twice is also checked end to end: the merged model's logits against base +
 adapter through PEFT. Either check failing fails the stage, and nothing is renamed into place.
+
+A reward model's adapter (``rl: reward``, peft task SEQ_CLS) is merged into
+``<Arch>ForSequenceClassification``: the base's ``lm_head`` is left out, the adapter's trained
+``score`` head is added, and config.json names the class, one label and the pad token (no
+generation_config: it generates nothing). Its end-to-end check compares scores.
 """
 from __future__ import annotations
 
@@ -16,12 +21,13 @@ from typing import Any
 
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationConfig
 
 from tunedag.config import RunConfig
 from tunedag.io import atomic_path
 from tunedag.merge_weights import MergeError, merge_weights, parse_size
 from tunedag.models.loading import load_causal_lm, load_tokenizer
+from tunedag.train.reward import load_reward_model, reward_pad_token_id, sequence_classification_layout
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Above this many base-weight bytes the end-to-end logit check (two models in memory) is skipped;
@@ -46,15 +52,34 @@ def _weight_bytes(model_path: Path) -> int:
     return sum(p.stat().st_size for p in model_path.glob("*.safetensors"))
 
 
-def _copy_model_files(run: RunConfig, model_path: Path, out: Path, dtype: torch.dtype) -> None:
+def is_reward_adapter(adapter_dir: Path) -> bool:
+    """Whether the adapter was trained with ``rl: reward`` (peft's SEQ_CLS task: a score head)."""
+    config_path = adapter_dir / "adapter_config.json"
+    return config_path.is_file() and json.loads(config_path.read_text()).get("task_type") == "SEQ_CLS"
+
+
+def reward_model_config(config: dict[str, Any], architecture: str, pad_token_id: int) -> dict[str, Any]:
+    """The base's config.json as a one-label sequence classifier's (what AutoModelForSequenceClassification
+    and vLLM read): the class, one label and the pad token its pooling skips."""
+    return {**config, "architectures": [architecture], "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0},
+            "pad_token_id": pad_token_id}
+
+
+def _copy_model_files(run: RunConfig, model_path: Path, out: Path, dtype: torch.dtype,
+                      reward_architecture: str | None) -> None:
     config = json.loads((model_path / "config.json").read_text())
     name = str(dtype).removeprefix("torch.")
     config["torch_dtype"] = name
     if "dtype" in config:
         config["dtype"] = name
+    tokenizer = load_tokenizer(model_path, run.trust_remote_code)
+    if reward_architecture:
+        pad = reward_pad_token_id(AutoConfig.from_pretrained(model_path, trust_remote_code=run.trust_remote_code),
+                                  tokenizer)
+        config = reward_model_config(config, reward_architecture, pad)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    load_tokenizer(model_path, run.trust_remote_code).save_pretrained(out)
-    if (model_path / "generation_config.json").is_file():
+    tokenizer.save_pretrained(out)
+    if (model_path / "generation_config.json").is_file() and not reward_architecture:  # a reward model generates nothing
         GenerationConfig.from_pretrained(model_path).save_pretrained(out)
     if run.trust_remote_code:  # the model's own code travels with it
         for code in model_path.glob("*.py"):
@@ -62,33 +87,41 @@ def _copy_model_files(run: RunConfig, model_path: Path, out: Path, dtype: torch.
 
 
 @torch.no_grad()
-def _logit_error(run: RunConfig, model_path: Path, adapter_dir: Path, merged_dir: Path) -> float:
-    """Relative error of the merged model's logits against base + adapter through PEFT."""
-    base = load_causal_lm(model_path, torch.float32, run.trust_remote_code)
+def _logit_error(run: RunConfig, model_path: Path, adapter_dir: Path, merged_dir: Path, reward: bool) -> float:
+    """Relative error of the merged model's logits (a reward model's scores) against base + adapter
+    through PEFT."""
+    if reward:  # the head's seeded start is replaced by the adapter's trained score
+        base = load_reward_model(model_path, torch.float32, run.trust_remote_code, run.seed)
+    else:
+        base = load_causal_lm(model_path, torch.float32, run.trust_remote_code)
     if run.adapter == "qlora":
         from tunedag.models.qlora import fake_quantize_
 
         fake_quantize_(base)
     adapted = PeftModel.from_pretrained(base, adapter_dir).eval()
-    ids = torch.randint(0, base.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(run.seed))
+    ids = torch.randint(0, base.config.vocab_size, (8, 32), generator=torch.Generator().manual_seed(run.seed))
     ref = adapted(input_ids=ids).logits.float()
     del adapted, base
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir, use_safetensors=True,
-                                                  trust_remote_code=run.trust_remote_code).eval()
+    auto = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
+    merged = auto.from_pretrained(merged_dir, use_safetensors=True, trust_remote_code=run.trust_remote_code).eval()
     return float((merged(input_ids=ids).logits.float() - ref).norm() / ref.norm())
 
 
 def merge_adapter(run: RunConfig, model_path: Path, adapter_dir: Path, out_dir: Path) -> dict[str, Any]:
     """Write ``out_dir``: the base model with the adapter merged in."""
     dtype = _target_dtype(run, model_path)
+    reward = is_reward_adapter(adapter_dir)
+    architecture, target_names = (sequence_classification_layout(model_path, run.trust_remote_code) if reward
+                                  else (None, None))
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         report: dict[str, Any] = merge_weights(model_path, adapter_dir, tmp, dtype, parse_size(run.max_shard_size),
-                                               nf4_base=run.adapter == "qlora", seed=run.seed)
-        _copy_model_files(run, model_path, tmp, dtype)
+                                               nf4_base=run.adapter == "qlora", seed=run.seed,
+                                               target_names=target_names)
+        _copy_model_files(run, model_path, tmp, dtype, architecture)
         report["relative_logit_error"] = None
         if _weight_bytes(model_path) <= LOGIT_CHECK_MAX_BYTES:
-            error = _logit_error(run, model_path, adapter_dir, tmp)
+            error = _logit_error(run, model_path, adapter_dir, tmp, reward)
             if error > MAX_RELATIVE_LOGIT_ERROR[dtype]:
                 raise MergeError(f"merged model's logits differ from base + adapter by {error:.2e} (relative; "
                                  f"limit {MAX_RELATIVE_LOGIT_ERROR[dtype]:.0e}): {adapter_dir} does not match "

@@ -14,7 +14,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from safetensors import safe_open
@@ -172,30 +172,50 @@ def nf4_round_trip(weight: torch.Tensor) -> torch.Tensor:
 
 
 def merge_weights(model_path: Path, adapter_dir: Path, out_dir: Path, dtype: torch.dtype,
-                  max_shard_bytes: int, nf4_base: bool, seed: int = 0) -> dict[str, float]:
-    """Write the merged weights into ``out_dir``; return the worst per-tensor check error."""
+                  max_shard_bytes: int, nf4_base: bool, seed: int = 0,
+                  target_names: set[str] | None = None) -> dict[str, Any]:
+    """Write the merged weights into ``out_dir``; return the worst per-tensor check error.
+
+    ``target_names``: the weights of the model being written when it is not the base's own
+    architecture (a reward model: the decoder and the adapter's ``score``, no ``lm_head``). Base
+    weights outside it are left out, adapter tensors the base lacks are added, and every name in
+    it must end up written.
+    """
     config, lora, replaced = read_adapter(adapter_dir)
     generator = torch.Generator().manual_seed(seed)
-    writer, total, worst, seen = ShardWriter(out_dir, max_shard_bytes), 0, 0.0, set()
+    writer, worst, seen, dropped, written = ShardWriter(out_dir, max_shard_bytes), 0.0, set(), [], {}
+
+    def write(name: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        writer.add(name, tensor)
+        written[name] = tensor.numel() * tensor.element_size()
+
     for name, tensor in base_tensors(model_path):
         seen.add(name)
+        if target_names is not None and name not in target_names:
+            dropped.append(name)
+            continue
         if nf4_base and is_nf4_weight(name):
             tensor = nf4_round_trip(tensor)
         if name in lora:
             parts = lora[name]
-            base = tensor
             scale = lora_scale(config, parts.a.shape[0])
-            merged = merge_tensor(base, parts, scale)
-            worst = max(worst, check_tensor(name, base, merged, parts, scale, generator))
+            merged = merge_tensor(tensor, parts, scale)
+            worst = max(worst, check_tensor(name, tensor, merged, parts, scale, generator))
             tensor = merged
         elif name in replaced:
             tensor = replaced[name]
-        tensor = tensor.to(dtype) if tensor.is_floating_point() else tensor
-        writer.add(name, tensor)
-        total += tensor.numel() * tensor.element_size()
-    missing = (set(lora) | set(replaced)) - seen
+        write(name, tensor)
+    added = sorted((set(replaced) - seen) & (target_names or set()))  # a new head, trained in full
+    for name in added:
+        write(name, replaced[name])
+    missing = (set(lora) | set(replaced)) - seen - set(added)
     if missing:
         raise MergeError(f"{adapter_dir}: adapter tensors for weights the base at {model_path} does not have: "
                          f"{sorted(missing)[:5]}")
-    writer.close(total)
-    return {"max_relative_tensor_error": worst, "merged_tensors": len(lora), "replaced_tensors": len(replaced)}
+    unwritten = (target_names or set()) - set(written)
+    if unwritten:
+        raise MergeError(f"{adapter_dir} + {model_path}: no tensor for {sorted(unwritten)[:5]} of the merged model")
+    writer.close(sum(written.values()))
+    return {"max_relative_tensor_error": worst, "merged_tensors": len(lora), "replaced_tensors": len(replaced),
+            "added_tensors": added, "dropped_tensors": dropped}

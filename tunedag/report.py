@@ -40,7 +40,7 @@ def plot_training_curves(metrics: list[dict[str, Any]], evaluation: dict[str, An
     fig, (loss_ax, lr_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
     loss_ax.plot(steps, [m["loss"] for m in metrics], label="train loss")
     for label, style in (("base", ":"), ("finetuned", "--")):
-        if label in evaluation:
+        if "val_loss" in evaluation.get(label, {}):  # a reward model has no token loss
             loss_ax.axhline(evaluation[label]["val_loss"], linestyle=style, color="gray",
                             label=f"val loss, {label}")
     loss_ax.set(xlabel="step", ylabel="loss", yscale="log", title="Loss")

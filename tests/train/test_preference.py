@@ -1,8 +1,6 @@
 """Preference training: losses against TRL's, chunked log-probs, a DPO run that learns, bad pairs."""
-import collections
 import dataclasses
 import json
-import random
 import types
 import warnings
 
@@ -13,15 +11,15 @@ import torch.nn.functional as F
 
 from tunedag.config import ConfigError, DatasetConfig
 from tunedag.data.download import download_dataset
-from tunedag.data.sample_task import ANIMALS, INSTRUCTION, OTHER_WORDS
+from tunedag.data.sample_task import INSTRUCTION
 from tunedag.data.shards import ShardReader
 from tunedag.data.tokenize import tokenize_run
 from tunedag.models.loading import load_causal_lm
 from tunedag.train.batching import collate
 from tunedag.train.loop import TrainError, train
-from tunedag.train.preference import (PreferenceDataError, dpo_losses, ipo_losses, kto_losses, orpo_odds_ratio,
-                                      pair_logps, preference_metrics, sequence_logps, token_logps)
-from tests.helpers import tiny_run, write_jsonl
+from tunedag.train.preference import (PreferenceDataError, dpo_losses, ipo_losses, kto_losses, kto_metrics,
+                                      orpo_odds_ratio, pair_logps, preference_metrics, sequence_logps, token_logps)
+from tests.helpers import preference_rows, tiny_run, tokenized_pairs, trl_trainer_state, write_jsonl
 
 trl = pytest.importorskip("trl")
 warnings.filterwarnings("ignore", message="You are importing from 'trl.experimental'")
@@ -31,26 +29,6 @@ from trl.trainer.kto_trainer import KTOTrainer  # noqa: E402
 
 
 # --------------------------------------------------------------------------- losses vs TRL
-
-class _Accelerator:
-    device = torch.device("cpu")
-
-    def gather_for_metrics(self, x):
-        return x
-
-    def gather(self, x):
-        return x
-
-    def unwrap_model(self, m):
-        return m
-
-
-def _trainer_state(**attrs):
-    """The attributes TRL's loss methods read from their trainer, without building one."""
-    return types.SimpleNamespace(accelerator=_Accelerator(), model=types.SimpleNamespace(training=True),
-                                 aux_loss_enabled=False, _metrics={"train": collections.defaultdict(list)},
-                                 _total_train_tokens=0, _tp_size=1, **attrs)
-
 
 def _fake_model(per_token: dict[int, torch.Tensor]):
     """A model whose fused-head outputs are the given per-token log-probs, keyed by input width."""
@@ -78,7 +56,7 @@ def test_dpo_and_ipo_equal_trl(loss_type):
     ref = -torch.rand(2 * b, generator=torch.Generator().manual_seed(2)) * 10
     inputs = {"input_ids": torch.ones(2 * b, width, dtype=torch.long), "attention_mask": torch.ones(2 * b, width),
               "completion_mask": mask, "ref_chosen_logps": ref[:b], "ref_rejected_logps": ref[b:]}
-    state = _trainer_state(precompute_ref_logps=True, ld_alpha=None, f_divergence_type="reverse_kl",
+    state = trl_trainer_state(precompute_ref_logps=True, ld_alpha=None, f_divergence_type="reverse_kl",
                            loss_types=[loss_type], loss_weights=[1.0], beta=beta, label_smoothing=0.0,
                            use_weighting=False)
     expected = DPOTrainer._compute_loss(state, _fake_model({width: per_token}), inputs, False)
@@ -106,7 +84,7 @@ def test_orpo_odds_ratio_equals_trl():
     g = torch.Generator().manual_seed(3)
     chosen = -torch.rand(16, generator=g) * 4 - 1e-3  # per-token mean log-probs, including near 0
     rejected = -torch.rand(16, generator=g) * 4 - 1e-3
-    losses = ORPOTrainer.odds_ratio_loss(_trainer_state(beta=0.25), chosen, rejected)[0]
+    losses = ORPOTrainer.odds_ratio_loss(trl_trainer_state(beta=0.25), chosen, rejected)[0]
     torch.testing.assert_close(0.25 * orpo_odds_ratio(chosen, rejected), losses, rtol=1e-6, atol=1e-6)
 
 
@@ -121,13 +99,28 @@ def test_kto_equals_trl():
               "completion_mask": mask, "KL_input_ids": torch.ones(n, width + 1, dtype=torch.long),
               "KL_attention_mask": torch.ones(n, width + 1), "KL_completion_mask": kl_mask, "label": label,
               "ref_logps": ref, "ref_KL_logps": ref_kl}
-    state = _trainer_state(precompute_ref_logps=True, calculate_KL=True, loss_type="kto", beta=beta,
+    state = trl_trainer_state(precompute_ref_logps=True, calculate_KL=True, loss_type="kto", beta=beta,
                            desirable_weight=1.3, undesirable_weight=0.7)
     state._compute_kl_logps = types.MethodType(KTOTrainer._compute_kl_logps, state)
     expected = KTOTrainer._compute_loss(state, _fake_model({width: per_token, width + 1: kl_per_token}), inputs, False)
     kl = (kl_per_token.sum(1) - ref_kl).mean().clamp(min=0)
     ours = kto_losses(per_token.sum(1), ref, label, beta, kl, 1.3, 0.7)
     torch.testing.assert_close(ours.mean(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_kto_metrics_score_reward_signs_against_labels():
+    policy = torch.tensor([-1.0, -2.0, -3.0, -4.0, -5.0])
+    reference = torch.tensor([-2.0, -1.0, -4.0, -3.0, -5.0])  # ratios: +1, -1, +1, -1, 0
+    labels = torch.tensor([1, 1, 0, 0, 1])
+    out = kto_metrics(policy, labels, reference, beta=0.5)
+    # right signs: sample 0 (desirable, +) and 3 (undesirable, -); sample 4's zero reward is wrong
+    assert out["reward_accuracy"] == pytest.approx(2 / 5)
+    assert out["desirable_reward"] == pytest.approx(0.5 * (1 - 1 + 0) / 3)
+    assert out["undesirable_reward"] == pytest.approx(0.5 * (1 - 1) / 2)
+    assert out["reward_margin"] == pytest.approx(out["desirable_reward"] - out["undesirable_reward"])
+    assert kto_metrics(policy, labels, None, 0.5) == {"desirable": 3, "undesirable": 2,
+                                                      "desirable_logp": pytest.approx(-8 / 3),
+                                                      "undesirable_logp": pytest.approx(-3.5)}
 
 
 # --------------------------------------------------------------------------- chunked log-probs
@@ -149,32 +142,11 @@ def test_chunked_logps_equal_full_logits(tiny_model_dir):
 
 # --------------------------------------------------------------------------- a DPO run
 
-def preference_rows(n, seed):
-    """The built-in task as pairs: chosen = the animal in the list, rejected = another word of it."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        words = rng.sample(OTHER_WORDS, rng.randint(2, 5))
-        animal = rng.choice(ANIMALS)
-        wrong = rng.choice(words)
-        words.insert(rng.randrange(len(words) + 1), animal)
-        rows.append({"prompt": f"{INSTRUCTION}\n{' '.join(words)}", "chosen": animal, "rejected": wrong})
-    return rows
-
-
-def _tokenized(root, model_dir, rows, **overrides):
-    src = write_jsonl(root / "src.jsonl", rows)
-    download_dataset(DatasetConfig(path=str(src), type="dpo"), root / "raw")
-    run = tiny_run(src, datasets=[{"path": str(src), "type": "dpo"}], rl="dpo", **overrides)
-    tokenize_run(run, [root / "raw"], model_dir, root / "packed")
-    return run, root / "packed"
-
-
 @pytest.fixture(scope="module")
 def dpo_data(tmp_path_factory, tiny_model_dir):
-    return _tokenized(tmp_path_factory.mktemp("dpo"), tiny_model_dir, preference_rows(400, seed=0),
-                      val_set_size=64, learning_rate=1e-2, rl_beta=0.5, lr_scheduler="constant",
-                      micro_batch_size=4, save_steps=1000)
+    return tokenized_pairs(tmp_path_factory.mktemp("dpo"), tiny_model_dir, preference_rows(400, seed=0),
+                           val_set_size=64, learning_rate=1e-2, rl_beta=0.5, lr_scheduler="constant",
+                           micro_batch_size=4, save_steps=1000)
 
 
 def test_sequence_logps_of_a_packed_batch_equal_each_sample_alone(dpo_data, tiny_model_dir):
@@ -234,7 +206,7 @@ def test_orpo_and_kto_train(tmp_path, tiny_model_dir, dpo_data):
 
 def test_identical_pair_stops_training_naming_the_row(tmp_path, tiny_model_dir):
     rows = [{"prompt": f"{INSTRUCTION}\nred cat", "chosen": "cat", "rejected": "cat"}] + preference_rows(11, seed=2)
-    run, packed = _tokenized(tmp_path, tiny_model_dir, rows, val_set_size=1, sample_packing=False, seed=3)
+    run, packed = tokenized_pairs(tmp_path, tiny_model_dir, rows, val_set_size=1, sample_packing=False, seed=3)
     with pytest.raises(PreferenceDataError, match=r"train/shard-00000.arrow: row \d+, pair 0: chosen and "
                                                   r"rejected responses are identical"):
         train(dataclasses.replace(run, max_steps=1), packed, tiny_model_dir, tmp_path / "run")
@@ -244,7 +216,7 @@ def test_identical_pair_stops_training_naming_the_row(tmp_path, tiny_model_dir):
 def test_empty_response_is_dropped_and_counted(tmp_path, tiny_model_dir):
     """The tokenize stage drops a pair with an empty response (no trained token besides its first)."""
     rows = [{"prompt": f"{INSTRUCTION}\nred cat", "chosen": "", "rejected": "cat"}] + preference_rows(11, seed=2)
-    _, packed = _tokenized(tmp_path, tiny_model_dir, rows, val_set_size=1, sample_packing=False)
+    _, packed = tokenized_pairs(tmp_path, tiny_model_dir, rows, val_set_size=1, sample_packing=False)
     manifest = json.loads((packed / "manifest.json").read_text())
     assert manifest["counts"]["no_trained_tokens_dropped"] == 1
 
@@ -253,7 +225,7 @@ def test_rl_needs_preference_data(tmp_path, tiny_model_dir, dpo_data):
     src = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "x", "output": "y"}])
     with pytest.raises(ConfigError, match=r"rl: dpo trains on type: dpo data; 'a' are not"):
         tiny_run(src, rl="dpo")
-    with pytest.raises(ConfigError, match="reward modelling is not supported"):
+    with pytest.raises(ConfigError, match=r"rl: reward trains on type: dpo data; 'a' are not"):
         tiny_run(src, rl="reward")
     run, packed = dpo_data
     with pytest.raises(TrainError, match="objective 'dpo' cannot train rl: None"):

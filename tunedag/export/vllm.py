@@ -3,7 +3,9 @@
 ``model/`` is the merged HF folder (config.json with ``architectures``, safetensors, tokenizer,
 generation_config); ``adapter/`` is the PEFT adapter for vLLM's LoRA serving
 (adapter_config.json + adapter_model.safetensors). Both are checked before the folder is renamed
-into place, and ``serve.json`` records the command lines that serve them.
+into place, and ``serve.json`` records the command lines that serve them. A reward model
+(``rl: reward``) is a ``*ForSequenceClassification`` folder that vLLM serves as a pooling model;
+its adapter is copied too, but only the merged folder is served.
 """
 from __future__ import annotations
 
@@ -40,7 +42,18 @@ def check_model_dir(path: Path) -> dict[str, Any]:
         raise VLLMExportError(f"{path}: no .safetensors weights")
     if not (path / "tokenizer_config.json").is_file():
         raise VLLMExportError(f"{path}: no tokenizer_config.json")
+    if is_reward_model(config):
+        if len(config.get("id2label") or {}) != 1:
+            raise VLLMExportError(f"{config_path}: a reward model has one label (a scalar score), "
+                                  f"got id2label {config.get('id2label')!r}")
+        if config.get("pad_token_id") is None:
+            raise VLLMExportError(f"{config_path}: a reward model needs pad_token_id (its pooling skips padding)")
     return config
+
+
+def is_reward_model(config: dict[str, Any]) -> bool:
+    """A sequence classifier (``rl: reward``) rather than a causal LM."""
+    return any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or [])
 
 
 def check_adapter_dir(path: Path) -> dict[str, Any]:
@@ -80,6 +93,10 @@ def export_vllm(merged_dir: Path, adapter_dir: Path, out_dir: Path) -> dict[str,
         "lora": (f"vllm serve <base model> --enable-lora --max-lora-rank {adapter_config['r']} "
                  "--lora-modules tunedag=adapter"),
     }
+    if is_reward_model(model_config):  # a pooling model; its score head is in the adapter in full, not as LoRA
+        serve.update(merged="vllm serve model --runner pooling --served-model-name tunedag",
+                     lora=None, lora_note="the adapter holds the score head trained in full, which vLLM's LoRA "
+                                          "serving does not load: serve the merged model")
     with atomic_path(out_dir) as tmp:
         _copy_files(merged_dir, tmp / "model", model_files)
         _copy_files(adapter_dir, tmp / "adapter", ["adapter_config.json", "adapter_model.safetensors"])

@@ -4,7 +4,8 @@ The loop (tunedag.train.loop) is the same for every engine. ``torch`` is plain H
 + PEFT: the reference every faster engine is compared to, and the engine on CPU. ``triton``
 (tunedag.train.triton_engine) runs the decoder on tunedag's kernels on one GPU; ``make_engine``
 picks it for ``train_engine: auto`` when exactly one CUDA GPU is present, and falls back to
-``torch`` with a log line naming the reason for anything the fast path does not cover.
+``torch`` with a log line naming the reason for anything the fast path does not cover (every
+``rl`` objective, reward modelling included, trains on the torch engine).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from tunedag.models.loading import load_causal_lm
 from tunedag.models.qlora import fake_quantize_
 from tunedag.train.batching import loss_sum, model_inputs
 from tunedag.train.preference import PreferenceObjective
+from tunedag.train.reward import RewardObjective, load_reward_model
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,11 @@ class TorchEngine:
 
     def __init__(self, run: RunConfig, model_path: Path, device: torch.device):
         self.device = device
-        base = load_causal_lm(model_path, torch.float32, run.trust_remote_code)
+        reward = run.rl == "reward"
+        if reward:  # the decoder under a scalar head (tunedag.train.reward)
+            base = load_reward_model(model_path, torch.float32, run.trust_remote_code, run.seed)
+        else:
+            base = load_causal_lm(model_path, torch.float32, run.trust_remote_code)
         if run.adapter == "qlora":
             n = fake_quantize_(base)
             log.info("torch engine, qlora: %d projections hold their NF4-dequantised values "
@@ -42,11 +48,12 @@ class TorchEngine:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.enable_input_require_grads()
         lora = LoraConfig(r=run.lora_r, lora_alpha=run.lora_alpha, lora_dropout=run.lora_dropout,
-                          target_modules=list(run.lora_target_modules), bias="none", task_type="CAUSAL_LM",
+                          target_modules=list(run.lora_target_modules), bias="none",
+                          task_type="SEQ_CLS" if reward else "CAUSAL_LM",  # SEQ_CLS trains `score` in full
                           modules_to_save=list(run.lora_modules_to_save) or None)
         self.model = get_peft_model(base, lora).to(device)
         self.model.train()
-        self.objective = PreferenceObjective(run) if run.rl else None
+        self.objective = RewardObjective(run) if reward else PreferenceObjective(run) if run.rl else None
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -58,7 +65,8 @@ class TorchEngine:
 
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Summed next-token loss of one micro-batch (packed samples never see each other); with ``rl``,
-        the summed preference loss of its pairs or samples (tunedag.train.preference)."""
+        the summed preference loss of its pairs or samples (tunedag.train.preference), or with
+        ``rl: reward`` the reward model's (tunedag.train.reward)."""
         if self.objective is not None:
             return self.objective.loss_sum(self.model, batch, self.device, self.autocast)
         with self.autocast():

@@ -33,6 +33,7 @@ from tunedag.train.preference import check_preference_shards
 
 log = logging.getLogger(__name__)
 SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+SHARD_OBJECTIVE = {None: "sft", "kto": "kto"}  # what the shards of each rl hold; the other objectives: dpo pairs
 
 
 class TrainError(TunedagError, ValueError):
@@ -80,9 +81,9 @@ def train(run: RunConfig, shards_dir: Path, model_path: Path, run_dir: Path) -> 
     manifest = json.loads((shards_dir / "manifest.json").read_text())
     seed_everything(run.seed)
     objective = manifest.get("objective", "sft")
-    if (run.rl is None) != (objective == "sft"):
+    if objective != SHARD_OBJECTIVE.get(run.rl, "dpo"):
         raise TrainError(f"{shards_dir}: shards of objective {objective!r} cannot train rl: {run.rl} "
-                         "(rl: dpo and orpo need type: dpo data, kto type: kto, null supervised data)")
+                         "(rl: dpo, orpo and reward need type: dpo data, kto type: kto, null supervised data)")
     engine = make_engine(run, model_path)
     if run.rl is not None:
         config = engine.model.config

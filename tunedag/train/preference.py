@@ -92,7 +92,7 @@ def token_logps(hidden: torch.Tensor, target: torch.Tensor, head: torch.nn.Modul
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
 
-def _segment_index(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def segment_index(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T) global segment number of every position (-1 on padding), and the segment labels (S,)."""
     seg = batch["segment_ids"]  # (B, T), 1.. per row, 0 = padding
     per_row = seg.max(dim=1).values  # (B,)
@@ -103,17 +103,17 @@ def _segment_index(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.
     return index, seg_labels
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device,
                    chunk_tokens: int = CHUNK_TOKENS) -> SequenceLogps:
     """Response log-probs of every segment of a packed preference batch, in one forward pass."""
-    lm = _unwrap(model)
+    lm = unwrap_model(model)
     hidden = lm.get_decoder()(**model_inputs(batch, device, torch.float32)).last_hidden_state  # (B, T, H)
     labels = batch["labels"].to(device)
-    index, seg_labels = _segment_index(batch)
+    index, seg_labels = segment_index(batch)
     trained = labels[:, 1:] != IGNORE_INDEX  # target t+1 is predicted at position t
     h = hidden[:, :-1][trained]  # (N, H): only trained positions go through the head
     target = labels[:, 1:][trained]
@@ -173,13 +173,13 @@ def kto_losses(logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Te
 
 # --------------------------------------------------------------------------- the objective
 
-def _pairs(seq: SequenceLogps) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of the chosen and rejected segments; checks the labels read 1, 0, 1, 0, …"""
-    expected = torch.arange(seq.labels.shape[0], device=seq.labels.device) % 2 == 0
-    if seq.labels.shape[0] % 2 or not torch.equal(seq.labels.bool(), expected):
+def pair_indices(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the chosen and rejected segments; checks the segment labels read 1, 0, 1, 0, …"""
+    expected = torch.arange(labels.shape[0], device=labels.device) % 2 == 0
+    if labels.shape[0] % 2 or not torch.equal(labels.bool(), expected):
         raise PreferenceDataError("dpo batch: segment labels do not read chosen, rejected, … in pairs "
                                   "(were the shards made from type: dpo data?)")
-    idx = torch.arange(0, seq.labels.shape[0], 2, device=seq.labels.device)
+    idx = torch.arange(0, labels.shape[0], 2, device=labels.device)
     return idx, idx + 1
 
 
@@ -206,7 +206,7 @@ class PreferenceObjective:
             kl = ratio.mean().clamp(min=0)
             return kto_losses(policy.logps, ref.logps, policy.labels, run.rl_beta, kl,
                               run.kto_desirable_weight, run.kto_undesirable_weight).sum()
-        c, r = _pairs(policy)
+        c, r = pair_indices(policy.labels)
         if run.rl == "orpo":
             mean = policy.mean()
             return (-mean[c] - run.orpo_alpha * orpo_odds_ratio(mean[c], mean[r])).sum()
@@ -256,20 +256,43 @@ def check_preference_shards(split_dir: Path, objective: str, special_ids: set[in
 # --------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def pair_logps(model: torch.nn.Module, val_dir: Path, pad_id: int, rows_per_batch: int = 8) -> torch.Tensor:
-    """(pairs, 2) summed response log-probs, chosen then rejected, of every dpo pair in ``val_dir``."""
+def segment_scores(val_dir: Path, pad_id: int,
+                   score: Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]],
+                   rows_per_batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores (S,), labels (S,)) of every segment in ``val_dir``, in shard order, on the CPU.
+
+    ``score`` maps a collated batch to its per-segment scores and labels (log-probs, rewards).
+    """
     from tunedag.data.shards import ShardReader
     from tunedag.train.batching import collate
 
     reader = ShardReader(val_dir)
     order = reader.epoch_order(0, seed=0, shuffle=False)
-    out = []
+    scores, labels = [torch.zeros(0)], [torch.zeros(0, dtype=torch.long)]
     for start in range(0, len(order), rows_per_batch):
-        batch = collate([reader.row(i) for i in order[start:start + rows_per_batch]], pad_id)
+        values, segment_labels = score(collate([reader.row(i) for i in order[start:start + rows_per_batch]], pad_id))
+        scores.append(values.float().cpu())
+        labels.append(segment_labels.cpu())
+    return torch.cat(scores), torch.cat(labels)
+
+
+def _logps_and_labels(model: torch.nn.Module) -> Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]:
+    def score(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         seq = sequence_logps(model, batch, model.device)
-        c, r = _pairs(seq)
-        out.append(torch.stack([seq.logps[c], seq.logps[r]], 1).cpu())
-    return torch.cat(out) if out else torch.zeros(0, 2)
+        return seq.logps, seq.labels
+    return score
+
+
+def pair_logps(model: torch.nn.Module, val_dir: Path, pad_id: int) -> torch.Tensor:
+    """(pairs, 2) summed response log-probs, chosen then rejected, of every dpo pair in ``val_dir``."""
+    logps, labels = segment_scores(val_dir, pad_id, _logps_and_labels(model))
+    c, r = pair_indices(labels)
+    return torch.stack([logps[c], logps[r]], 1)
+
+
+def sample_logps(model: torch.nn.Module, val_dir: Path, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logps (S,), labels (S,)) of every kto sample in ``val_dir``: 1 desirable, 0 undesirable."""
+    return segment_scores(val_dir, pad_id, _logps_and_labels(model))
 
 
 def preference_metrics(policy: torch.Tensor, reference: torch.Tensor | None, beta: float) -> dict[str, float]:
@@ -288,4 +311,30 @@ def preference_metrics(policy: torch.Tensor, reference: torch.Tensor | None, bet
         reward_margin = rewards[:, 0] - rewards[:, 1]
         out.update(reward_accuracy=float((reward_margin > 0).float().mean()),
                    reward_margin=float(reward_margin.mean()))
+    return out
+
+
+def kto_metrics(policy: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor | None,
+                beta: float) -> dict[str, float]:
+    """Mean log-probs of desirable and undesirable samples; with a reference, KTO's implicit rewards.
+
+    ``reward_accuracy``: share of samples whose reward β·(log π - log π_ref) has the sign of their
+    label (positive for desirable, negative for undesirable); ``reward_margin``: mean desirable
+    reward minus mean undesirable reward (TRL's rewards/chosen - rewards/rejected).
+    """
+    good, bad = labels == 1, labels == 0
+    out: dict[str, float] = {"desirable": int(good.sum()), "undesirable": int(bad.sum())}
+    if not labels.numel():
+        return out
+
+    def mean(x: torch.Tensor, where: torch.Tensor) -> float:
+        return float(x[where].mean()) if where.any() else float("nan")
+
+    out.update(desirable_logp=mean(policy, good), undesirable_logp=mean(policy, bad))
+    if reference is not None:
+        rewards = beta * (policy - reference)
+        right_sign = torch.where(good, rewards > 0, rewards < 0)  # a zero reward is wrong either way
+        out.update(reward_accuracy=float(right_sign.float().mean()),
+                   desirable_reward=mean(rewards, good), undesirable_reward=mean(rewards, bad),
+                   reward_margin=mean(rewards, good) - mean(rewards, bad))
     return out

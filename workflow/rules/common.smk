@@ -65,12 +65,18 @@ def stage_hash(stage):
     return lambda wildcards: CFG.runs[run_of(wildcards)].stage_hash(stage)
 
 
+def gguf_runs():
+    """Runs that get GGUF files: not reward models (llama.cpp runs generators; a reward model scores)."""
+    return [name for name, run in CFG.runs.items() if run.rl != "reward"]
+
+
 def all_targets():
     targets = []
     for name, run in CFG.runs.items():
         run_dir = CFG.run_dir(name)
         targets += [f"{run_dir}/eval", f"{run_dir}/export/vllm", f"{run_dir}/report/summary.html"]
-        targets += [f"{run_dir}/export/{name}-{t}.gguf" for t in run.gguf_types]
+        if name in gguf_runs():
+            targets += [f"{run_dir}/export/{name}-{t}.gguf" for t in run.gguf_types]
     return targets + ["reports/runs_compared.html"]
 
 

@@ -1,4 +1,4 @@
-# Stages export_gguf and export_vllm: files llama.cpp and vLLM load.
+# Stages export_gguf and export_vllm: files llama.cpp and vLLM load (no GGUF for rl: reward runs).
 
 
 rule export_gguf:
@@ -7,7 +7,7 @@ rule export_gguf:
     output:
         "{run_dir}/export/{name}-{gguf_type}.gguf",
     wildcard_constraints:
-        name=_alternation(CFG.runs),
+        name=_alternation(gguf_runs()) or "(?!)",  # no rule makes a reward model's GGUF
         gguf_type="f32|f16|bf16|q8_0|q4_k_m|q5_k_m|q6_k",
     resources:
         **stage_resources("export_gguf"),
