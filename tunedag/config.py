@@ -125,10 +125,20 @@ class RunConfig:
     activation_offloading: bool = _field(False, stages=("train",),
                                          doc="with gradient_checkpointing: keep layer inputs in pinned CPU "
                                              "memory (triton engine)")
-    train_engine: Literal["auto", "triton", "torch", "ddp", "fsdp"] = _field(
+    train_engine: Literal["auto", "triton", "torch", "ddp", "fsdp", "deepspeed"] = _field(
         "auto", stages=("train",),
         doc="training engine; auto: triton on exactly one CUDA GPU, else torch; in a Slurm job with "
-            "several ranks: ddp (replicated model, summed gradients) or fsdp (FSDP2 per decoder layer)")
+            "several ranks: ddp (replicated model, summed gradients), fsdp (FSDP2 per decoder layer) or "
+            "deepspeed (ZeRO stage 2 or 3)")
+    deepspeed_zero_stage: Literal[2, 3] = _field(
+        2, stages=("train",), doc="deepspeed: ZeRO stage; 2 shards gradients and optimizer state, 3 also the weights")
+    deepspeed_offload: Literal["none", "optimizer", "all"] = _field(
+        "none", stages=("train",),
+        doc="deepspeed: keep in CPU memory the optimizer state (optimizer) or also the weights (all, stage 3)")
+    deepspeed_config: Optional[str] = _field(
+        None, stages=("train",),
+        doc="deepspeed: a DeepSpeed JSON used instead of the generated one; batch sizes, accumulation and "
+            "clipping still come from config.yaml (the JSON may leave them out or write \"auto\")")
     rl: Optional[Literal["dpo", "orpo", "kto", "reward"]] = _field(
         None, stages=("train", "evaluate"),
         doc="preference objective on dpo (dpo, orpo, reward) or kto (kto) data; null: supervised fine-tuning; "
@@ -350,9 +360,16 @@ def _check_run(run: RunConfig, where: str, base_dir: Path) -> None:
         if wrong:
             raise ConfigError(f"{where}.datasets: rl: {run.rl} trains on type: {want} data; "
                               f"{', '.join(repr(w) for w in wrong)} are not")
-        if run.train_engine in ("ddp", "fsdp"):
-            raise ConfigError(f"{where}.train_engine: rl: {run.rl} runs on the torch engine (one process) only so far, "
-                              f"not {run.train_engine}")
+    if run.deepspeed_offload == "all" and run.deepspeed_zero_stage != 3:
+        raise ConfigError(f"{where}.deepspeed_offload: all (weights too) needs deepspeed_zero_stage: 3")
+    if run.deepspeed_config is not None:
+        from tunedag.train.deepspeed_engine import check_user_config, read_user_config
+
+        path = base_dir / run.deepspeed_config
+        try:
+            check_user_config(read_user_config(path), run, None, str(path))
+        except ConfigError as err:
+            raise ConfigError(f"{where}.deepspeed_config: {err}") from None
     if run.max_steps is not None and run.max_steps < 1:
         raise ConfigError(f"{where}.max_steps: must be at least 1, got {run.max_steps!r}")
     if run.val_set_size <= 0:

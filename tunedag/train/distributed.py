@@ -10,13 +10,17 @@ same losses as one process whose micro-batch is ``world_size`` times larger:
 
 - rank r reads rows r, r+W, r+2W... of each epoch's seeded order (``ShardReader(rank, W)``), so a
   step's rows across ranks are the rows one process would take for a batch W times larger;
-- the step's trained-token count is all-reduced, every rank divides its summed loss by that
-  global count, and gradients are *summed* across ranks, so the loss is the true token mean;
+- the step's trained-token count (with ``rl``: its pair or sample count) is all-reduced, every
+  rank divides its summed loss by that global count, and gradients are *summed* across ranks,
+  so the loss is the true mean over the step (KTO's reference point is each rank's micro-batch
+  mean, as it is each micro-batch's in one process);
 - rank 0 alone writes metrics, checkpoints and outputs; gathering weights is collective.
 
-Engines (``train_engine``): ``ddp`` replicates the model and all-reduces the trainable
-gradients (LoRA: a few MB per step); ``fsdp`` shards every decoder layer and then the root
-with FSDP2 ``fully_shard``. (DeepSpeed ZeRO is not wired in yet: see README.)
+Engines (``train_engine``) own the optimizer, ``backward`` and ``step`` (reduce, clip, update,
+zero): ``ddp`` replicates the model and all-reduces the trainable gradients (LoRA: a few MB per
+step); ``fsdp`` shards every decoder layer and then the root with FSDP2 ``fully_shard``;
+``deepspeed`` runs ZeRO stage 2 or 3 with optional CPU offload
+(:mod:`tunedag.train.deepspeed_engine`).
 Every run ends with a barrier and ``destroy_process_group`` (a rank that exits without them
 sometimes aborts at exit and fails an otherwise finished job).
 """
@@ -135,6 +139,10 @@ def _broadcast(obj: Any) -> Any:
 
 # --------------------------------------------------------------------------- engines
 
+def adamw(params: list[torch.nn.Parameter], run: RunConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=run.learning_rate, weight_decay=run.weight_decay)
+
+
 class DataParallelEngine:
     """The torch engine on every rank; trainable gradients summed across ranks after backward."""
 
@@ -145,12 +153,24 @@ class DataParallelEngine:
         self.inner = TorchEngine(run, model_path, env.device())
         self.model, self.device = self.inner.model, self.inner.device
         self.loss_scale = 1.0  # the gradient all-reduce sums
+        self.optimizer = adamw(self.trainable_parameters(), run)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return self.inner.trainable_parameters()
 
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.inner.loss_sum(batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss * self.loss_scale).backward()
+
+    def step(self, max_norm: float) -> float:
+        """Sum the gradients over ranks, clip, update, zero them; return the norm before clipping."""
+        self.sync_gradients()
+        norm = self.clip(max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
 
     def sync_gradients(self) -> None:
         if not dist.is_initialized() or self.env.world_size == 1:
@@ -166,15 +186,15 @@ class DataParallelEngine:
     def clip(self, max_norm: float) -> float:
         return float(torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), max_norm or float("inf")))
 
-    def load(self, path: Path, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    def load(self, path: Path, state: dict[str, Any]) -> None:
         self.inner.load_trainable(path)
-        optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(state["optimizer"])
 
-    def save_checkpoint(self, root: Path, optimizer, scheduler, position: ckpt.Position, config_hash: str,
+    def save_checkpoint(self, root: Path, scheduler, position: ckpt.Position, config_hash: str,
                         keep_last: int) -> None:
         # replicas are identical: rank 0 writes the single-process format (resumable by either)
         if self.env.is_main:
-            ckpt.save_checkpoint(root, self.model, optimizer, scheduler, position, config_hash, keep_last)
+            ckpt.save_checkpoint(root, self.model, self.optimizer, scheduler, position, config_hash, keep_last)
 
     def save_final(self, dest: Path) -> None:
         if self.env.is_main:
@@ -206,6 +226,7 @@ class FSDPEngine(DataParallelEngine):
             fully_shard(layer)
         fully_shard(self.model)
         self.loss_scale = float(env.world_size)
+        self.optimizer = adamw(self.trainable_parameters(), run)
 
     def sync_gradients(self) -> None:  # the reduce-scatter in backward did it
         pass
@@ -218,9 +239,9 @@ class FSDPEngine(DataParallelEngine):
         from torch.distributed.checkpoint.state_dict import StateDictOptions
         return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
 
-    def load(self, path: Path, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    def load(self, path: Path, state: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-        set_optimizer_state_dict(self.model, optimizer, state["optimizer"], options=self._options())
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=self._options())
 
     def _gather(self, optimizer=None) -> tuple[dict, dict | None]:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
@@ -228,9 +249,9 @@ class FSDPEngine(DataParallelEngine):
         optim = get_optimizer_state_dict(self.model, optimizer, options=self._options()) if optimizer else None
         return weights, optim
 
-    def save_checkpoint(self, root: Path, optimizer, scheduler, position: ckpt.Position, config_hash: str,
+    def save_checkpoint(self, root: Path, scheduler, position: ckpt.Position, config_hash: str,
                         keep_last: int) -> None:
-        weights, optim = self._gather(optimizer)  # collective: every rank takes part
+        weights, optim = self._gather(self.optimizer)  # collective: every rank takes part
         if not self.env.is_main:
             return
         with atomic_path(root / f"step-{position.step}") as tmp:
@@ -249,12 +270,16 @@ class FSDPEngine(DataParallelEngine):
 
 
 def pick_engine_name(run: RunConfig, world_size: int) -> str:
-    """ddp or fsdp as asked; auto (and torch/triton, which are single-rank engines): ddp."""
-    return run.train_engine if run.train_engine in ("ddp", "fsdp") else "ddp"
+    """ddp, fsdp or deepspeed as asked; auto (and torch/triton, which are single-rank engines): ddp."""
+    return run.train_engine if run.train_engine in ("ddp", "fsdp", "deepspeed") else "ddp"
 
 
-def make_parallel_engine(run: RunConfig, model_path: Path, env: DistEnv, resume_from: Path | None):
+def make_parallel_engine(run: RunConfig, model_path: Path, env: DistEnv, resume_from: Path | None, run_dir: Path):
     name = pick_engine_name(run, env.world_size)
+    if name == "deepspeed":
+        from tunedag.train.deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(run, model_path, env, run_dir)
     if name == "fsdp":
         return FSDPEngine(run, model_path, env, resume_from)
     return DataParallelEngine(run, model_path, env)
@@ -283,17 +308,16 @@ def train_distributed(run: RunConfig, shards_dir: Path, model_path: Path, run_di
     ckpt_root = run_dir / "checkpoints"
     resumed = _latest(ckpt_root, config_hash, env)
     seed_everything(run.seed)
-    engine = make_parallel_engine(run, model_path, env, resumed)
+    engine = make_parallel_engine(run, model_path, env, resumed, run_dir)
+    count = engine.inner.objective.loss_units if run.rl is not None else lambda b: trained_token_count(b["labels"])
     reader = ShardReader(shards_dir / "train", env.rank, env.world_size)
     steps = total_steps(run, len(reader))
-    params = engine.trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=run.learning_rate, weight_decay=run.weight_decay)
-    scheduler = get_scheduler(SCHEDULERS[run.lr_scheduler], optimizer,
+    scheduler = get_scheduler(SCHEDULERS[run.lr_scheduler], engine.optimizer,
                               num_warmup_steps=run.warmup_steps, num_training_steps=steps)
     position = ckpt.Position()
     if resumed is not None:
         state = ckpt.load_state(resumed)
-        engine.load(resumed, optimizer, state)
+        engine.load(resumed, state)
         scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])  # ranks consume randomness alike: rank 0's state is everyone's
         position = ckpt.Position(**state["position"])
@@ -314,18 +338,15 @@ def train_distributed(run: RunConfig, shards_dir: Path, model_path: Path, run_di
             group = [b for _, b in zip(range(run.gradient_accumulation_steps), batches)]
             if not _any(bool(group), engine.device):
                 break
-            n_tokens = _sum(sum(trained_token_count(b["labels"]) for b, _, _ in group), engine.device)
+            n_tokens = _sum(sum(count(b) for b, _, _ in group), engine.device)  # or pairs/samples for rl
             loss_total = 0.0
             for batch, _, _ in group:
                 loss = engine.loss_sum(batch) / max(n_tokens, 1)
-                (loss * engine.loss_scale).backward()
+                engine.backward(loss)
                 loss_total += loss.item()
-            engine.sync_gradients()
             loss_total = _sum(loss_total, engine.device)
-            grad_norm = engine.clip(run.max_grad_norm)
-            optimizer.step()
+            grad_norm = engine.step(run.max_grad_norm)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             _, position.epoch, position.offset = group[-1]
             position.step += 1
             position.tokens_seen += int(_sum(sum(int(b["input_ids"].numel()) for b, _, _ in group), engine.device))
@@ -342,8 +363,7 @@ def train_distributed(run: RunConfig, shards_dir: Path, model_path: Path, run_di
                 log.info("step %d/%d loss %.4f lr %.3g", position.step, steps, loss_total, record["learning_rate"])
             stopped = _any(should_stop(), engine.device) and position.step < steps
             if stopped or position.step % run.save_steps == 0 or position.step == steps:
-                engine.save_checkpoint(ckpt_root, optimizer, scheduler, position, config_hash,
-                                       run.keep_last_checkpoints)
+                engine.save_checkpoint(ckpt_root, scheduler, position, config_hash, run.keep_last_checkpoints)
             if stopped:
                 log.warning("rank %d: stopping at step %d after a complete checkpoint", env.rank, position.step)
                 return None
