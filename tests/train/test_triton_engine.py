@@ -13,10 +13,12 @@ import pytest
 import torch
 
 from tests.helpers import tiny_run
-from tests.train.triton_models import CONFIGS, packed_batch, tiny_model
+from tests.train.triton_models import CONFIGS, packed_batch, preference_batch, tiny_model
 from tunedag.kernels.nf4 import NF4Weight
+from tunedag.models.loading import load_causal_lm
 from tunedag.train.batching import loss_sum
 from tunedag.train.engines import TorchEngine, make_engine
+from tunedag.train.preference import sequence_logps
 from tunedag.train.triton_engine import TritonEngine
 
 CPU = torch.device("cpu")
@@ -163,13 +165,18 @@ FALLBACKS = {
     "modules_to_save": (dict(lora_modules_to_save=["norm"]), "only ['embed_tokens', 'lm_head']"),
     "tied": ("gemma", "tied input/output embeddings"),
     "architecture": ("phi3", "architecture 'phi3' has no fused path"),
+    "reward": (dict(rl="reward"), "rl: reward"),
 }
 
 
 @pytest.mark.parametrize("case", list(FALLBACKS))
 def test_uncovered_settings_fall_back_to_torch_with_the_reason(case, tmp_path, caplog, monkeypatch):
     overrides, reason = FALLBACKS[case]
-    if overrides == "phi3":
+    if case == "reward":  # the torch engine's reward model needs a tokenizer the tiny model lacks
+        monkeypatch.setattr("tunedag.train.engines.TorchEngine", lambda run, path, device: "torch-engine")
+        model_dir = tiny_model("llama", tmp_path / "m")
+        overrides = dict(overrides, **_preference_data(model_dir, "reward"))
+    elif overrides == "phi3":
         model_dir, overrides = _phi3(tmp_path), {}
         monkeypatch.setattr("tunedag.train.engines.TorchEngine", lambda run, path, device: "torch-engine")
     elif overrides == "gemma":
@@ -189,6 +196,9 @@ def test_triton_is_chosen_when_covered(tmp_path):
     # auto means triton only with exactly one CUDA GPU
     auto = make_engine(_run(model_dir, train_engine="auto"), model_dir)
     assert isinstance(auto, TritonEngine if torch.cuda.device_count() == 1 else TorchEngine)
+    for rl in ("dpo", "orpo", "kto"):  # preference objectives take the fast path too
+        engine = make_engine(_run(model_dir, **_preference_data(model_dir, rl)), model_dir)
+        assert isinstance(engine, TritonEngine) and engine.objective.run.rl == rl
 
 
 def test_collate_segments_flatten_to_documents():
@@ -199,3 +209,71 @@ def test_collate_segments_flatten_to_documents():
     assert seq.cu_seqlens.tolist() == [0, 4, 10, 15] and seq.max_len == 6
     assert seq.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4]]
     assert seq.keep.tolist() == [True] * 10 + [True] * 5 + [False] * 5
+
+
+# --------------------------------------------------------------------------- preference objectives
+
+def _preference_data(model_dir, rl):
+    """The run keys of an ``rl`` run (its datasets must be of the matching type)."""
+    kind = "kto" if rl == "kto" else "dpo"
+    return dict(rl=rl, datasets=[{"path": str(model_dir / "config.json"), "type": kind}])
+
+
+def _perturb_full_modules(*engines):
+    """Move the trained embed_tokens / lm_head copies away from the frozen originals, alike in each engine:
+    else the reference (which must use the originals) could not tell them apart."""
+    gen = torch.Generator().manual_seed(4)
+    noise = {}
+    for engine in engines:
+        with torch.no_grad():
+            for name, p in engine.model.named_parameters():
+                if "modules_to_save" in name:
+                    noise.setdefault(name, torch.randn(p.shape, generator=gen) * 0.05)
+                    p.add_(noise[name])
+
+
+KTO_LABELS = ((1, 0, 0, 1), (1, 1))  # the batch's segments: desirable 1, undesirable 0
+PREFERENCE_CASES = {
+    # trained embed_tokens and lm_head that the reference must switch off, checkpointing, cDPO smoothing
+    "dpo-sigmoid": ("llama", dict(lora_modules_to_save=["embed_tokens", "lm_head"], gradient_checkpointing=True,
+                                  dpo_label_smoothing=0.1, rl_beta=0.5)),
+    "dpo-ipo": ("qwen2", dict(dpo_loss_type="ipo")),
+    "dpo-qlora": ("llama", dict(adapter="qlora")),
+    "orpo": ("gemma2", dict(orpo_alpha=0.5)),
+    "kto": ("qwen3", dict(gradient_checkpointing=True, kto_desirable_weight=1.3)),
+}
+
+
+@pytest.mark.parametrize("case", list(PREFERENCE_CASES))
+def test_preference_loss_and_gradients_match_the_torch_engine(case, tmp_path):
+    """The packed policy pass, the adapters-off reference and the loss: triton engine = torch engine, fp32."""
+    arch, overrides = PREFERENCE_CASES[case]
+    model_dir = tiny_model(arch, tmp_path / arch)
+    rl = case.split("-")[0]
+    ref, fast = _engines(model_dir, **_preference_data(model_dir, rl), **overrides)
+    _perturb_full_modules(ref, fast)
+    batch = preference_batch(labels=KTO_LABELS if rl == "kto" else None)
+    assert fast.objective.loss_units(batch) == ref.objective.loss_units(batch) == (6 if rl == "kto" else 3)
+    _assert_same_step(ref, fast, batch)
+
+
+def test_adapters_off_reference_is_the_base_model(tmp_path):
+    """Inside disable_adapter() the fused modules run the frozen base alone, and the trained embed_tokens /
+    lm_head give way to the originals: log-probs equal the untouched HF model's. Afterwards all is back on."""
+    model_dir = tiny_model("llama", tmp_path / "m")
+    _, fast = _engines(model_dir, **_preference_data(model_dir, "dpo"),
+                       lora_modules_to_save=["embed_tokens", "lm_head"])
+    _perturb_full_modules(fast)
+    batch = preference_batch(seed=1)
+    trained = fast.trainable_parameters()
+    with torch.no_grad():
+        expected = sequence_logps(load_causal_lm(model_dir), batch, CPU)
+        with fast.model.disable_adapter():
+            reference = fast.sequence_logps(batch)
+        policy = fast.sequence_logps(batch)
+    torch.testing.assert_close(reference.logps, expected.logps, rtol=FP32_REL, atol=0)
+    assert torch.equal(reference.tokens, expected.tokens)
+    assert (policy.logps - expected.logps).abs().min() > 1e-2  # the adapters are on again, and they matter
+    assert fast.trainable_parameters() == trained  # peft re-enabled every adapter's requires_grad
+    with fast.model.disable_adapter(), pytest.raises(RuntimeError, match="under torch.no_grad"):
+        fast.sequence_logps(batch)  # the base-only path keeps nothing for backward: it refuses gradients

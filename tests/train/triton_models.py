@@ -49,9 +49,9 @@ def tiny_model(arch: str, dest: Path, seed: int = 0, **overrides) -> Path:
     return dest
 
 
-def sample(length: int, rng: np.random.Generator, prompt: int = 3) -> dict[str, np.ndarray]:
+def sample(length: int, rng: np.random.Generator, prompt: int = 3, vocab: int = VOCAB) -> dict[str, np.ndarray]:
     """One sample: ids, labels (prompt and first token not trained), positions from 0."""
-    ids = rng.integers(3, VOCAB, size=length)
+    ids = rng.integers(3, vocab, size=length)
     labels = ids.copy()
     labels[:prompt] = IGNORE_INDEX
     return {"input_ids": ids, "labels": labels}
@@ -70,3 +70,17 @@ def packed_batch(seed: int = 0, rows: tuple[tuple[int, ...], ...] = ((4, 6), (5,
     """Rows of packed samples of the given lengths; the shorter row is padded."""
     rng = np.random.default_rng(seed)
     return collate([pack([sample(n, rng) for n in lengths]) for lengths in rows], pad_id=0)
+
+
+def preference_batch(seed: int = 0, rows: tuple[tuple[int, ...], ...] = ((6, 5, 7, 4), (5, 8)),
+                     labels: tuple[tuple[int, ...], ...] | None = None, prompt: int = 3,
+                     vocab: int = VOCAB) -> dict[str, torch.Tensor]:
+    """Packed preference rows of segments of the given lengths (prompt masked), labelled chosen,
+    rejected, … (dpo pairs: 1, 0, …) or by ``labels`` (kto: 1 desirable, 0 undesirable, per row)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for r, lengths in enumerate(rows):
+        row = pack([sample(n, rng, prompt, vocab) for n in lengths])
+        row["segment_labels"] = np.array(labels[r] if labels else [1 - k % 2 for k in range(len(lengths))])
+        out.append(row)
+    return collate(out, pad_id=0)

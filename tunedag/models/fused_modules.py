@@ -6,6 +6,11 @@ them peft's adapter files and checkpoints, are unchanged. The frozen base weight
 projection is its ``base_layer.weight``, or an ``NF4Weight`` under QLoRA (``nf4`` maps the
 projection's name to it; the dense weight is then dropped).
 
+Adapters off: inside peft's ``model.disable_adapter()`` (the reference pass of ``rl: dpo | kto``)
+the LoRA Linears report ``disable_adapters``; the fused attention and MLP then run the frozen base
+alone (dense or NF4-dequantised matmuls, no LoRA matmuls at all). That path is inference only: it
+keeps nothing for backward, and it refuses to run with gradients enabled.
+
 Shapes: the engine flattens a micro-batch to its N real tokens, so hidden states are
 (1, N, H) and the attention works on (N, heads, head_dim) views.
 """
@@ -14,9 +19,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tunedag.kernels.lora_mlp import lora_mlp
+from tunedag.kernels.lora_mlp import act_mul, lora_mlp
 from tunedag.kernels.lora_qkv import lora_o, lora_qkv
-from tunedag.kernels.nf4 import NF4Weight
+from tunedag.kernels.nf4 import NF4Weight, maybe_dequantize
 from tunedag.kernels.rms_norm import rms_norm
 from tunedag.kernels.rope import rope
 from tunedag.models.packed_attention import PackedSequences, packed_attention
@@ -56,6 +61,21 @@ def _scaling(proj: nn.Module) -> float:
     return float(proj.scaling[ADAPTER])
 
 
+def _adapters_off(proj: nn.Module) -> bool:
+    """True inside peft's ``disable_adapter()``: run the frozen base alone, without gradients."""
+    if not proj.disable_adapters:
+        return False
+    if torch.is_grad_enabled():
+        raise RuntimeError("adapters disabled with gradients enabled: the fused modules' base-only path is "
+                           "for the reference pass, under torch.no_grad()")
+    return True
+
+
+def _base(x: torch.Tensor, proj: nn.Module, nf4: dict[str, NF4Weight], name: str) -> torch.Tensor:
+    """x (N, in) @ the frozen base weight (dense or NF4-dequantised) -> (N, out); no LoRA."""
+    return x @ maybe_dequantize(nf4.get(name, proj.base_layer.weight), x.dtype).t()
+
+
 class FusedLoRAAttention(nn.Module):
     """Q/K/V with one fused LoRA call, (Qwen3) q/k norms, in-place RoPE, packed attention, LoRA O."""
 
@@ -80,8 +100,12 @@ class FusedLoRAAttention(nn.Module):
             raise TypeError("FusedLoRAAttention needs the engine's PackedSequences as attention_mask")
         n = hidden_states.shape[-2]
         x = hidden_states.reshape(n, -1)
-        parts = [_lora_parts(getattr(self, p), self._nf4, p) for p in ("q_proj", "k_proj", "v_proj")]
-        q, k, v = lora_qkv(x, *parts[0], *parts[1], *parts[2], _scaling(self.q_proj))
+        off = _adapters_off(self.q_proj)
+        if off:
+            q, k, v = (_base(x, getattr(self, p), self._nf4, p) for p in ("q_proj", "k_proj", "v_proj"))
+        else:
+            parts = [_lora_parts(getattr(self, p), self._nf4, p) for p in ("q_proj", "k_proj", "v_proj")]
+            q, k, v = lora_qkv(x, *parts[0], *parts[1], *parts[2], _scaling(self.q_proj))
         q, k, v = (_add_bias(y, p) for y, p in zip((q, k, v), (self.q_proj, self.k_proj, self.v_proj)))
         q = q.view(n, -1, self.head_dim)  # (N, Hq, D)
         k = k.view(n, -1, self.head_dim)  # (N, Hk, D)
@@ -92,8 +116,12 @@ class FusedLoRAAttention(nn.Module):
         q4, k4 = rope(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)  # (1, H, N, D), in place
         q, k = q4[0].transpose(0, 1), k4[0].transpose(0, 1)
         out = packed_attention(q, k, v, attention_mask, self.scaling, self.softcap, self.sliding_window)
-        o_w, o_a, o_b = _lora_parts(self.o_proj, self._nf4, "o_proj")
-        y = _add_bias(lora_o(out.reshape(n, -1), o_w, o_a, o_b, _scaling(self.o_proj)), self.o_proj)
+        out = out.reshape(n, -1)
+        if off:
+            y = _base(out, self.o_proj, self._nf4, "o_proj")
+        else:
+            y = lora_o(out, *_lora_parts(self.o_proj, self._nf4, "o_proj"), _scaling(self.o_proj))
+        y = _add_bias(y, self.o_proj)
         return y.view(hidden_states.shape[:-1] + (y.shape[-1],)), None
 
 
@@ -108,6 +136,11 @@ class FusedLoRAMLP(nn.Module):
                      if f"{prefix}.{n}" in nf4}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _adapters_off(self.gate_proj):
+            x2 = x.reshape(-1, x.shape[-1])
+            g, u = (_base(x2, getattr(self, p), self._nf4, p) for p in ("gate_proj", "up_proj"))
+            y = _base(act_mul(g, u, self.activation), self.down_proj, self._nf4, "down_proj")
+            return y.view(x.shape[:-1] + (y.shape[-1],))
         parts = [_lora_parts(getattr(self, p), self._nf4, p) for p in ("gate_proj", "up_proj", "down_proj")]
         return lora_mlp(x, *parts[0], *parts[1], *parts[2], _scaling(self.gate_proj), self.activation)
 

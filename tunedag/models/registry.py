@@ -71,8 +71,8 @@ def fast_path_blocker(run: RunConfig, config: Any) -> str | None:
     spec = ARCHITECTURES.get(model_type)
     if spec is None:
         return f"architecture {model_type!r} has no fused path (covered: {', '.join(ARCHITECTURES)})"
-    if run.rl is not None:
-        return f"rl: {run.rl} (preference losses run on the torch engine; the fused loss is next-token only)"
+    if run.rl == "reward":
+        return "rl: reward (reward modelling trains a score head on the torch engine; dpo, orpo and kto take this path)"
     if run.lora_dropout > 0:
         return f"lora_dropout {run.lora_dropout} > 0 (the fused LoRA kernels apply no dropout)"
     if sorted(run.lora_target_modules) != sorted(LORA_TARGETS):

@@ -4,8 +4,8 @@ The loop (tunedag.train.loop) is the same for every engine. ``torch`` is plain H
 + PEFT: the reference every faster engine is compared to, and the engine on CPU. ``triton``
 (tunedag.train.triton_engine) runs the decoder on tunedag's kernels on one GPU; ``make_engine``
 picks it for ``train_engine: auto`` when exactly one CUDA GPU is present, and falls back to
-``torch`` with a log line naming the reason for anything the fast path does not cover (every
-``rl`` objective, reward modelling included, trains on the torch engine).
+``torch`` with a log line naming the reason for anything the fast path does not cover (of the
+``rl`` objectives, reward modelling trains on the torch engine; dpo, orpo and kto on either).
 """
 from __future__ import annotations
 

@@ -13,7 +13,9 @@ idea of the fused linear cross-entropy).
 
 Reference model: with LoRA it is the same model with its adapters (and modules_to_save)
 disabled through peft's ``disable_adapter()``: no second copy in memory, one extra forward pass
-without gradients.
+without gradients (the triton engine's fused modules honour it and run the frozen base alone).
+Engines hand their final hidden states and LM head to ``hidden_logps`` and the result to
+``PreferenceObjective.loss_from_logps``; ``loss_sum`` does both for an HF model.
 
 Losses, per pair (dpo/orpo) or per sample (kto); ``loss_sum`` returns their sum and
 ``loss_units`` their count, so the loop's "sum, then divide by the group's count" yields the mean
@@ -107,23 +109,43 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def hidden_logps(hidden: torch.Tensor, batch: dict[str, torch.Tensor], head: Callable[[torch.Tensor], torch.Tensor],
+                 keep: torch.Tensor | None = None, chunk_tokens: int = CHUNK_TOKENS,
+                 softcap: float | None = None) -> SequenceLogps:
+    """Response log-probs of every segment from an engine's final hidden states and its LM head.
+
+    ``hidden``: (B·T, H) for every position of the (B, T) batch, or (N, H) for the positions that
+    ``keep`` (B·T,) bool selects (an engine that drops padding). ``head`` maps (n, H) to (n, V) logits.
+    """
+    device = hidden.device
+    labels = batch["labels"]
+    index, seg_labels = segment_index(batch)
+    target = torch.full_like(labels, IGNORE_INDEX)
+    target[:, :-1] = labels[:, 1:]  # target t+1 is predicted at position t
+    where = torch.full_like(index, -1)
+    where[:, :-1] = index[:, 1:]
+    target, where = target.reshape(-1), where.reshape(-1)
+    if keep is not None:
+        keep = keep.cpu()
+        target, where = target[keep], where[keep]
+    trained = target != IGNORE_INDEX
+    h = hidden[trained.to(device)]  # (n, H): only trained positions go through the head
+    target, where = target[trained].to(device), where[trained].to(device)
+    logp = token_logps(h, target, head, chunk_tokens, softcap)
+    n = seg_labels.shape[0]
+    sums = torch.zeros(n, dtype=torch.float32, device=device).index_add(0, where, logp)
+    counts = torch.zeros(n, dtype=torch.long, device=device).index_add(0, where, torch.ones_like(where))
+    return SequenceLogps(sums, counts, seg_labels.to(device))
+
+
 def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device,
                    chunk_tokens: int = CHUNK_TOKENS) -> SequenceLogps:
     """Response log-probs of every segment of a packed preference batch, in one forward pass."""
     lm = unwrap_model(model)
     hidden = lm.get_decoder()(**model_inputs(batch, device, torch.float32)).last_hidden_state  # (B, T, H)
-    labels = batch["labels"].to(device)
-    index, seg_labels = segment_index(batch)
-    trained = labels[:, 1:] != IGNORE_INDEX  # target t+1 is predicted at position t
-    h = hidden[:, :-1][trained]  # (N, H): only trained positions go through the head
-    target = labels[:, 1:][trained]
-    where = index.to(device)[:, 1:][trained]
     softcap = getattr(lm.config, "final_logit_softcapping", None)
-    logp = token_logps(h, target, lm.get_output_embeddings(), chunk_tokens, softcap)
-    n = seg_labels.shape[0]
-    sums = torch.zeros(n, dtype=torch.float32, device=device).index_add(0, where, logp)
-    counts = torch.zeros(n, dtype=torch.long, device=device).index_add(0, where, torch.ones_like(where))
-    return SequenceLogps(sums, counts, seg_labels.to(device))
+    return hidden_logps(hidden.reshape(-1, hidden.shape[-1]), batch, lm.get_output_embeddings(),
+                        chunk_tokens=chunk_tokens, softcap=softcap)
 
 
 def reference_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device,
@@ -195,12 +217,22 @@ class PreferenceObjective:
         segments = int((batch["segment_labels"] >= 0).sum())
         return segments if self.run.rl == "kto" else segments // 2
 
+    @property
+    def needs_reference(self) -> bool:
+        """dpo (sigmoid, ipo) and kto compare with the reference model; orpo does not."""
+        return self.run.rl in ("dpo", "kto")
+
     def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device,
                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> torch.Tensor:
-        run = self.run
+        """The summed loss of an HF (peft) ``model``'s forward passes over ``batch``."""
         with autocast():
             policy = sequence_logps(model, batch, device, self.chunk_tokens)
-            ref = reference_logps(model, batch, device, self.chunk_tokens) if run.rl in ("dpo", "kto") else None
+            ref = reference_logps(model, batch, device, self.chunk_tokens) if self.needs_reference else None
+        return self.loss_from_logps(policy, ref)
+
+    def loss_from_logps(self, policy: SequenceLogps, ref: SequenceLogps | None) -> torch.Tensor:
+        """The summed loss from the policy's and (dpo, kto) the reference's log-probs, from any engine."""
+        run = self.run
         if run.rl == "kto":
             ratio = (policy.logps - ref.logps).detach()
             kl = ratio.mean().clamp(min=0)

@@ -11,7 +11,13 @@ the torch engine with a logged reason):
 - packed micro-batches computed on their real tokens only: rows are flattened to N tokens
   (padding dropped) and attention never crosses samples (``packed_attention``);
 - gradient checkpointing off / on / offload (``gradient_checkpointing`` +
-  ``activation_offloading``), per decoder layer.
+  ``activation_offloading``), per decoder layer;
+- preference training (``rl: dpo | orpo | kto``): the same decoder gives the final hidden states of
+  chosen and rejected (or kto samples) in one packed pass, and ``PreferenceObjective`` turns them
+  into chunked response log-probs and its loss. The reference (dpo, kto) is this model inside peft's
+  ``disable_adapter()`` under no_grad: the fused modules then run the frozen base alone (no LoRA
+  matmuls) and trained embed_tokens / lm_head give way to the frozen originals; nothing is saved
+  for backward. ``rl: reward`` (a score head, not an LM head) stays on the torch engine.
 
 Precision: on CUDA the frozen base is bf16 (rotary buffers stay fp32, as the torch engine's
 fp32 model under bf16 autocast computes them); LoRA A/B and fully trained modules are fp32
@@ -19,7 +25,7 @@ master weights, cast to bf16 inside the kernels, their gradients returned in fp3
 log-sum-exp is fp32. On the CPU everything is fp32 (the reference comparisons in tests).
 
 The loss is never computed from [tokens, vocab] logits: ``loss_sum`` ends in the chunked fused
-linear + cross-entropy. Its interface is the torch engine's, so the shared loop, checkpoints
+linear + cross-entropy, or with ``rl`` in the preference objective's chunked log-probs. Its interface is the torch engine's, so the shared loop, checkpoints
 and peft adapter files are the same.
 """
 from __future__ import annotations
@@ -42,13 +48,17 @@ from tunedag.models.patching import patch_model
 from tunedag.models.qlora import quantize_base_weights
 from tunedag.models.registry import ARCHITECTURES
 from tunedag.train.layer_checkpoint import Mode, run_layers
+from tunedag.train.preference import CHUNK_TOKENS, PreferenceObjective, SequenceLogps, hidden_logps
 
 log = logging.getLogger(__name__)
 
 
 def _active(module: torch.nn.Module) -> torch.nn.Module:
-    """The trained copy inside peft's ModulesToSaveWrapper, else the module itself."""
+    """The trained copy inside peft's ModulesToSaveWrapper (the frozen original while adapters are
+    disabled), else the module itself."""
     if isinstance(module, ModulesToSaveWrapper):
+        if module.disable_adapters:
+            return module.original_module
         return module.modules_to_save[module.active_adapters[0]]
     return module
 
@@ -95,6 +105,9 @@ class TritonEngine:
         self.causal_lm = model.get_base_model()
         self.decoder = self.causal_lm.model
         self.spec = ARCHITECTURES[self.causal_lm.config.model_type]
+        if run.rl == "reward":
+            raise ValueError("rl: reward trains on the torch engine (a score head, not an LM head)")
+        self.objective = PreferenceObjective(run) if run.rl else None
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -110,16 +123,10 @@ class TritonEngine:
             hidden.requires_grad_(True)  # else a checkpointed first layer would never run backward
         return hidden
 
-    def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Summed next-token loss of one micro-batch over its real tokens only."""
+    def _final_hidden(self, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
+        """(N, H) final-norm hidden states of the micro-batch's real tokens (``keep``: (B*T,) on the host)."""
         seq = PackedSequences.from_batch(batch["segment_ids"], batch["position_ids"], self.device)
-        keep = batch["segment_ids"].reshape(-1) > 0
-        labels = batch["labels"]
-        targets = torch.full_like(labels, IGNORE_INDEX)
-        targets[:, :-1] = labels[:, 1:]  # shifted within each row, as the torch engine's loss
         ids = batch["input_ids"].reshape(-1)[keep][None].to(self.device, non_blocking=True)  # (1, N)
-        targets = targets.reshape(-1)[keep].to(self.device, non_blocking=True)  # (N,)
-
         hidden = self._embed(ids)  # (1, N, H)
         cos_sin = self.decoder.rotary_emb(hidden, seq.position_ids)
 
@@ -128,12 +135,43 @@ class TritonEngine:
             return out[0] if isinstance(out, tuple) else out
 
         hidden = run_layers(self.decoder.layers, hidden, call, self.checkpointing)
-        hidden = self.decoder.norm(hidden)
+        return self.decoder.norm(hidden)[0]
+
+    def _head(self) -> tuple[torch.Tensor, torch.Tensor | None, float | None]:
+        """(weight, bias) of the LM head in the compute dtype, and the final logit softcap."""
         head = _active(self.causal_lm.lm_head)
         weight = head.weight.to(self.compute_dtype)
         bias = head.bias.to(self.compute_dtype) if head.bias is not None else None
         softcap = getattr(self.causal_lm.config, self.spec.final_softcap_key) if self.spec.final_softcap_key else None
-        return fused_linear_cross_entropy(hidden[0], weight, targets, bias, IGNORE_INDEX, "sum", softcap=softcap)
+        return weight, bias, softcap
+
+    def sequence_logps(self, batch: dict[str, torch.Tensor]) -> SequenceLogps:
+        """Summed response log-probs of every segment of a packed preference batch (the policy, or the
+        reference inside ``self.model.disable_adapter()``)."""
+        keep = batch["segment_ids"].reshape(-1) > 0
+        hidden = self._final_hidden(batch, keep)
+        weight, bias, softcap = self._head()
+        return hidden_logps(hidden, batch, lambda h: torch.nn.functional.linear(h, weight, bias), keep,
+                            self.objective.chunk_tokens if self.objective else CHUNK_TOKENS, softcap)
+
+    def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed next-token loss of one micro-batch over its real tokens only; with ``rl``, the summed
+        preference loss of its pairs or samples."""
+        if self.objective is not None:
+            policy = self.sequence_logps(batch)
+            ref = None
+            if self.objective.needs_reference:
+                with torch.no_grad(), self.model.disable_adapter():
+                    ref = self.sequence_logps(batch)
+            return self.objective.loss_from_logps(policy, ref)
+        keep = batch["segment_ids"].reshape(-1) > 0
+        labels = batch["labels"]
+        targets = torch.full_like(labels, IGNORE_INDEX)
+        targets[:, :-1] = labels[:, 1:]  # shifted within each row, as the torch engine's loss
+        targets = targets.reshape(-1)[keep].to(self.device, non_blocking=True)  # (N,)
+        hidden = self._final_hidden(batch, keep)
+        weight, bias, softcap = self._head()
+        return fused_linear_cross_entropy(hidden, weight, targets, bias, IGNORE_INDEX, "sum", softcap=softcap)
 
     def load_trainable(self, checkpoint: Path) -> None:
         set_peft_model_state_dict(self.model, load_file(checkpoint / "adapter_model.safetensors"))
