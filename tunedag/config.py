@@ -360,6 +360,13 @@ def _check_run(run: RunConfig, where: str, base_dir: Path) -> None:
         if wrong:
             raise ConfigError(f"{where}.datasets: rl: {run.rl} trains on type: {want} data; "
                               f"{', '.join(repr(w) for w in wrong)} are not")
+    # the preference and reward losses call the decoder and the head themselves (the head under
+    # activation checkpointing): outside FSDP's root forward, and recomputed on ZeRO-3's released weights
+    if run.rl is not None and (run.train_engine == "fsdp" or (run.train_engine == "deepspeed"
+                                                              and run.deepspeed_zero_stage == 3)):
+        raise ConfigError(f"{where}.train_engine: rl: {run.rl} does not run on "
+                          f"{'fsdp' if run.train_engine == 'fsdp' else 'deepspeed with ZeRO stage 3'}; "
+                          "use ddp or deepspeed_zero_stage: 2")
     if run.deepspeed_offload == "all" and run.deepspeed_zero_stage != 3:
         raise ConfigError(f"{where}.deepspeed_offload: all (weights too) needs deepspeed_zero_stage: 3")
     if run.deepspeed_config is not None:
