@@ -24,13 +24,12 @@ chosen and rejected, sigmoid loss, beta 0.1, and the optimizer step. Variants:
                       own fused head).
   trl_liger_dpo_loss  HF + peft + Liger kernels with Liger's LigerFusedLinearDPOLoss on the backbone's
                       hidden states, as TRL's use_liger_loss path computed it (policy and reference).
-  ours_dpo            tunedag with rl: dpo as it runs today on one GPU: the torch engine (the triton engine
-                      refuses rl) with PreferenceObjective: fp32 base under bf16 autocast, one packed row per
-                      pair, chunked response log-probs.
-  ours_dpo_triton     prototype, not wired into any engine: the triton engine's decoder (packed varlen
-                      attention, fused LoRA kernels) + PreferenceObjective's chunked log-probs and DPO loss;
-                      the reference pass zeroes lora_B under no_grad (the fused kernels ignore peft's
-                      disable_adapter), so it still pays for the LoRA matmuls.
+  ours_dpo            tunedag with rl: dpo as make_engine builds it on one GPU: the triton engine (bf16 base,
+                      packed varlen attention, fused LoRA kernels, per-layer checkpointing) with
+                      PreferenceObjective's chunked response log-probs, one packed row per pair; the reference
+                      pass runs inside disable_adapter() under no_grad, on the frozen base alone (no LoRA matmuls).
+  ours_dpo_torch      the same objective on the torch engine (train_engine: torch): fp32 base under bf16
+                      autocast, dense 4-D packed mask.
   logp_path           the log-prob + DPO-loss path alone on random hidden states (policy with gradient,
                       reference without): materialised logits vs TRL's kernel vs Liger vs ours.
 
@@ -54,7 +53,7 @@ sys.path.insert(0, os.path.dirname(_HERE))
 
 SEQ = 4096
 DPO_SEQ, DPO_PROMPT, DPO_BETA = 2048, 512, 0.1
-DPO_VARIANTS = ("trl_dpo", "trl_dpo_liger", "trl_liger_dpo_loss", "ours_dpo", "ours_dpo_triton", "logp_path")
+DPO_VARIANTS = ("trl_dpo", "trl_dpo_liger", "trl_liger_dpo_loss", "ours_dpo", "ours_dpo_torch", "logp_path")
 PEAK_FLOPS = 989.5e12
 SHAPES = {
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -71,7 +70,8 @@ PLANS = {
                 ("hf_bnb_qlora", "8b", 4), ("ours_lora_offload", "8b", 4), ("ours_lora", "8b", 1),
                 ("hf_peft", "8b", 1), ("ours_lora", "1b", 4), ("hf_peft", "1b", 4), ("hf_peft_liger", "1b", 4),
                 ("ours_lora", "1b", 8), ("ours_qlora_long", "8b", 1)],
-    "dpo": [("trl_dpo", "8b", 2), ("ours_dpo_triton", "8b", 2), ("ours_dpo", "8b", 2), ("trl_dpo_liger", "8b", 2),
+    # most wanted first: --budget-s cuts the tail
+    "dpo": [("trl_dpo", "8b", 2), ("ours_dpo", "8b", 2), ("ours_dpo_torch", "8b", 2), ("trl_dpo_liger", "8b", 2),
             ("trl_liger_dpo_loss", "8b", 2), ("logp_path", "8b", 2)],
 }
 
@@ -325,86 +325,40 @@ def build_liger_dpo_loss(shape: str, examples: list[dict], device: str):
 
 
 def build_ours_dpo(shape: str, variant: str, examples: list[dict], device: str):
+    """tunedag's rl: dpo engine, driven through its own loss_sum (policy + adapters-off reference) and loss_units."""
     import torch
 
     from tunedag.config import RunConfig
+    from tunedag.models.registry import fast_path_blocker
     from tunedag.train import engines
     from tunedag.train.preference import PreferenceObjective
+    from tunedag.train.triton_engine import TritonEngine
 
     batch = packed_pairs(examples)
-    pairs = len(examples)
-    if variant == "ours_dpo":  # what make_engine builds for rl: dpo: the torch engine
-        run = RunConfig(base_model="bench", datasets=[], lora_r=16, lora_alpha=32, lora_dropout=0.0, rl="dpo",
-                        rl_beta=DPO_BETA, gradient_checkpointing=True, train_engine="torch")
+    run = RunConfig(base_model="bench", datasets=[], lora_r=16, lora_alpha=32, lora_dropout=0.0, rl="dpo",
+                    rl_beta=DPO_BETA, gradient_checkpointing=True,
+                    train_engine="torch" if variant == "ours_dpo_torch" else "triton")
+    if variant == "ours_dpo":  # what make_engine builds for rl: dpo on one GPU
+        base = _random_base(shape, torch.bfloat16, device)
+        assert fast_path_blocker(run, base.config) is None
+        engine = TritonEngine(run, None, torch.device(device), base=base)
+    else:  # ours_dpo_torch: the torch engine (fp32 base under bf16 autocast, dense 4-D packed mask)
         base = _random_base(shape, torch.float32, device)
         loader, engines.load_causal_lm = engines.load_causal_lm, lambda *a, **k: base
         try:
             engine = engines.TorchEngine(run, None, torch.device(device))
         finally:
             engines.load_causal_lm = loader
-        assert isinstance(engine.objective, PreferenceObjective)
-
-        def step():
-            loss = engine.loss_sum(batch) / engine.objective.loss_units(batch)
-            loss.backward()
-            return loss.detach()
-
-        return engine.model, step, {}
-
-    # ours_dpo_triton: prototype (see the module docstring)
-    from tunedag.train.layer_checkpoint import run_layers
-    from tunedag.models.packed_attention import PackedSequences
-    from tunedag.train import preference
-    from tunedag.train.preference import dpo_losses, token_logps
-    from tunedag.train.triton_engine import TritonEngine, _active
-
-    run = RunConfig(base_model="bench", datasets=[], lora_r=16, lora_alpha=32, gradient_checkpointing=True,
-                    train_engine="triton")
-    engine = TritonEngine(run, None, torch.device(device), base=_random_base(shape, torch.bfloat16, device))
-    torch.cuda.empty_cache()
-    dev = torch.device(device)
-    seq = PackedSequences.from_batch(batch["segment_ids"], batch["position_ids"], dev)
-    keep = batch["segment_ids"].reshape(-1) > 0
-    targets = torch.full_like(batch["labels"], -100)
-    targets[:, :-1] = batch["labels"][:, 1:]
-    index, _ = (getattr(preference, "segment_index", None) or preference._segment_index)(batch)
-    where = torch.full_like(index, -1)
-    where[:, :-1] = index[:, 1:]  # position t is scored on token t + 1: its segment
-    ids = batch["input_ids"].reshape(-1)[keep][None].to(dev)
-    targets = targets.reshape(-1)[keep].to(dev)
-    trained = targets != -100
-    targets, where = targets[trained], where.reshape(-1)[keep].to(dev)[trained]
-    head = _active(engine.causal_lm.lm_head)
-    lora_b = [p for n, p in engine.model.named_parameters() if "lora_B" in n]
-
-    def logps():
-        hidden = engine._embed(ids)
-        cos_sin = engine.decoder.rotary_emb(hidden, seq.position_ids)
-
-        def call(layer, h):
-            out = layer(h, attention_mask=seq, position_ids=seq.position_ids, position_embeddings=cos_sin)
-            return out[0] if isinstance(out, tuple) else out
-
-        hidden = engine.decoder.norm(run_layers(engine.decoder.layers, hidden, call, engine.checkpointing))[0]
-        lp = token_logps(hidden[trained], targets, head)
-        return torch.zeros(2 * pairs, dtype=torch.float32, device=dev).index_add(0, where, lp)
+    assert isinstance(engine.objective, PreferenceObjective)
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
     def step():
-        policy = logps()
-        with torch.no_grad():
-            saved = [p.data for p in lora_b]
-            for p in lora_b:
-                p.data = torch.zeros_like(p)
-            try:
-                ref = logps()
-            finally:
-                for p, d in zip(lora_b, saved):
-                    p.data = d
-        loss = dpo_losses(policy[0::2], policy[1::2], ref[0::2], ref[1::2], DPO_BETA).mean()
+        loss = engine.loss_sum(batch) / engine.objective.loss_units(batch)
         loss.backward()
         return loss.detach()
 
-    return engine.model, step, {}
+    return engine.model, step, {"engine": engine.name}
 
 
 def measure_dpo(variant: str, shape: str, pairs: int, seq: int, prompt: int, steps: int = 3) -> dict:
