@@ -178,3 +178,25 @@ def test_reward_config_is_checked(tmp_path):
         tiny_run(src, datasets=dpo, rl="reward", center_rewards_coefficient=-1.0)
     with pytest.raises(ConfigError, match=r"rl: reward trains on type: dpo data"):
         tiny_run(src, rl="reward")
+
+
+# --------------------------------------------------------------------------- the DAG
+
+@pytest.mark.e2e
+def test_reward_run_goes_through_the_dag_without_gguf(tmp_path):
+    from tests.test_workflow import planned_rules, snakemake
+
+    write_jsonl(tmp_path / "data/pairs.jsonl", preference_rows(64, seed=3))
+    config = {"runs": {"rm": {"base_model": "builtin:tiny-llama", "datasets": [{"path": "data/pairs.jsonl", "type": "dpo"}],
+                              "rl": "reward", "sequence_len": 128, "micro_batch_size": 4, "max_steps": 2,
+                              "learning_rate": 1e-2, "val_set_size": 8, "seed": 2}}}
+    (tmp_path / "config.yaml").write_text(json.dumps(config))
+    # the default target: every stage but export_gguf
+    assert planned_rules(snakemake(tmp_path, "-n")) == {
+        "download", "download_model", "tokenize", "train", "merge", "evaluate", "export_vllm", "report_run",
+        "report_compare", "all"}
+    snakemake(tmp_path, "runs/rm/eval")
+    metrics = json.loads((tmp_path / "runs/rm/eval/metrics.json").read_text())
+    assert metrics["finetuned"]["reward"]["pairs"] == 8 and "seed 2" in metrics["base"]["head"]
+    merged = json.loads((tmp_path / "runs/rm/merged/config.json").read_text())
+    assert merged["architectures"] == ["LlamaForSequenceClassification"]
