@@ -17,8 +17,11 @@ $(BASE): pyproject.toml
 	$(PYTHON) -m pip install -q -e .
 	touch $@
 
-# The test extras include llama-cpp-python, which compiles llama.cpp once (pip caches the wheel).
+# The test extras include llama-cpp-python, which compiles llama.cpp once (pip caches the wheel),
+# and deepspeed, whose setup imports torch: it builds against the venv's torch (about 40 s).
 $(TESTS): $(BASE)
+	$(PYTHON) -m pip install -q setuptools wheel
+	$(PYTHON) -m pip install -q --no-build-isolation 'deepspeed>=0.19.8'
 	CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PYTHON) -m pip install -q -e '.[test]'
 	touch $@

@@ -13,8 +13,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import sample_rows, write_jsonl
-
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -44,18 +42,10 @@ def slurm_cluster():
 
 
 @pytest.fixture(scope="session")
-def slurm_packed(tmp_path_factory, tiny_model_dir):
-    """Packed shards of the sample task + a config.yaml whose runs the tests submit."""
-    from tunedag.config import DatasetConfig
-    from tunedag.data.download import download_dataset
-    from tunedag.data.tokenize import tokenize_run
-    from tests.helpers import tiny_run
-
-    root = tmp_path_factory.mktemp("slurm-data")
-    src = write_jsonl(root / "src.jsonl", sample_rows(240))
-    download_dataset(DatasetConfig(path=str(src)), root / "raw")
-    tokenize_run(tiny_run(src), [root / "raw"], tiny_model_dir, root / "packed")
-    return root, src
+def slurm_packed(sample_shards):
+    """(folder holding packed/, source file) of the sample task, for the runs the tests submit."""
+    src, packed = sample_shards
+    return packed.parent, src
 
 
 def write_config(path: Path, src: Path, runs: dict, **train_resources) -> Path:

@@ -151,6 +151,9 @@ class DeepSpeedEngine:
         else:
             self.optimizer = torch.optim.AdamW(params, lr=run.learning_rate, weight_decay=run.weight_decay)
         self.ds, *_ = deepspeed.initialize(model=self.inner.model, optimizer=self.optimizer, config=self.config)
+        if not hasattr(self.ds, "managed_gradient_accumulation"):  # older releases ignore the key silently
+            raise TrainError(f"deepspeed {deepspeed.__version__} is too old: train_engine: deepspeed needs 0.19.8 "
+                             "or later (pip install --no-build-isolation 'deepspeed>=0.19.8')")
         self.model = self.ds.module
         self.dtype = torch.bfloat16 if self.ds.bfloat16_enabled() else torch.float32
         log.info("deepspeed: ZeRO stage %d, %s, optimizer offload %s", self.ds.zero_optimization_stage(),

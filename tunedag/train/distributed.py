@@ -13,7 +13,8 @@ same losses as one process whose micro-batch is ``world_size`` times larger:
 - the step's trained-token count (with ``rl``: its pair or sample count) is all-reduced, every
   rank divides its summed loss by that global count, and gradients are *summed* across ranks,
   so the loss is the true mean over the step (KTO's reference point is each rank's micro-batch
-  mean, as it is each micro-batch's in one process);
+  mean, as it is each micro-batch's in one process; ``rl`` is refused on fsdp and ZeRO-3 by
+  config validation);
 - rank 0 alone writes metrics, checkpoints and outputs; gathering weights is collective.
 
 Engines (``train_engine``) own the optimizer, ``backward`` and ``step`` (reduce, clip, update,
