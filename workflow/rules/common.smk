@@ -5,6 +5,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import validate
 
 from tunedag.config import ConfigError, hash_json, parse_config
@@ -19,8 +20,14 @@ except ConfigError as err:
     sys.exit(f"tunedag: config error: {err}")
 validate(config, "../schemas/config.schema.json")
 
-# -P: the scripts folder stays off sys.path, so scripts/tokenize.py cannot shadow the stdlib module
-PYTHON = f"{sys.executable} -P"
+# -P: the scripts folder stays off sys.path, so scripts/tokenize.py cannot shadow the stdlib module.
+# With --use-conda every rule runs in envs/tunedag.yaml's environment and finds tunedag through
+# PYTHONPATH; otherwise in the interpreter that runs Snakemake (the .venv of `make run`).
+CONDA_ENV = "../../envs/tunedag.yaml"
+if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
+    PYTHON = f"PYTHONPATH={shlex.quote(workflow.basedir)}${{PYTHONPATH:+:$PYTHONPATH}} python -P"
+else:
+    PYTHON = f"{sys.executable} -P"
 SCRIPTS = Path(workflow.basedir) / "scripts"
 # Scripts read the exact config Snakemake resolved (--configfile and --config included).
 EFFECTIVE_CONFIG = Path(".snakemake/tunedag") / f"config-{hash_json(config)[:16]}.json"

@@ -15,6 +15,8 @@ rule download:
         source=lambda w: hash_json([DATASETS[w.dataset][1].path, DATASETS[w.dataset][1].sha256]),
     log:
         "logs/download/{dataset}.log",
+    conda:
+        CONDA_ENV
     shell:
         "{PYTHON} {SCRIPTS}/download.py --config {EFFECTIVE_CONFIG} --run {params.run} "
         "--dataset {wildcards.dataset} --out data/raw/{wildcards.dataset} 2> {log}"
@@ -29,5 +31,7 @@ rule download_model:
         base_model=lambda w: f"builtin:{w.model}" if w.kind == "builtin" else w.model.replace("--", "/", 1),
     log:
         "logs/download_model/{kind}-{model}.log",
+    conda:
+        CONDA_ENV
     shell:
         "{PYTHON} {SCRIPTS}/download_model.py --base-model {params.base_model} --out {output} 2> {log}"

@@ -16,6 +16,8 @@ rule evaluate:
         **stage_resources("evaluate"),
     log:
         "{run_dir}/logs/evaluate.log",
+    conda:
+        CONDA_ENV
     shell:
         "{PYTHON} {SCRIPTS}/evaluate.py --config {EFFECTIVE_CONFIG} --run {params.run} "
         "--model {input.model} --merged {input.merged} --shards {input.shards} --out {output} 2> {log}"

@@ -13,6 +13,8 @@ rule export_gguf:
         **stage_resources("export_gguf"),
     log:
         "{run_dir}/logs/export_gguf-{name}-{gguf_type}.log",
+    conda:
+        CONDA_ENV
     shell:
         "{PYTHON} {SCRIPTS}/export_gguf.py --merged {input} --type {wildcards.gguf_type} --out {output} 2> {log}"
 
@@ -27,5 +29,7 @@ rule export_vllm:
         **stage_resources("export_vllm"),
     log:
         "{run_dir}/logs/export_vllm.log",
+    conda:
+        CONDA_ENV
     shell:
         "{PYTHON} {SCRIPTS}/export_vllm.py --merged {input.merged} --adapter {input.adapter} --out {output} 2> {log}"

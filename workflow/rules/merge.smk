@@ -15,6 +15,8 @@ rule merge:
         **stage_resources("merge"),
     log:
         "{run_dir}/logs/merge.log",
+    conda:
+        CONDA_ENV
     shell:
         "{PYTHON} {SCRIPTS}/merge.py --config {EFFECTIVE_CONFIG} --run {params.run} "
         "--model {input.model} --adapter {input.adapter} --out {output} 2> {log}"

@@ -18,6 +18,8 @@ rule report_run:
         run=run_of,
     log:
         "{run_dir}/logs/report.log",
+    conda:
+        CONDA_ENV
     shell:
         "{PYTHON} {SCRIPTS}/report.py --config {EFFECTIVE_CONFIG} run --run {params.run} "
         "--run-dir {wildcards.run_dir} --shards {input.shards} --out {wildcards.run_dir}/report 2> {log}"
@@ -34,5 +36,7 @@ rule report_compare:
         runs=" ".join(f"{name}={CFG.run_dir(name)}" for name in CFG.runs),
     log:
         "logs/report_compare.log",
+    conda:
+        CONDA_ENV
     shell:
         "{PYTHON} {SCRIPTS}/report.py compare --run-dirs {params.runs} --out reports 2> {log}"

@@ -22,6 +22,8 @@ rule tokenize:
         **stage_resources("tokenize"),
     log:
         "logs/tokenize/{run}.log",
+    conda:
+        CONDA_ENV
     shell:
         "{PYTHON} {SCRIPTS}/tokenize.py --config {EFFECTIVE_CONFIG} --run {wildcards.run} "
         "--raw {params.raw} --model {input.model} --out {output} --processes {threads} 2> {log}"

@@ -37,6 +37,8 @@ rule train:
         **stage_resources("train"),
     log:
         "{run_dir}/logs/train.log",
+    conda:
+        CONDA_ENV
     shell:
         "{PYTHON} {SCRIPTS}/train.py --config {EFFECTIVE_CONFIG} --run {params.run} "
         "--shards {input.shards} --model {input.model} --run-dir {wildcards.run_dir} "
