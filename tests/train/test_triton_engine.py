@@ -7,6 +7,7 @@ room for a few dozen fp32 roundings and is far below any wrong mask, cast or mis
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import pytest
@@ -258,22 +259,30 @@ def test_preference_loss_and_gradients_match_the_torch_engine(case, tmp_path):
 
 
 def test_adapters_off_reference_is_the_base_model(tmp_path):
-    """Inside disable_adapter() the fused modules run the frozen base alone, and the trained embed_tokens /
-    lm_head give way to the originals: log-probs equal the untouched HF model's. Afterwards all is back on."""
+    """With the engine's adapters_off() (the reference pass) or inside peft's disable_adapter(), the fused
+    modules run the frozen base alone and the trained embed_tokens / lm_head give way to the originals:
+    log-probs equal the untouched HF model's. Afterwards all is back on."""
     model_dir = tiny_model("llama", tmp_path / "m")
     _, fast = _engines(model_dir, **_preference_data(model_dir, "dpo"),
                        lora_modules_to_save=["embed_tokens", "lm_head"])
     _perturb_full_modules(fast)
     batch = preference_batch(seed=1)
     trained = fast.trainable_parameters()
-    with torch.no_grad():
-        expected = sequence_logps(load_causal_lm(model_dir), batch, CPU)
-        with fast.model.disable_adapter():
+    expected = sequence_logps(load_causal_lm(model_dir), batch, CPU)
+
+    @contextlib.contextmanager
+    def peft_disabled():
+        with torch.no_grad(), fast.model.disable_adapter():
+            yield
+
+    for switch in (fast.adapters_off, peft_disabled):
+        with switch():
             reference = fast.sequence_logps(batch)
+        assert reference.logps.grad_fn is None
+        torch.testing.assert_close(reference.logps, expected.logps, rtol=FP32_REL, atol=0)
+        assert torch.equal(reference.tokens, expected.tokens)
         policy = fast.sequence_logps(batch)
-    torch.testing.assert_close(reference.logps, expected.logps, rtol=FP32_REL, atol=0)
-    assert torch.equal(reference.tokens, expected.tokens)
-    assert (policy.logps - expected.logps).abs().min() > 1e-2  # the adapters are on again, and they matter
-    assert fast.trainable_parameters() == trained  # peft re-enabled every adapter's requires_grad
+        assert (policy.logps - expected.logps).abs().min() > 1e-2  # the adapters are on again, and they matter
+        assert fast.trainable_parameters() == trained  # peft re-enabled every adapter's requires_grad
     with fast.model.disable_adapter(), pytest.raises(RuntimeError, match="under torch.no_grad"):
         fast.sequence_logps(batch)  # the base-only path keeps nothing for backward: it refuses gradients

@@ -6,15 +6,18 @@ them peft's adapter files and checkpoints, are unchanged. The frozen base weight
 projection is its ``base_layer.weight``, or an ``NF4Weight`` under QLoRA (``nf4`` maps the
 projection's name to it; the dense weight is then dropped).
 
-Adapters off: inside peft's ``model.disable_adapter()`` (the reference pass of ``rl: dpo | kto``)
-the LoRA Linears report ``disable_adapters``; the fused attention and MLP then run the frozen base
-alone (dense or NF4-dequantised matmuls, no LoRA matmuls at all). That path is inference only: it
-keeps nothing for backward, and it refuses to run with gradients enabled.
+Adapters off: when the model's :class:`AdapterSwitch` is off (the triton engine's reference pass
+for ``rl: dpo | kto``), or inside peft's ``model.disable_adapter()`` (the LoRA Linears then report
+``disable_adapters``), the fused attention and MLP run the frozen base alone (dense or
+NF4-dequantised matmuls, no LoRA matmuls at all). That path is inference only: it keeps nothing
+for backward, and it refuses to run with gradients enabled.
 
 Shapes: the engine flattens a micro-batch to its N real tokens, so hidden states are
 (1, N, H) and the attention works on (N, heads, head_dim) views.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -27,6 +30,17 @@ from tunedag.kernels.rope import rope
 from tunedag.models.packed_attention import PackedSequences, packed_attention
 
 ADAPTER = "default"  # peft's adapter name
+
+
+@dataclass
+class AdapterSwitch:
+    """One per patched model, read by all its fused modules: ``enabled = False`` runs the frozen base.
+
+    A flag flip, where peft's ``disable_adapter()`` walks every module of the model and toggles the
+    adapters' requires_grad on the way in and out (~0.1 s a call for an 8B model on a slow host).
+    """
+
+    enabled: bool = True
 
 
 class FusedRMSNorm(nn.Module):
@@ -61,9 +75,9 @@ def _scaling(proj: nn.Module) -> float:
     return float(proj.scaling[ADAPTER])
 
 
-def _adapters_off(proj: nn.Module) -> bool:
-    """True inside peft's ``disable_adapter()``: run the frozen base alone, without gradients."""
-    if not proj.disable_adapters:
+def _adapters_off(switch: AdapterSwitch, proj: nn.Module) -> bool:
+    """True when the switch is off or inside peft's ``disable_adapter()``: run the frozen base alone."""
+    if switch.enabled and not proj.disable_adapters:
         return False
     if torch.is_grad_enabled():
         raise RuntimeError("adapters disabled with gradients enabled: the fused modules' base-only path is "
@@ -80,8 +94,9 @@ class FusedLoRAAttention(nn.Module):
     """Q/K/V with one fused LoRA call, (Qwen3) q/k norms, in-place RoPE, packed attention, LoRA O."""
 
     def __init__(self, replaced: nn.Module, config, nf4: dict[str, NF4Weight], prefix: str,
-                 qk_norm: bool, gemma_norm: bool, sliding_window: int | None):
+                 qk_norm: bool, gemma_norm: bool, sliding_window: int | None, switch: AdapterSwitch):
         super().__init__()
+        self.switch = switch
         self.q_proj, self.k_proj = replaced.q_proj, replaced.k_proj
         self.v_proj, self.o_proj = replaced.v_proj, replaced.o_proj
         self.q_norm = FusedRMSNorm(replaced.q_norm, gemma_norm) if qk_norm else None
@@ -100,7 +115,7 @@ class FusedLoRAAttention(nn.Module):
             raise TypeError("FusedLoRAAttention needs the engine's PackedSequences as attention_mask")
         n = hidden_states.shape[-2]
         x = hidden_states.reshape(n, -1)
-        off = _adapters_off(self.q_proj)
+        off = _adapters_off(self.switch, self.q_proj)
         if off:
             q, k, v = (_base(x, getattr(self, p), self._nf4, p) for p in ("q_proj", "k_proj", "v_proj"))
         else:
@@ -128,15 +143,17 @@ class FusedLoRAAttention(nn.Module):
 class FusedLoRAMLP(nn.Module):
     """Gated MLP (SwiGLU or GeGLU-tanh) with LoRA on gate/up/down in one autograd Function."""
 
-    def __init__(self, replaced: nn.Module, nf4: dict[str, NF4Weight], prefix: str, activation: str):
+    def __init__(self, replaced: nn.Module, nf4: dict[str, NF4Weight], prefix: str, activation: str,
+                 switch: AdapterSwitch):
         super().__init__()
+        self.switch = switch
         self.gate_proj, self.up_proj, self.down_proj = replaced.gate_proj, replaced.up_proj, replaced.down_proj
         self.activation = activation
         self._nf4 = {n: nf4[f"{prefix}.{n}"] for n in ("gate_proj", "up_proj", "down_proj")
                      if f"{prefix}.{n}" in nf4}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _adapters_off(self.gate_proj):
+        if _adapters_off(self.switch, self.gate_proj):
             x2 = x.reshape(-1, x.shape[-1])
             g, u = (_base(x2, getattr(self, p), self._nf4, p) for p in ("gate_proj", "up_proj"))
             y = _base(act_mul(g, u, self.activation), self.down_proj, self._nf4, "down_proj")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from tunedag.kernels.nf4 import NF4Weight
-from tunedag.models.fused_modules import FusedLoRAAttention, FusedLoRAMLP, FusedRMSNorm
+from tunedag.models.fused_modules import AdapterSwitch, FusedLoRAAttention, FusedLoRAMLP, FusedRMSNorm
 from tunedag.models.registry import ARCHITECTURES, REPLACED, mlp_activation
 
 
@@ -24,6 +24,7 @@ class PatchRecord:
     roles: dict[str, tuple[str, str]] = field(default_factory=lambda: dict(REPLACED))
     modules: dict[str, tuple[str, str]] = field(default_factory=dict)  # path -> (old class, new class)
     nf4_weights: list[str] = field(default_factory=list)  # projections held in NF4 (QLoRA)
+    adapters: AdapterSwitch = field(default_factory=AdapterSwitch)  # read by every fused LoRA module
 
     def summary(self) -> str:
         counts: dict[str, int] = {}
@@ -51,7 +52,8 @@ def _sliding_window(attn: nn.Module, config) -> int | None:
 def patch_model(peft_model: nn.Module, nf4: dict[str, NF4Weight] | None = None) -> PatchRecord:
     """Replace norms, attention and MLP of every decoder layer, and the final norm, in place.
 
-    ``nf4``: {module name in ``peft_model`` -> NF4Weight} for QLoRA base weights.
+    ``nf4``: {module name in ``peft_model`` -> NF4Weight} for QLoRA base weights. The record's
+    ``adapters`` switch turns the LoRA of every fused module off and on at once.
     """
     nf4 = nf4 or {}
     causal_lm = peft_model.get_base_model()
@@ -66,8 +68,9 @@ def patch_model(peft_model: nn.Module, nf4: dict[str, NF4Weight] | None = None) 
         path = root[id(layer)]
         attn = layer.self_attn
         _replace(record, layer, path, "self_attn", FusedLoRAAttention(
-            attn, config, nf4, f"{path}.self_attn", spec.qk_norm, spec.gemma_norm, _sliding_window(attn, config)))
-        _replace(record, layer, path, "mlp", FusedLoRAMLP(layer.mlp, nf4, f"{path}.mlp", activation))
+            attn, config, nf4, f"{path}.self_attn", spec.qk_norm, spec.gemma_norm, _sliding_window(attn, config),
+            record.adapters))
+        _replace(record, layer, path, "mlp", FusedLoRAMLP(layer.mlp, nf4, f"{path}.mlp", activation, record.adapters))
         for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                      "post_feedforward_layernorm"):
             if hasattr(layer, name):

@@ -14,10 +14,11 @@ the torch engine with a logged reason):
   ``activation_offloading``), per decoder layer;
 - preference training (``rl: dpo | orpo | kto``): the same decoder gives the final hidden states of
   chosen and rejected (or kto samples) in one packed pass, and ``PreferenceObjective`` turns them
-  into chunked response log-probs and its loss. The reference (dpo, kto) is this model inside peft's
-  ``disable_adapter()`` under no_grad: the fused modules then run the frozen base alone (no LoRA
-  matmuls) and trained embed_tokens / lm_head give way to the frozen originals; nothing is saved
-  for backward. ``rl: reward`` (a score head, not an LM head) stays on the torch engine.
+  into chunked response log-probs and its loss. The reference (dpo, kto) is this model under
+  ``adapters_off()`` (no_grad, the patched model's ``AdapterSwitch`` off; peft's ``disable_adapter()``
+  is honoured too but walks the whole model per call): the fused modules run the frozen base alone
+  (no LoRA matmuls) and trained embed_tokens / lm_head give way to the frozen originals; nothing is
+  saved for backward. ``rl: reward`` (a score head, not an LM head) stays on the torch engine.
 
 Precision: on CUDA the frozen base is bf16 (rotary buffers stay fp32, as the torch engine's
 fp32 model under bf16 autocast computes them); LoRA A/B and fully trained modules are fp32
@@ -30,6 +31,7 @@ and peft adapter files are the same.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -53,11 +55,11 @@ from tunedag.train.preference import CHUNK_TOKENS, PreferenceObjective, Sequence
 log = logging.getLogger(__name__)
 
 
-def _active(module: torch.nn.Module) -> torch.nn.Module:
-    """The trained copy inside peft's ModulesToSaveWrapper (the frozen original while adapters are
-    disabled), else the module itself."""
+def _active(module: torch.nn.Module, adapters: bool = True) -> torch.nn.Module:
+    """The trained copy inside peft's ModulesToSaveWrapper (the frozen original with ``adapters`` off
+    or inside peft's ``disable_adapter()``), else the module itself."""
     if isinstance(module, ModulesToSaveWrapper):
-        if module.disable_adapters:
+        if not adapters or module.disable_adapters:
             return module.original_module
         return module.modules_to_save[module.active_adapters[0]]
     return module
@@ -112,10 +114,21 @@ class TritonEngine:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    @contextlib.contextmanager
+    def adapters_off(self):
+        """The reference model: the frozen base, every LoRA and trained embed_tokens / lm_head off, no grad."""
+        switch = self.patches.adapters
+        with torch.no_grad():
+            switch.enabled = False
+            try:
+                yield
+            finally:
+                switch.enabled = True
+
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        embed = self.decoder.embed_tokens
+        embed = _active(self.decoder.embed_tokens, self.patches.adapters.enabled)
         hidden = embed(ids).to(self.compute_dtype)
-        if self.spec.embed_scale and not hasattr(_active(embed), "embed_scale"):
+        if self.spec.embed_scale and not hasattr(embed, "embed_scale"):
             # Gemma before transformers' scaled-embedding module: the model scales, with the
             # scale rounded to the activations' dtype first
             hidden = hidden * torch.tensor(self.causal_lm.config.hidden_size ** 0.5, dtype=hidden.dtype)
@@ -139,7 +152,7 @@ class TritonEngine:
 
     def _head(self) -> tuple[torch.Tensor, torch.Tensor | None, float | None]:
         """(weight, bias) of the LM head in the compute dtype, and the final logit softcap."""
-        head = _active(self.causal_lm.lm_head)
+        head = _active(self.causal_lm.lm_head, self.patches.adapters.enabled)
         weight = head.weight.to(self.compute_dtype)
         bias = head.bias.to(self.compute_dtype) if head.bias is not None else None
         softcap = getattr(self.causal_lm.config, self.spec.final_softcap_key) if self.spec.final_softcap_key else None
@@ -147,7 +160,7 @@ class TritonEngine:
 
     def sequence_logps(self, batch: dict[str, torch.Tensor]) -> SequenceLogps:
         """Summed response log-probs of every segment of a packed preference batch (the policy, or the
-        reference inside ``self.model.disable_adapter()``)."""
+        reference under ``adapters_off()``)."""
         keep = batch["segment_ids"].reshape(-1) > 0
         hidden = self._final_hidden(batch, keep)
         weight, bias, softcap = self._head()
@@ -161,7 +174,7 @@ class TritonEngine:
             policy = self.sequence_logps(batch)
             ref = None
             if self.objective.needs_reference:
-                with torch.no_grad(), self.model.disable_adapter():
+                with self.adapters_off():
                     ref = self.sequence_logps(batch)
             return self.objective.loss_from_logps(policy, ref)
         keep = batch["segment_ids"].reshape(-1) > 0
