@@ -84,7 +84,7 @@ def run_baseline(raw: Path, model: Path, out: Path, processes: int) -> dict:
         return {"input_ids": ids, "labels": labels}
 
     ds = ds.map(encode, batched=True, num_proc=processes, remove_columns=ds.column_names)
-    ids, labels = ds["input_ids"], ds["labels"]  # every sample in Python lists
+    ids, labels = ds["input_ids"][:], ds["labels"][:]  # every sample in Python lists ([:]: datasets >= 4 returns a lazy column)
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     rows, free = [], []
     for i in order:
