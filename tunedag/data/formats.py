@@ -25,7 +25,7 @@ segment: 1 for chosen/desirable, 0 for rejected/undesirable.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Union
 
 import numpy as np
@@ -70,12 +70,6 @@ class Sample:
 
     def segment_lengths(self) -> tuple[int, ...]:
         return self.segments or (len(self.input_ids),)
-
-    def ids_array(self) -> np.ndarray:
-        return np.asarray(self.input_ids, np.int32)
-
-    def labels_array(self) -> np.ndarray:
-        return np.asarray(self.labels, np.int32)
 
     def trained_tokens(self) -> int:
         return sum(1 for t in self.labels if t != IGNORE_INDEX)

@@ -14,7 +14,8 @@ and each gets its own boundary and positions.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 
@@ -96,15 +97,18 @@ def assemble(samples: list[Sample], order: np.ndarray, bins: np.ndarray) -> Pack
     rank = np.argsort(bins, kind="stable")  # placement order is kept inside each bin
     placed = order[rank]
     row_of = bins[rank]
-    seg_lengths = [np.asarray(samples[i].segment_lengths(), np.int64) for i in placed.tolist()]
-    seg_counts = np.array([len(s) for s in seg_lengths], np.int64)
-    seg_len = np.concatenate(seg_lengths) if seg_lengths else np.zeros(0, np.int64)
+    chosen = [samples[i] for i in placed.tolist()]
+    # one C-level pass per column (a numpy array per sample costs more than its tokens)
+    seg_counts = np.fromiter((len(s.segments) or 1 for s in chosen), np.int64, count=len(chosen))
+    seg_len = np.fromiter(chain.from_iterable(s.segment_lengths() for s in chosen), np.int64,
+                          count=int(seg_counts.sum()))
     seg_row = np.repeat(row_of, seg_counts)
     n_rows = int(row_of[-1]) + 1 if len(row_of) else 0
     row_tokens = np.bincount(seg_row, weights=seg_len, minlength=n_rows).astype(np.int64)
     row_offsets = np.concatenate([[0], np.cumsum(row_tokens)])
-    input_ids = np.concatenate([samples[i].ids_array() for i in placed.tolist()]) if len(placed) else np.zeros(0, np.int32)
-    labels = np.concatenate([samples[i].labels_array() for i in placed.tolist()]) if len(placed) else np.zeros(0, np.int32)
+    total = int(seg_len.sum())
+    input_ids = np.fromiter(chain.from_iterable(s.input_ids for s in chosen), np.int32, count=total)
+    labels = np.fromiter(chain.from_iterable(s.labels for s in chosen), np.int32, count=total)
     seg_start = np.concatenate([[0], np.cumsum(seg_len)[:-1]]) if len(seg_len) else np.zeros(0, np.int64)
     position_ids = (np.arange(len(input_ids)) - np.repeat(seg_start, seg_len)).astype(np.int32)
     # cu_seqlens per row: 0, then each segment's end relative to the row start
@@ -116,8 +120,8 @@ def assemble(samples: list[Sample], order: np.ndarray, bins: np.ndarray) -> Pack
     is_start[cu_offsets[:-1]] = True
     cu[~is_start] = seg_end_in_row
     seg_labels = None
-    if any(samples[i].segment_labels for i in placed.tolist()):
-        seg_labels = np.concatenate([np.asarray(samples[i].segment_labels, np.int8) for i in placed.tolist()])
+    if any(s.segment_labels for s in chosen):
+        seg_labels = np.concatenate([np.asarray(s.segment_labels, np.int8) for s in chosen])
     return PackedRows(input_ids.astype(np.int32), labels.astype(np.int32), position_ids,
                       row_offsets.astype(np.int64), cu, cu_offsets.astype(np.int64),
                       np.bincount(row_of, minlength=n_rows).astype(np.int64), seg_labels)

@@ -188,7 +188,7 @@ def _usable(sample: Sample) -> bool:
     """Every segment keeps at least one trained token (a pair needs both)."""
     at = 0
     for n in sample.segment_lengths():
-        if not any(t != IGNORE_INDEX for t in sample.labels[at:at + n]):
+        if sample.labels[at:at + n].count(IGNORE_INDEX) == n:
             return False
         at += n
     return True
