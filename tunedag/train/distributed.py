@@ -46,9 +46,9 @@ from tunedag.config import RunConfig
 from tunedag.data.shards import ShardReader
 from tunedag.io import atomic_path, write_json
 from tunedag.train import checkpoint as ckpt
-from tunedag.train.batching import trained_token_count
 from tunedag.train.engines import TorchEngine
-from tunedag.train.loop import SCHEDULERS, _truncate_metrics, micro_batches, seed_everything, total_steps
+from tunedag.train.loop import (SCHEDULERS, _truncate_metrics, check_objective, loss_units, micro_batches,
+                                seed_everything, total_steps)
 
 log = logging.getLogger(__name__)
 
@@ -309,8 +309,9 @@ def train_distributed(run: RunConfig, shards_dir: Path, model_path: Path, run_di
     ckpt_root = run_dir / "checkpoints"
     resumed = _latest(ckpt_root, config_hash, env)
     seed_everything(run.seed)
+    check_objective(run, shards_dir, manifest)
     engine = make_parallel_engine(run, model_path, env, resumed, run_dir)
-    count = engine.inner.objective.loss_units if run.rl is not None else lambda b: trained_token_count(b["labels"])
+    count = loss_units(run, shards_dir, manifest, engine.inner.model.config, engine.inner.objective)
     reader = ShardReader(shards_dir / "train", env.rank, env.world_size)
     steps = total_steps(run, len(reader))
     scheduler = get_scheduler(SCHEDULERS[run.lr_scheduler], engine.optimizer,

@@ -15,7 +15,7 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -38,6 +38,25 @@ SHARD_OBJECTIVE = {None: "sft", "kto": "kto"}  # what the shards of each rl hold
 
 class TrainError(TunedagError, ValueError):
     """The shards and the run's objective do not fit together."""
+
+
+def check_objective(run: RunConfig, shards_dir: Path, manifest: dict[str, Any]) -> None:
+    """Stop unless the shards hold what ``run.rl`` trains on (before any model is loaded)."""
+    objective = manifest.get("objective", "sft")
+    if objective != SHARD_OBJECTIVE.get(run.rl, "dpo"):
+        raise TrainError(f"{shards_dir}: shards of objective {objective!r} cannot train rl: {run.rl} "
+                         "(rl: dpo, orpo and reward need type: dpo data, kto type: kto, null supervised data)")
+
+
+def loss_units(run: RunConfig, shards_dir: Path, manifest: dict[str, Any], model_config: Any,
+               objective: Any) -> Callable[[dict[str, torch.Tensor]], int]:
+    """What a step's summed loss is divided by, per micro-batch: trained tokens, or with ``rl`` the
+    objective's pairs or samples (after checking every pair or sample is usable)."""
+    if run.rl is None:
+        return lambda batch: trained_token_count(batch["labels"])
+    check_preference_shards(shards_dir / "train", manifest["objective"],
+                            {model_config.eos_token_id, manifest["pad_token_id"]})
+    return objective.loss_units
 
 
 def seed_everything(seed: int) -> None:
@@ -80,15 +99,9 @@ def train(run: RunConfig, shards_dir: Path, model_path: Path, run_dir: Path) -> 
     config_hash = run.stage_hash("train")
     manifest = json.loads((shards_dir / "manifest.json").read_text())
     seed_everything(run.seed)
-    objective = manifest.get("objective", "sft")
-    if objective != SHARD_OBJECTIVE.get(run.rl, "dpo"):
-        raise TrainError(f"{shards_dir}: shards of objective {objective!r} cannot train rl: {run.rl} "
-                         "(rl: dpo, orpo and reward need type: dpo data, kto type: kto, null supervised data)")
+    check_objective(run, shards_dir, manifest)
     engine = make_engine(run, model_path)
-    if run.rl is not None:
-        config = engine.model.config
-        check_preference_shards(shards_dir / "train", objective, {config.eos_token_id, manifest["pad_token_id"]})
-    count = engine.objective.loss_units if run.rl is not None else lambda b: trained_token_count(b["labels"])
+    count = loss_units(run, shards_dir, manifest, engine.model.config, engine.objective)
     reader = ShardReader(shards_dir / "train")
     steps = total_steps(run, len(reader))
     params = engine.trainable_parameters()
