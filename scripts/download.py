@@ -1,7 +1,8 @@
 """Stage download: one dataset source → data/raw/{dataset}/ (data.parquet, source.json)."""
 from pathlib import Path
 
-from tunedag.cli import load_run, stage_main, stage_parser
+from tunedag.cli import stage_main, stage_parser
+from tunedag.config import load_run
 from tunedag.data.download import download_dataset
 
 

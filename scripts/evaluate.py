@@ -3,7 +3,8 @@ import json
 import logging
 from pathlib import Path
 
-from tunedag.cli import load_run, stage_main, stage_parser
+from tunedag.cli import stage_main, stage_parser
+from tunedag.config import load_run
 from tunedag.evaluate import evaluate_run
 
 

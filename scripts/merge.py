@@ -1,7 +1,8 @@
 """Stage merge: base model + LoRA adapter → {run_dir}/merged (HF safetensors folder)."""
 from pathlib import Path
 
-from tunedag.cli import load_run, stage_main, stage_parser
+from tunedag.cli import stage_main, stage_parser
+from tunedag.config import load_run
 from tunedag.merge import merge_adapter
 
 

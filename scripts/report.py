@@ -9,7 +9,8 @@ import json
 from pathlib import Path
 
 from tunedag import report
-from tunedag.cli import load_run, stage_main
+from tunedag.cli import stage_main
+from tunedag.config import load_run
 
 
 def run_report(args) -> None:

@@ -7,8 +7,8 @@ submit one Slurm job with cluster.train's resources through submitit, stream its
 """
 from pathlib import Path
 
-from tunedag.cli import load_run, stage_main, stage_parser
-from tunedag.config import ClusterResources
+from tunedag.cli import stage_main, stage_parser
+from tunedag.config import ClusterResources, load_run
 
 
 def main() -> None:

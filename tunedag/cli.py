@@ -12,7 +12,6 @@ import os
 import sys
 from typing import Callable
 
-from tunedag.config import Config, ConfigError, RunConfig, load_config
 from tunedag.errors import TunedagError
 
 USER_ERRORS = (TunedagError, FileNotFoundError)
@@ -24,13 +23,6 @@ def stage_parser(description: str, with_run: bool = True) -> argparse.ArgumentPa
     if with_run:
         parser.add_argument("--run", required=True, help="run name (a key under runs:)")
     return parser
-
-
-def load_run(config_path: str, run: str) -> tuple[Config, RunConfig]:
-    config = load_config(config_path)
-    if run not in config.runs:
-        raise ConfigError(f"{config_path}: no run named {run!r}; runs are {', '.join(config.runs)}")
-    return config, config.runs[run]
 
 
 def stage_main(stage: str, body: Callable[[], object]) -> None:

@@ -21,6 +21,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from tunedag.builtin_models import BUILTIN_MODELS
 from tunedag.errors import TunedagError
 
 STAGES = ("download", "tokenize", "train", "merge", "evaluate", "export_gguf", "export_vllm")
@@ -333,7 +334,6 @@ def _check_run(run: RunConfig, where: str, base_dir: Path) -> None:
     if is_local and not (base_dir / model).is_dir():
         raise ConfigError(f"{where}.base_model: folder not found: {model!r}")
     if model.startswith("builtin:"):
-        from tunedag.models.builtin import BUILTIN_MODELS
         if model.removeprefix("builtin:") not in BUILTIN_MODELS:
             raise ConfigError(f"{where}.base_model: unknown built-in model {model!r}; "
                               f"built-ins are {', '.join('builtin:' + n for n in BUILTIN_MODELS)}")
@@ -431,6 +431,14 @@ def load_config(path: str | Path) -> Config:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     return parse_config(raw, source=str(path), base_dir=Path("."))
+
+
+def load_run(config_path: str | Path, run: str) -> tuple[Config, RunConfig]:
+    """The whole config and run ``run`` of it; a ConfigError names the runs there are."""
+    config = load_config(config_path)
+    if run not in config.runs:
+        raise ConfigError(f"{config_path}: no run named {run!r}; runs are {', '.join(config.runs)}")
+    return config, config.runs[run]
 
 
 # --------------------------------------------------------------------------- JSON schema

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tunedag.cli import load_run
+from tunedag.config import load_run
 from tunedag.slurm.job import TrainJob
 from tunedag.slurm.launcher import SlurmJobError, make_executor, sbatch_script, submit, wait
 from tunedag.train.loop import train

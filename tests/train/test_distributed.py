@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tunedag.cli import load_run
+from tunedag.config import load_run
 from tunedag.config import ConfigError
 from tunedag.train.loop import train
 from tests.helpers import preference_rows, tiny_run, tokenized_pairs

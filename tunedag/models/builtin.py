@@ -16,17 +16,10 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from tunedag.builtin_models import BUILTIN_MODELS
 from tunedag.data.sample_task import INSTRUCTION, WORDS
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
-
-BUILTIN_MODELS: dict[str, dict] = {
-    # Llama architecture with GQA; ~1.6M parameters: trains in minutes on 2 CPU cores.
-    "tiny-llama": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                       rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                       initializer_range=0.02, tokenizer_vocab=512, seed=0),
-}
 
 _CHAT_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}### Instruction:\n{{ m['content'] }}\n\n"
