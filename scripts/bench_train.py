@@ -340,7 +340,9 @@ def build_ours_dpo(shape: str, variant: str, examples: list[dict], device: str):
                     train_engine="torch" if variant == "ours_dpo_torch" else "triton")
     if variant == "ours_dpo":  # what make_engine builds for rl: dpo on one GPU
         base = _random_base(shape, torch.bfloat16, device)
-        assert fast_path_blocker(run, base.config) is None
+        assert fast_path_blocker(base.config, rl=run.rl, lora_dropout=run.lora_dropout,
+                                 lora_target_modules=run.lora_target_modules,
+                                 lora_modules_to_save=run.lora_modules_to_save) is None
         engine = TritonEngine(run, None, torch.device(device), base=base)
     else:  # ours_dpo_torch: the torch engine (fp32 base under bf16 autocast, dense 4-D packed mask)
         base = _random_base(shape, torch.float32, device)

@@ -19,9 +19,7 @@ then falls back to the torch engine and logs that reason.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
-from tunedag.config import RunConfig
+from typing import Any, Sequence
 
 # What the patching replaces, by role: (HF module, tunedag replacement)
 REPLACED = {
@@ -65,23 +63,24 @@ def mlp_activation(spec: ArchitectureSpec, config: Any) -> str | None:
     return ACTIVATIONS.get(name)
 
 
-def fast_path_blocker(run: RunConfig, config: Any) -> str | None:
-    """Why ``run`` on a model with HF ``config`` cannot use the triton engine (None: it can)."""
+def fast_path_blocker(config: Any, *, rl: str | None, lora_dropout: float, lora_target_modules: Sequence[str],
+                      lora_modules_to_save: Sequence[str]) -> str | None:
+    """Why a run with these settings on a model with HF ``config`` cannot use the triton engine (None: it can)."""
     model_type = getattr(config, "model_type", None)
     spec = ARCHITECTURES.get(model_type)
     if spec is None:
         return f"architecture {model_type!r} has no fused path (covered: {', '.join(ARCHITECTURES)})"
-    if run.rl == "reward":
+    if rl == "reward":
         return "rl: reward (reward modelling trains a score head on the torch engine; dpo, orpo and kto take this path)"
-    if run.lora_dropout > 0:
-        return f"lora_dropout {run.lora_dropout} > 0 (the fused LoRA kernels apply no dropout)"
-    if sorted(run.lora_target_modules) != sorted(LORA_TARGETS):
-        return (f"lora_target_modules {list(run.lora_target_modules)} are not exactly the seven projections "
+    if lora_dropout > 0:
+        return f"lora_dropout {lora_dropout} > 0 (the fused LoRA kernels apply no dropout)"
+    if sorted(lora_target_modules) != sorted(LORA_TARGETS):
+        return (f"lora_target_modules {list(lora_target_modules)} are not exactly the seven projections "
                 f"{list(LORA_TARGETS)} that the fused QKV/O and MLP kernels adapt together")
-    extra = [m for m in run.lora_modules_to_save if m not in TRAINABLE_FULL_MODULES]
+    extra = [m for m in lora_modules_to_save if m not in TRAINABLE_FULL_MODULES]
     if extra:
         return f"lora_modules_to_save {extra}: only {list(TRAINABLE_FULL_MODULES)} are trained in full on the fused path"
-    if run.lora_modules_to_save and getattr(config, "tie_word_embeddings", False):
+    if lora_modules_to_save and getattr(config, "tie_word_embeddings", False):
         return "lora_modules_to_save with tied input/output embeddings (the fused path keeps them untied)"
     if mlp_activation(spec, config) is None:
         return f"MLP activation {getattr(config, spec.activation_key, None)!r} has no kernel"
