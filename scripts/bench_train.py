@@ -155,7 +155,7 @@ def build_ours(shape: str, variant: str):
     from transformers import AutoModelForCausalLM
 
     from tunedag.config import RunConfig
-    from tunedag.train.batching import trained_token_count
+    from tunedag.data.batches import trained_token_count
     from tunedag.train.triton_engine import TritonEngine
 
     torch.manual_seed(0)
@@ -406,7 +406,8 @@ def measure_logp_path(shape: str, pairs: int, seq: int, prompt: int, reps: int =
     log-probs without, sigmoid loss, backward to the hidden states, for 2 * pairs sequences of ``seq`` tokens."""
     import torch
 
-    from tunedag.train.preference import dpo_losses, token_logps
+    from tunedag.models.logprobs import token_logps
+    from tunedag.train.preference import dpo_losses
 
     dev = "cuda"
     h_size, vocab = SHAPES[shape]["hidden_size"], 128256

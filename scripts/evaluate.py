@@ -5,7 +5,7 @@ from pathlib import Path
 
 from tunedag.cli import stage_main, stage_parser
 from tunedag.config import load_run
-from tunedag.evaluate import evaluate_run
+from tunedag.evaluate.compare import evaluate_run
 
 
 def main() -> None:

@@ -3,7 +3,7 @@ from pathlib import Path
 
 from tunedag.cli import stage_main, stage_parser
 from tunedag.config import load_run
-from tunedag.merge import merge_adapter
+from tunedag.merge.adapter import merge_adapter
 
 
 def main() -> None:

@@ -12,11 +12,11 @@ from tunedag.config import DatasetConfig
 from tunedag.data.download import download_dataset
 from tunedag.data.shards import ShardReader
 from tunedag.data.tokenize import tokenize_run
-from tunedag.evaluate import evaluate_run, teacher_forced_metrics
+from tunedag.evaluate.compare import evaluate_run, teacher_forced_metrics
 from tunedag.export.vllm import VLLMExportError, export_vllm
-from tunedag import merge_weights
-from tunedag.merge import MergeError, merge_adapter
-from tunedag.merge_weights import parse_size
+from tunedag.merge import weights as merge_weights
+from tunedag.merge.adapter import MergeError, merge_adapter
+from tunedag.merge.weights import parse_size
 from tunedag.models.loading import load_causal_lm
 from tests.helpers import sample_rows, tiny_run, write_jsonl
 
@@ -185,6 +185,6 @@ def test_lm_eval_tasks_say_why_they_did_not_run(tmp_path, monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_lm_eval)
-    from tunedag.evaluate import lm_eval_tasks
+    from tunedag.evaluate.compare import lm_eval_tasks
     assert lm_eval_tasks(tmp_path, ["hellaswag"], torch.device("cpu")) == {
         "skipped": "lm-evaluation-harness is not installed (pip install lm-eval)"}

@@ -1,7 +1,7 @@
 """Answer scores on hand-made pairs, each value worked out by hand."""
 import pytest
 
-from tunedag.text_metrics import exact_match, rouge_l, score_answers, token_f1
+from tunedag.evaluate.text_metrics import exact_match, rouge_l, score_answers, token_f1
 
 
 @pytest.mark.parametrize("prediction, reference, expected", [

@@ -98,7 +98,8 @@ def test_packed_loss_equals_the_mean_of_unpacked_losses(tmp_path, tiny_model_dir
     """Chat samples packed into rows: with boundaries honoured, the packed batch's mean token loss
     is the token-weighted mean of the same samples' losses run one by one."""
     from tunedag.models.loading import load_causal_lm
-    from tunedag.train.batching import collate, loss_sum, model_inputs, trained_token_count
+    from tunedag.data.batches import collate, trained_token_count
+    from tunedag.models.batch_inputs import loss_sum, model_inputs
 
     _run(tmp_path, tiny_model_dir, rows=chats(80), ds={"type": "sharegpt"}, sequence_len=96)
     reader = ShardReader(tmp_path / "packed/train")

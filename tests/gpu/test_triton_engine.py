@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 from tests.helpers import tiny_run  # noqa: E402
 from tests.train.triton_models import pack, preference_batch, sample  # noqa: E402
-from tunedag.train.batching import collate  # noqa: E402
+from tunedag.data.batches import collate  # noqa: E402
 from tunedag.train.engines import TorchEngine  # noqa: E402
 from tunedag.train.triton_engine import TritonEngine  # noqa: E402
 

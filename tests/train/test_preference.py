@@ -15,10 +15,11 @@ from tunedag.data.sample_task import INSTRUCTION
 from tunedag.data.shards import ShardReader
 from tunedag.data.tokenize import tokenize_run
 from tunedag.models.loading import load_causal_lm
-from tunedag.train.batching import collate
+from tunedag.data.batches import PreferenceDataError, collate
+from tunedag.evaluate.scores import kto_metrics, pair_logps, preference_metrics
+from tunedag.models.logprobs import sequence_logps, token_logps
 from tunedag.train.loop import TrainError, train
-from tunedag.train.preference import (PreferenceDataError, dpo_losses, ipo_losses, kto_losses, kto_metrics,
-                                      orpo_odds_ratio, pair_logps, preference_metrics, sequence_logps, token_logps)
+from tunedag.train.preference import dpo_losses, ipo_losses, kto_losses, orpo_odds_ratio
 from tests.helpers import preference_rows, tiny_run, tokenized_pairs, trl_trainer_state, write_jsonl
 
 trl = pytest.importorskip("trl")

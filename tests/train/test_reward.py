@@ -12,15 +12,16 @@ from safetensors import safe_open
 from transformers import AutoModelForSequenceClassification
 
 from tunedag.config import ConfigError
+from tunedag.data.batches import collate
 from tunedag.data.shards import ShardReader
-from tunedag.evaluate import evaluate_run
+from tunedag.evaluate.compare import evaluate_run
+from tunedag.evaluate.scores import pair_rewards, reward_metrics
 from tunedag.export.vllm import export_vllm
-from tunedag.merge import merge_adapter
-from tunedag.train.batching import collate
+from tunedag.merge.adapter import merge_adapter
+from tunedag.models.reward_head import load_reward_model, segment_rewards
 from tunedag.train.engines import TorchEngine
 from tunedag.train.loop import train
-from tunedag.train.reward import (RewardObjective, load_reward_model, pair_rewards, reward_metrics,
-                                  segment_rewards)
+from tunedag.train.reward import RewardObjective
 from tests.helpers import preference_rows, tiny_run, tokenized_pairs, trl_trainer_state, write_jsonl
 
 trl = pytest.importorskip("trl")

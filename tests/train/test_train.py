@@ -12,7 +12,8 @@ from tunedag.data.download import download_dataset
 from tunedag.data.shards import ShardReader
 from tunedag.data.tokenize import tokenize_run
 from tunedag.models.loading import load_causal_lm
-from tunedag.train.batching import collate, loss_sum, model_inputs, trained_token_count
+from tunedag.data.batches import collate, trained_token_count
+from tunedag.models.batch_inputs import loss_sum, model_inputs
 from tunedag.train.checkpoint import list_checkpoints
 from tunedag.train.loop import train
 from tests.helpers import sample_rows, tiny_run, write_jsonl

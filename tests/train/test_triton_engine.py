@@ -17,9 +17,9 @@ from tests.helpers import tiny_run
 from tests.train.triton_models import CONFIGS, packed_batch, preference_batch, tiny_model
 from tunedag.kernels.nf4 import NF4Weight
 from tunedag.models.loading import load_causal_lm
-from tunedag.train.batching import loss_sum
+from tunedag.models.batch_inputs import loss_sum
 from tunedag.train.engines import TorchEngine, make_engine
-from tunedag.train.preference import sequence_logps
+from tunedag.models.logprobs import sequence_logps
 from tunedag.train.triton_engine import TritonEngine
 
 CPU = torch.device("cpu")

@@ -13,7 +13,7 @@ from transformers import (AutoModelForCausalLM, Gemma2Config, GemmaConfig, Llama
                           Qwen2Config, Qwen3Config)
 
 from tunedag.data.formats import IGNORE_INDEX
-from tunedag.train.batching import collate
+from tunedag.data.batches import collate
 
 VOCAB = 96
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -21,9 +21,10 @@ from safetensors.torch import load_file
 from tunedag.config import RunConfig
 from tunedag.models.loading import load_causal_lm
 from tunedag.models.qlora import fake_quantize_
-from tunedag.train.batching import loss_sum, model_inputs
+from tunedag.models.batch_inputs import loss_sum, model_inputs
 from tunedag.train.preference import PreferenceObjective
-from tunedag.train.reward import RewardObjective, load_reward_model
+from tunedag.models.reward_head import load_reward_model
+from tunedag.train.reward import RewardObjective
 
 log = logging.getLogger(__name__)
 

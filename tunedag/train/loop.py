@@ -26,7 +26,7 @@ from tunedag.data.shards import ShardReader
 from tunedag.errors import TunedagError
 from tunedag.io import atomic_path, write_json
 from tunedag.train import checkpoint as ckpt
-from tunedag.train.batching import collate, trained_token_count
+from tunedag.data.batches import collate, trained_token_count
 from tunedag.train.engines import make_engine
 from tunedag.train.metrics_log import MetricsLog
 from tunedag.train.preference import check_preference_shards

@@ -1,21 +1,11 @@
 """Preference objectives (``rl: dpo | orpo | kto``) on the packed preference shards.
 
 A dpo row holds pairs as adjacent segments, chosen then rejected (``segment_labels`` 1, 0, …),
-each with its prompt masked; a kto row holds single samples labelled 1 (desirable) or 0. A
-sequence's log-probability is the sum of its response tokens' log-probs, read from the same
-packed forward pass as supervised training: chosen and rejected go through the model in one
-batch, and the packed mask keeps them from seeing each other.
-
-Memory: the [tokens, vocab] logits are never materialised. Only the trained positions' hidden
-states are kept, and the LM head + log-softmax run over ``chunk_tokens`` of them at a time under
-activation checkpointing, so forward and backward hold one [chunk, vocab] block at once (the
-idea of the fused linear cross-entropy).
-
-Reference model: with LoRA it is the same model with its adapters (and modules_to_save)
-disabled through peft's ``disable_adapter()``: no second copy in memory, one extra forward pass
-without gradients (the triton engine's fused modules honour it and run the frozen base alone).
-Engines hand their final hidden states and LM head to ``hidden_logps`` and the result to
-``PreferenceObjective.loss_from_logps``; ``loss_sum`` does both for an HF model.
+each with its prompt masked; a kto row holds single samples labelled 1 (desirable) or 0. The
+sequence log-probs come from :mod:`tunedag.models.logprobs`: engines hand their final hidden
+states and LM head to ``hidden_logps`` and the result to ``PreferenceObjective.loss_from_logps``;
+``PreferenceObjective.loss_sum`` does both for an HF model, the reference being the same model
+with its adapters disabled.
 
 Losses, per pair (dpo/orpo) or per sample (kto); ``loss_sum`` returns their sum and
 ``loss_units`` their count, so the loop's "sum, then divide by the group's count" yields the mean
@@ -40,120 +30,11 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from tunedag.config import RunConfig
+from tunedag.data.batches import PreferenceDataError, pair_indices
 from tunedag.data.formats import IGNORE_INDEX
-from tunedag.errors import TunedagError
-from tunedag.train.batching import model_inputs
-
-CHUNK_TOKENS = 1024
-
-
-class PreferenceDataError(TunedagError, ValueError):
-    """A preference pair or sample the objective cannot learn from; names the shard and row."""
-
-
-# --------------------------------------------------------------------------- log-probs
-
-@dataclass
-class SequenceLogps:
-    """Per-segment sums of response-token log-probs, in batch order (row by row, segment by segment)."""
-
-    logps: torch.Tensor  # (S,) float32
-    tokens: torch.Tensor  # (S,) response tokens per segment
-    labels: torch.Tensor  # (S,) segment label: 1 chosen/desirable, 0 rejected/undesirable
-
-    def mean(self) -> torch.Tensor:
-        return self.logps / self.tokens.clamp(min=1)
-
-
-def _chunk_logps(hidden: torch.Tensor, target: torch.Tensor, head: torch.nn.Module,
-                 softcap: float | None) -> torch.Tensor:
-    logits = head(hidden).float()  # (chunk, V): the only vocab-sized block alive
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits.gather(-1, target[:, None])[:, 0] - torch.logsumexp(logits, -1)
-
-
-def token_logps(hidden: torch.Tensor, target: torch.Tensor, head: torch.nn.Module,
-                chunk_tokens: int = CHUNK_TOKENS, softcap: float | None = None) -> torch.Tensor:
-    """log p(target | hidden) for (N, H) hidden states, ``chunk_tokens`` rows of logits at a time.
-
-    Each chunk runs under checkpointing, so its logits are recomputed in backward rather than
-    kept: peak extra memory is one (chunk_tokens, vocab) fp32 block, e.g. 1024 × 128256 × 4 B =
-    0.5 GB for Llama 3, instead of N × vocab for the whole batch.
-    """
-    out = []
-    for a in range(0, hidden.shape[0], chunk_tokens):
-        h, t = hidden[a:a + chunk_tokens], target[a:a + chunk_tokens]
-        if torch.is_grad_enabled() and h.requires_grad:
-            out.append(checkpoint(_chunk_logps, h, t, head, softcap, use_reentrant=False))
-        else:
-            out.append(_chunk_logps(h, t, head, softcap))
-    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
-
-
-def segment_index(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) global segment number of every position (-1 on padding), and the segment labels (S,)."""
-    seg = batch["segment_ids"]  # (B, T), 1.. per row, 0 = padding
-    per_row = seg.max(dim=1).values  # (B,)
-    offsets = torch.cumsum(per_row, 0) - per_row
-    index = torch.where(seg > 0, seg - 1 + offsets[:, None], torch.full_like(seg, -1))
-    labels = batch["segment_labels"]  # (B, max segments), -1 padded
-    seg_labels = torch.cat([labels[b, :int(per_row[b])] for b in range(labels.shape[0])])
-    return index, seg_labels
-
-
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def hidden_logps(hidden: torch.Tensor, batch: dict[str, torch.Tensor], head: Callable[[torch.Tensor], torch.Tensor],
-                 keep: torch.Tensor | None = None, chunk_tokens: int = CHUNK_TOKENS,
-                 softcap: float | None = None) -> SequenceLogps:
-    """Response log-probs of every segment from an engine's final hidden states and its LM head.
-
-    ``hidden``: (B·T, H) for every position of the (B, T) batch, or (N, H) for the positions that
-    ``keep`` (B·T,) bool selects (an engine that drops padding). ``head`` maps (n, H) to (n, V) logits.
-    """
-    device = hidden.device
-    labels = batch["labels"]
-    index, seg_labels = segment_index(batch)
-    target = torch.full_like(labels, IGNORE_INDEX)
-    target[:, :-1] = labels[:, 1:]  # target t+1 is predicted at position t
-    where = torch.full_like(index, -1)
-    where[:, :-1] = index[:, 1:]
-    target, where = target.reshape(-1), where.reshape(-1)
-    if keep is not None:
-        keep = keep.cpu()
-        target, where = target[keep], where[keep]
-    trained = target != IGNORE_INDEX
-    h = hidden[trained.to(device)]  # (n, H): only trained positions go through the head
-    target, where = target[trained].to(device), where[trained].to(device)
-    logp = token_logps(h, target, head, chunk_tokens, softcap)
-    n = seg_labels.shape[0]
-    sums = torch.zeros(n, dtype=torch.float32, device=device).index_add(0, where, logp)
-    counts = torch.zeros(n, dtype=torch.long, device=device).index_add(0, where, torch.ones_like(where))
-    return SequenceLogps(sums, counts, seg_labels.to(device))
-
-
-def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device,
-                   chunk_tokens: int = CHUNK_TOKENS) -> SequenceLogps:
-    """Response log-probs of every segment of a packed preference batch, in one forward pass."""
-    lm = unwrap_model(model)
-    hidden = lm.get_decoder()(**model_inputs(batch, device, torch.float32)).last_hidden_state  # (B, T, H)
-    softcap = getattr(lm.config, "final_logit_softcapping", None)
-    return hidden_logps(hidden.reshape(-1, hidden.shape[-1]), batch, lm.get_output_embeddings(),
-                        chunk_tokens=chunk_tokens, softcap=softcap)
-
-
-def reference_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device,
-                    chunk_tokens: int = CHUNK_TOKENS) -> SequenceLogps:
-    """The same log-probs under the reference: ``model`` with its adapters disabled, no gradients."""
-    disable = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
-    with torch.no_grad(), disable:
-        return sequence_logps(model, batch, device, chunk_tokens)
+from tunedag.models.logprobs import CHUNK_TOKENS, SequenceLogps, reference_logps, sequence_logps
 
 
 # --------------------------------------------------------------------------- losses (per pair / sample)
@@ -194,16 +75,6 @@ def kto_losses(logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Te
 
 
 # --------------------------------------------------------------------------- the objective
-
-def pair_indices(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of the chosen and rejected segments; checks the segment labels read 1, 0, 1, 0, …"""
-    expected = torch.arange(labels.shape[0], device=labels.device) % 2 == 0
-    if labels.shape[0] % 2 or not torch.equal(labels.bool(), expected):
-        raise PreferenceDataError("dpo batch: segment labels do not read chosen, rejected, … in pairs "
-                                  "(were the shards made from type: dpo data?)")
-    idx = torch.arange(0, labels.shape[0], 2, device=labels.device)
-    return idx, idx + 1
-
 
 @dataclass
 class PreferenceObjective:
@@ -283,90 +154,3 @@ def check_preference_shards(split_dir: Path, objective: str, special_ids: set[in
                     if np.array_equal(responses[k], responses[k + 1]):
                         raise PreferenceDataError(f"{path}: row {r}, pair {k // 2}: chosen and rejected responses "
                                                   "are identical")
-
-
-# --------------------------------------------------------------------------- evaluation
-
-@torch.no_grad()
-def segment_scores(val_dir: Path, pad_id: int,
-                   score: Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]],
-                   rows_per_batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scores (S,), labels (S,)) of every segment in ``val_dir``, in shard order, on the CPU.
-
-    ``score`` maps a collated batch to its per-segment scores and labels (log-probs, rewards).
-    """
-    from tunedag.data.shards import ShardReader
-    from tunedag.train.batching import collate
-
-    reader = ShardReader(val_dir)
-    order = reader.epoch_order(0, seed=0, shuffle=False)
-    scores, labels = [torch.zeros(0)], [torch.zeros(0, dtype=torch.long)]
-    for start in range(0, len(order), rows_per_batch):
-        values, segment_labels = score(collate([reader.row(i) for i in order[start:start + rows_per_batch]], pad_id))
-        scores.append(values.float().cpu())
-        labels.append(segment_labels.cpu())
-    return torch.cat(scores), torch.cat(labels)
-
-
-def _logps_and_labels(model: torch.nn.Module) -> Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]:
-    def score(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        seq = sequence_logps(model, batch, model.device)
-        return seq.logps, seq.labels
-    return score
-
-
-def pair_logps(model: torch.nn.Module, val_dir: Path, pad_id: int) -> torch.Tensor:
-    """(pairs, 2) summed response log-probs, chosen then rejected, of every dpo pair in ``val_dir``."""
-    logps, labels = segment_scores(val_dir, pad_id, _logps_and_labels(model))
-    c, r = pair_indices(labels)
-    return torch.stack([logps[c], logps[r]], 1)
-
-
-def sample_logps(model: torch.nn.Module, val_dir: Path, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logps (S,), labels (S,)) of every kto sample in ``val_dir``: 1 desirable, 0 undesirable."""
-    return segment_scores(val_dir, pad_id, _logps_and_labels(model))
-
-
-def preference_metrics(policy: torch.Tensor, reference: torch.Tensor | None, beta: float) -> dict[str, float]:
-    """Accuracy and margin of (pairs, 2) log-probs; with a reference, DPO's implicit rewards too.
-
-    ``preference_accuracy``: share of pairs whose chosen response is the likelier one;
-    ``reward_accuracy`` / ``reward_margin``: the same on β·(log π - log π_ref), the rewards DPO trains.
-    """
-    if policy.shape[0] == 0:
-        return {"pairs": 0}
-    margin = policy[:, 0] - policy[:, 1]
-    out = {"pairs": int(policy.shape[0]), "preference_accuracy": float((margin > 0).float().mean()),
-           "logp_margin": float(margin.mean())}
-    if reference is not None:
-        rewards = beta * (policy - reference)
-        reward_margin = rewards[:, 0] - rewards[:, 1]
-        out.update(reward_accuracy=float((reward_margin > 0).float().mean()),
-                   reward_margin=float(reward_margin.mean()))
-    return out
-
-
-def kto_metrics(policy: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor | None,
-                beta: float) -> dict[str, float]:
-    """Mean log-probs of desirable and undesirable samples; with a reference, KTO's implicit rewards.
-
-    ``reward_accuracy``: share of samples whose reward β·(log π - log π_ref) has the sign of their
-    label (positive for desirable, negative for undesirable); ``reward_margin``: mean desirable
-    reward minus mean undesirable reward (TRL's rewards/chosen - rewards/rejected).
-    """
-    good, bad = labels == 1, labels == 0
-    out: dict[str, float] = {"desirable": int(good.sum()), "undesirable": int(bad.sum())}
-    if not labels.numel():
-        return out
-
-    def mean(x: torch.Tensor, where: torch.Tensor) -> float:
-        return float(x[where].mean()) if where.any() else float("nan")
-
-    out.update(desirable_logp=mean(policy, good), undesirable_logp=mean(policy, bad))
-    if reference is not None:
-        rewards = beta * (policy - reference)
-        right_sign = torch.where(good, rewards > 0, rewards < 0)  # a zero reward is wrong either way
-        out.update(reward_accuracy=float(right_sign.float().mean()),
-                   desirable_reward=mean(rewards, good), undesirable_reward=mean(rewards, bad),
-                   reward_margin=mean(rewards, good) - mean(rewards, bad))
-    return out

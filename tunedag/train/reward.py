@@ -1,17 +1,7 @@
-"""Reward modelling (``rl: reward``): a scalar head on the decoder, trained on preference pairs.
+"""Reward modelling's objective (``rl: reward``): a Bradley-Terry loss on preference pairs.
 
-The model is the base decoder as transformers' ``<Arch>ForSequenceClassification`` with
-``num_labels=1``: the causal LM head is dropped and ``score`` (Linear(hidden, 1, bias=False))
-reads the final hidden state of one token. LoRA adapts the decoder as in every other run; peft's
-SEQ_CLS task puts ``score`` in ``modules_to_save``, so the head is trained in full and saved with
-the adapter. Its initial weights are N(0, initializer_range) drawn from the run's seed alone, so
-the evaluate stage can rebuild the untrained model that training started from.
-
-Packed rows: transformers' pooling picks one token per row; here every segment (each chosen and
-each rejected sample of a ``type: dpo`` row) gets its own reward, read at the segment's last token
-that is not the pad token, which is where ``ForSequenceClassification`` reads an unpadded sequence
-(the last token, unless the pad token is also the end-of-turn token that closes it). Only those
-S hidden states go through the head.
+The model is the decoder under a scalar head (:mod:`tunedag.models.reward_head`); every segment
+of a packed ``type: dpo`` row gets its own reward.
 
 Loss (Bradley-Terry, TRL's ``RewardTrainer``), per pair, summed; ``loss_units`` counts pairs so the
 loop's "sum, then divide by the group's count" is TRL's mean over pairs::
@@ -23,100 +13,15 @@ with c = ``center_rewards_coefficient`` (0: off), which keeps rewards centred on
 from __future__ import annotations
 
 import contextlib
-import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
-from transformers.utils import logging as hf_logging
 
 from tunedag.config import RunConfig
-from tunedag.models.loading import ModelSourceError, load_tokenizer
-from tunedag.train.batching import model_inputs
-from tunedag.train.preference import pair_indices, segment_index, segment_scores, unwrap_model
-
-log = logging.getLogger(__name__)
-
-
-def reward_pad_token_id(config, tokenizer) -> int:
-    """The pad token a reward model pools around: the config's, else the tokenizer's pad, else its EOS."""
-    for candidate in (getattr(config, "pad_token_id", None), tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if candidate is not None:
-            return int(candidate)
-    raise ModelSourceError("the model names no pad or end-of-sequence token; a reward model needs one to "
-                           "find the last token of a sequence")
-
-
-def init_score_head_(model: PreTrainedModel, seed: int) -> None:
-    """N(0, initializer_range) head weights from ``seed`` alone, drawn in fp32 whatever the model's dtype."""
-    weight = model.score.weight
-    std = getattr(model.config, "initializer_range", 0.02)
-    fresh = torch.empty(weight.shape, dtype=torch.float32).normal_(0.0, std,
-                                                                   generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        weight.copy_(fresh.to(weight.dtype))
-
-
-def load_reward_model(path: str | Path, dtype: torch.dtype, trust_remote_code: bool, seed: int) -> PreTrainedModel:
-    """The base decoder as ``<Arch>ForSequenceClassification`` (num_labels=1) with a head seeded by ``seed``."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ModelSourceError(f"{path}: no config.json (not a Hugging Face model folder)")
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    pad = reward_pad_token_id(config, load_tokenizer(path, trust_remote_code))
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # its load report calls lm_head unexpected and score missing: both intended
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, pad_token_id=pad, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    init_score_head_(model, seed)
-    log.info("%s from %s: lm_head left out, score head initialised from seed %d, pad token %d",
-             type(model).__name__, path, seed, pad)
-    return model
-
-
-def sequence_classification_layout(path: str | Path, trust_remote_code: bool) -> tuple[str, set[str]]:
-    """(class name, state-dict names) of the base at ``path`` as a one-label sequence classifier.
-
-    Built on the meta device: no weights are allocated.
-    """
-    config = AutoConfig.from_pretrained(path, num_labels=1, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
-    return type(model).__name__, set(model.state_dict())
-
-
-# --------------------------------------------------------------------------- rewards of a packed batch
-
-def last_token_positions(batch: dict[str, torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(S,) flat positions in the (B·T) batch where each segment's reward is read, and the labels (S,).
-
-    The segment's last token that is not ``pad_id``; its first token when all are.
-    """
-    index, labels = segment_index(batch)
-    flat = index.reshape(-1)
-    position = torch.arange(flat.numel())
-    inside = flat >= 0
-    n = labels.shape[0]
-    first = torch.full((n,), flat.numel()).scatter_reduce(0, flat[inside], position[inside], "amin")
-    usable = inside & (batch["input_ids"].reshape(-1) != pad_id)
-    return first.scatter_reduce(0, flat[usable], position[usable], "amax"), labels
-
-
-def segment_rewards(model: torch.nn.Module, batch: dict[str, torch.Tensor],
-                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rewards (S,) float32, labels (S,)) of every segment of a packed batch, in one forward pass."""
-    classifier = unwrap_model(model)
-    decoder = getattr(classifier, classifier.base_model_prefix)
-    hidden = decoder(**model_inputs(batch, device, torch.float32)).last_hidden_state  # (B, T, H)
-    where, labels = last_token_positions(batch, classifier.config.pad_token_id)
-    pooled = hidden.reshape(-1, hidden.shape[-1])[where.to(device)]  # (S, H)
-    return classifier.score(pooled).float()[:, 0], labels.to(device)
+from tunedag.data.batches import pair_indices
+from tunedag.models.reward_head import segment_rewards
 
 
 def bradley_terry_losses(chosen: torch.Tensor, rejected: torch.Tensor,
@@ -144,22 +49,3 @@ class RewardObjective:
             rewards, labels = segment_rewards(model, batch, device)
         c, r = pair_indices(labels)
         return bradley_terry_losses(rewards[c], rewards[r], self.run.center_rewards_coefficient).sum()
-
-
-# --------------------------------------------------------------------------- evaluation
-
-def pair_rewards(model: torch.nn.Module, val_dir: Path, pad_id: int) -> torch.Tensor:
-    """(pairs, 2) rewards, chosen then rejected, of every dpo pair in ``val_dir``."""
-    rewards, labels = segment_scores(val_dir, pad_id, lambda batch: segment_rewards(model, batch, model.device))
-    c, r = pair_indices(labels)
-    return torch.stack([rewards[c], rewards[r]], 1)
-
-
-def reward_metrics(rewards: torch.Tensor) -> dict[str, float]:
-    """Pairwise accuracy (r_chosen > r_rejected), mean margin and mean rewards of (pairs, 2) rewards."""
-    if rewards.shape[0] == 0:
-        return {"pairs": 0}
-    margin = rewards[:, 0] - rewards[:, 1]
-    return {"pairs": int(rewards.shape[0]), "accuracy": float((margin > 0).float().mean()),
-            "margin": float(margin.mean()), "chosen_reward": float(rewards[:, 0].mean()),
-            "rejected_reward": float(rewards[:, 1].mean())}

@@ -50,7 +50,8 @@ from tunedag.models.patching import patch_model
 from tunedag.models.qlora import quantize_base_weights
 from tunedag.models.registry import ARCHITECTURES
 from tunedag.train.layer_checkpoint import Mode, run_layers
-from tunedag.train.preference import CHUNK_TOKENS, PreferenceObjective, SequenceLogps, hidden_logps
+from tunedag.models.logprobs import CHUNK_TOKENS, SequenceLogps, hidden_logps
+from tunedag.train.preference import PreferenceObjective
 
 log = logging.getLogger(__name__)
 

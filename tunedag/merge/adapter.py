@@ -1,6 +1,6 @@
 """The merge stage: fold the LoRA adapter into the base weights and save a plain HF folder.
 
-Weights are merged tensor by tensor from the safetensors files (tunedag.merge_weights: fp32
+Weights are merged tensor by tensor from the safetensors files (tunedag.merge.weights: fp32
 merge, then the cast to ``merge_dtype``; never the whole model in memory), written as sharded
 safetensors with an index; config, tokenizer, chat template and generation_config come along.
 Every merged tensor is checked against the unmerged adapter on random inputs; a model small
@@ -25,9 +25,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 from tunedag.config import RunConfig
 from tunedag.io import atomic_path
-from tunedag.merge_weights import MergeError, merge_weights, parse_size
+from tunedag.merge.weights import MergeError, merge_weights, parse_size
 from tunedag.models.loading import load_causal_lm, load_tokenizer
-from tunedag.train.reward import load_reward_model, reward_pad_token_id, sequence_classification_layout
+from tunedag.models.reward_head import load_reward_model, reward_pad_token_id, sequence_classification_layout
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Above this many base-weight bytes the end-to-end logit check (two models in memory) is skipped;

@@ -26,14 +26,15 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from tunedag.config import RunConfig
+from tunedag.data.batches import collate
 from tunedag.data.formats import IGNORE_INDEX
 from tunedag.data.shards import ShardReader
+from tunedag.evaluate.scores import kto_metrics, pair_logps, pair_rewards, preference_metrics, reward_metrics, sample_logps
+from tunedag.evaluate.text_metrics import score_answers
 from tunedag.io import atomic_path
+from tunedag.models.batch_inputs import loss_sum, model_inputs
 from tunedag.models.loading import load_causal_lm, load_tokenizer
-from tunedag.text_metrics import score_answers
-from tunedag.train.batching import collate, loss_sum, model_inputs
-from tunedag.train.preference import kto_metrics, pair_logps, preference_metrics, sample_logps
-from tunedag.train.reward import load_reward_model, pair_rewards, reward_metrics
+from tunedag.models.reward_head import load_reward_model
 
 EVAL_BATCH_ROWS = 8
 
