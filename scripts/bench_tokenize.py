@@ -54,9 +54,10 @@ def make_corpus(path: Path, rows: int) -> None:
 def run_tunedag(raw: Path, model: Path, out: Path, processes: int) -> dict:
     from tests.helpers import tiny_run
     from tunedag.data.tokenize import tokenize_run
+    from tunedag.models.loading import load_tokenizer
 
     run = tiny_run(raw / "data.parquet", sequence_len=2048, val_set_size=0.001)
-    manifest = tokenize_run(run, [raw], model, out, processes=processes)
+    manifest = tokenize_run(run, [raw], model, load_tokenizer(model), out, processes=processes)
     return {"tokens": manifest["splits"]["train"]["tokens"] + manifest["splits"]["val"]["tokens"],
             "samples": manifest["splits"]["train"]["samples"] + manifest["splits"]["val"]["samples"],
             "efficiency": manifest["splits"]["train"]["packing_efficiency"]}

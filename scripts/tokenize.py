@@ -6,6 +6,7 @@ from pathlib import Path
 from tunedag.cli import stage_main, stage_parser
 from tunedag.config import load_run
 from tunedag.data.tokenize import tokenize_run
+from tunedag.models.loading import load_tokenizer
 
 
 def main() -> None:
@@ -16,7 +17,8 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=1, help="worker processes (output is the same for any count)")
     args = parser.parse_args()
     _, run = load_run(args.config, args.run)
-    manifest = tokenize_run(run, args.raw, args.model, args.out, processes=args.processes)
+    tokenizer = load_tokenizer(args.model, run.trust_remote_code)
+    manifest = tokenize_run(run, args.raw, args.model, tokenizer, args.out, processes=args.processes)
     summary = {name: {k: split[k] for k in ("samples", "rows", "tokens", "packing_efficiency")}
                for name, split in manifest["splits"].items()}
     logging.info("wrote %s: %s; counts %s", args.out, json.dumps(summary), json.dumps(manifest["counts"]))

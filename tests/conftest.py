@@ -28,11 +28,10 @@ def sample_shards(tmp_path_factory, tiny_model_dir):
     """(alpaca source file, packed shards) of 240 rows of the built-in task."""
     from tunedag.config import DatasetConfig
     from tunedag.data.download import download_dataset
-    from tunedag.data.tokenize import tokenize_run
-    from tests.helpers import sample_rows, tiny_run, write_jsonl
+    from tests.helpers import sample_rows, tiny_run, tokenize_with_model, write_jsonl
 
     root = tmp_path_factory.mktemp("sample-shards")
     src = write_jsonl(root / "src.jsonl", sample_rows(240))
     download_dataset(DatasetConfig(path=str(src)), root / "raw")
-    tokenize_run(tiny_run(src), [root / "raw"], tiny_model_dir, root / "packed")
+    tokenize_with_model(tiny_run(src), [root / "raw"], tiny_model_dir, root / "packed")
     return src, root / "packed"

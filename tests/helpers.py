@@ -27,6 +27,16 @@ def tiny_run(data_path: Path, **overrides) -> RunConfig:
     return parse_config(raw, base_dir=Path("/")).runs["t"]
 
 
+def tokenize_with_model(run: RunConfig, raw_dirs: list[Path], model_dir: Path, out_dir: Path,
+                        processes: int = 1) -> dict:
+    """``tokenize_run`` with the tokenizer of ``model_dir``, loaded as scripts/tokenize.py loads it."""
+    from tunedag.data.tokenize import tokenize_run
+    from tunedag.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir, run.trust_remote_code)
+    return tokenize_run(run, raw_dirs, model_dir, tokenizer, out_dir, processes=processes)
+
+
 def sample_rows(n: int, seed: int = 0) -> list[dict]:
     return animal_rows(n, seed)
 
@@ -47,12 +57,11 @@ def preference_rows(n: int, seed: int) -> list[dict]:
 def tokenized_pairs(root: Path, model_dir: Path, rows: list[dict], rl: str = "dpo", **overrides) -> tuple[RunConfig, Path]:
     """``rows`` as type: dpo data through download and tokenize under ``root``: (run, packed shards folder)."""
     from tunedag.data.download import download_dataset
-    from tunedag.data.tokenize import tokenize_run
 
     src = write_jsonl(root / "src.jsonl", rows)
     download_dataset(DatasetConfig(path=str(src), type="dpo"), root / "raw")
     run = tiny_run(src, datasets=[{"path": str(src), "type": "dpo"}], rl=rl, **overrides)
-    tokenize_run(run, [root / "raw"], model_dir, root / "packed")
+    tokenize_with_model(run, [root / "raw"], model_dir, root / "packed")
     return run, root / "packed"
 
 

@@ -11,14 +11,13 @@ from transformers import AutoModelForCausalLM
 from tunedag.config import DatasetConfig
 from tunedag.data.download import download_dataset
 from tunedag.data.shards import ShardReader
-from tunedag.data.tokenize import tokenize_run
 from tunedag.evaluate.compare import evaluate_run, teacher_forced_metrics
 from tunedag.export.vllm import VLLMExportError, export_vllm
 from tunedag.merge import weights as merge_weights
 from tunedag.merge.adapter import MergeError, merge_adapter
 from tunedag.merge.weights import parse_size
 from tunedag.models.loading import load_causal_lm
-from tests.helpers import sample_rows, tiny_run, write_jsonl
+from tests.helpers import sample_rows, tiny_run, tokenize_with_model, write_jsonl
 
 
 def make_adapter(model_dir, dest, r=8):
@@ -117,7 +116,7 @@ def test_missing_adapter_is_named(tmp_path, tiny_model_dir):
 def test_perplexity_is_exp_of_the_mean_token_loss(tmp_path, tiny_model_dir):
     run, src = _run(tmp_path, sample_packing=False, val_set_size=6)
     download_dataset(DatasetConfig(path=str(src)), tmp_path / "raw")
-    tokenize_run(run, [tmp_path / "raw"], tiny_model_dir, tmp_path / "packed")
+    tokenize_with_model(run, [tmp_path / "raw"], tiny_model_dir, tmp_path / "packed")
     model = load_causal_lm(tiny_model_dir).eval()
     metrics = teacher_forced_metrics(model, tmp_path / "packed/val", pad_id=0)
     # independent: HF's own loss per unpadded sample, weighted by its trained tokens
@@ -138,7 +137,7 @@ def test_perplexity_is_exp_of_the_mean_token_loss(tmp_path, tiny_model_dir):
 def test_evaluate_writes_base_and_finetuned_side_by_side(tmp_path, tiny_model_dir):
     run, src = _run(tmp_path, val_set_size=5, eval_max_new_tokens=3)
     download_dataset(DatasetConfig(path=str(src)), tmp_path / "raw")
-    tokenize_run(run, [tmp_path / "raw"], tiny_model_dir, tmp_path / "packed")
+    tokenize_with_model(run, [tmp_path / "raw"], tiny_model_dir, tmp_path / "packed")
     adapter = make_adapter(tiny_model_dir, tmp_path / "adapter")
     merge_adapter(run, tiny_model_dir, adapter, tmp_path / "merged")
     metrics = evaluate_run(run, tiny_model_dir, tmp_path / "merged", tmp_path / "packed", tmp_path / "eval")

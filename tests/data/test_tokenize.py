@@ -13,9 +13,9 @@ from tunedag.data import chat, tokenize
 from tunedag.data.download import download_dataset
 from tunedag.data.formats import IGNORE_INDEX, RowFormatError
 from tunedag.data.shards import ShardReader
-from tunedag.data.tokenize import TokenizeError, code_hash, tokenize_run
+from tunedag.data.tokenize import TokenizeError, code_hash
 from tests.data.wordtok import save_word_tokenizer
-from tests.helpers import sample_rows, tiny_run, write_jsonl
+from tests.helpers import sample_rows, tiny_run, tokenize_with_model, write_jsonl
 
 
 def _prepare(tmp_path, rows, name="src", **overrides):
@@ -27,7 +27,7 @@ def _prepare(tmp_path, rows, name="src", **overrides):
 def _run(tmp_path, model, rows=None, out="packed", processes=1, ds=None, **overrides):
     src = _prepare(tmp_path, rows if rows is not None else sample_rows(200))
     run = tiny_run(src, datasets=[{"path": str(src), **(ds or {"type": "alpaca"})}], **overrides)
-    return run, tokenize_run(run, [tmp_path / "raw/src"], model, tmp_path / out, processes=processes)
+    return run, tokenize_with_model(run, [tmp_path / "raw/src"], model, tmp_path / out, processes=processes)
 
 
 def chats(n, seed=0):
@@ -87,7 +87,7 @@ def test_datasets_mix_with_weights(tmp_path, tiny_model_dir):
     b = _prepare(tmp_path, chats(60), "b")
     run = tiny_run(a, val_set_size=10, datasets=[{"path": str(a), "weight": 2.0},
                                                  {"path": str(b), "type": "sharegpt", "weight": 0.5}])
-    manifest = tokenize_run(run, [tmp_path / "raw/a", tmp_path / "raw/b"], tiny_model_dir, tmp_path / "packed")
+    manifest = tokenize_with_model(run, [tmp_path / "raw/a", tmp_path / "raw/b"], tiny_model_dir, tmp_path / "packed")
     a_rec, b_rec = manifest["datasets"]
     assert (a_rec["train_rows"], a_rec["train_samples"]) == (90, 180)
     assert (b_rec["train_rows"], b_rec["train_samples"]) == (50, 25)
@@ -203,10 +203,10 @@ def test_rows_the_download_sets_aside_raise_or_are_skipped(tmp_path, tiny_model_
                    "".join(json.dumps(r) + "\n" for r in sample_rows(20, seed=1)))
     download_dataset(DatasetConfig(path=str(src)), tmp_path / "raw/src")
     with pytest.raises(RowFormatError, match=message):
-        tokenize_run(tiny_run(src), [tmp_path / "raw/src"], tiny_model_dir, tmp_path / "packed")
+        tokenize_with_model(tiny_run(src), [tmp_path / "raw/src"], tiny_model_dir, tmp_path / "packed")
     assert not (tmp_path / "packed").exists()
-    manifest = tokenize_run(tiny_run(src, on_bad_rows="skip", val_set_size=2), [tmp_path / "raw/src"],
-                            tiny_model_dir, tmp_path / "packed")
+    manifest = tokenize_with_model(tiny_run(src, on_bad_rows="skip", val_set_size=2), [tmp_path / "raw/src"],
+                                   tiny_model_dir, tmp_path / "packed")
     assert manifest["counts"]["bad_rows_skipped"] == 1 and manifest["counts"]["rows"] == 23
 
 
@@ -232,7 +232,7 @@ def test_empty_dataset_is_an_error(tmp_path, tiny_model_dir):
     src = _prepare(tmp_path, sample_rows(3))
     pq.write_table(pa.table({"instruction": pa.array([], pa.string())}), tmp_path / "raw/src/data.parquet")
     with pytest.raises(TokenizeError, match=r"dataset 'src' has no rows"):
-        tokenize_run(tiny_run(src), [tmp_path / "raw/src"], tiny_model_dir, tmp_path / "packed")
+        tokenize_with_model(tiny_run(src), [tmp_path / "raw/src"], tiny_model_dir, tmp_path / "packed")
     assert not (tmp_path / "packed").exists()
 
 
@@ -250,4 +250,4 @@ def test_sft_and_preference_data_cannot_be_mixed(tmp_path, tiny_model_dir):
     a = _prepare(tmp_path, sample_rows(10), "a")
     run = tiny_run(a, datasets=[{"path": str(a)}, {"path": str(a), "name": "b", "type": "dpo"}])
     with pytest.raises(TokenizeError, match="cannot be mixed in one run"):
-        tokenize_run(run, [tmp_path / "raw/a", tmp_path / "raw/a"], tiny_model_dir, tmp_path / "packed")
+        tokenize_with_model(run, [tmp_path / "raw/a", tmp_path / "raw/a"], tiny_model_dir, tmp_path / "packed")

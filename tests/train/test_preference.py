@@ -13,14 +13,14 @@ from tunedag.config import ConfigError, DatasetConfig
 from tunedag.data.download import download_dataset
 from tunedag.data.sample_task import INSTRUCTION
 from tunedag.data.shards import ShardReader
-from tunedag.data.tokenize import tokenize_run
 from tunedag.models.loading import load_causal_lm
 from tunedag.data.batches import PreferenceDataError, collate
 from tunedag.evaluate.scores import kto_metrics, pair_logps, preference_metrics
 from tunedag.models.logprobs import sequence_logps, token_logps
 from tunedag.train.loop import TrainError, train
 from tunedag.train.preference import dpo_losses, ipo_losses, kto_losses, orpo_odds_ratio
-from tests.helpers import preference_rows, tiny_run, tokenized_pairs, trl_trainer_state, write_jsonl
+from tests.helpers import (preference_rows, tiny_run, tokenize_with_model, tokenized_pairs, trl_trainer_state,
+                           write_jsonl)
 
 trl = pytest.importorskip("trl")
 warnings.filterwarnings("ignore", message="You are importing from 'trl.experimental'")
@@ -198,7 +198,7 @@ def test_orpo_and_kto_train(tmp_path, tiny_model_dir, dpo_data):
     src = write_jsonl(tmp_path / "kto/src.jsonl", rows)
     download_dataset(DatasetConfig(path=str(src), type="kto"), tmp_path / "kto/raw")
     kto = tiny_run(src, datasets=[{"path": str(src), "type": "kto"}], rl="kto", max_steps=3, val_set_size=4)
-    tokenize_run(kto, [tmp_path / "kto/raw"], tiny_model_dir, tmp_path / "kto/packed")
+    tokenize_with_model(kto, [tmp_path / "kto/raw"], tiny_model_dir, tmp_path / "kto/packed")
     info = train(kto, tmp_path / "kto/packed", tiny_model_dir, tmp_path / "kto/run")
     assert info["steps"] == 3 and np.isfinite(info["final_loss"])
 

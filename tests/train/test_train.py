@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from tunedag.config import DatasetConfig
 from tunedag.data.download import download_dataset
 from tunedag.data.shards import ShardReader
-from tunedag.data.tokenize import tokenize_run
+from tests.helpers import tokenize_with_model as tokenize_run
 from tunedag.models.loading import load_causal_lm
 from tunedag.data.batches import collate, trained_token_count
 from tunedag.models.batch_inputs import loss_sum, model_inputs

@@ -290,10 +290,7 @@ def _process_unit(unit: Unit) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- the stage
 
-def _text_tokenizer(run: RunConfig, model_path: Path) -> TextTokenizer:
-    from tunedag.models.loading import load_tokenizer  # transformers: parent only
-
-    tok = load_tokenizer(model_path, run.trust_remote_code)
+def _text_tokenizer(tok: Any, model_path: Path) -> TextTokenizer:
     if tok.eos_token_id is None:
         raise TokenizeError(f"{model_path}: the tokenizer has no eos_token; set one in tokenizer_config.json")
     if not getattr(tok, "is_fast", False):
@@ -381,11 +378,15 @@ def _sample_stream(paths: list[Path]) -> Iterator[Sample]:
             yield Sample(ids, labels, lengths if len(lengths) > 1 else (), tuple(seg[r]) if seg else ())
 
 
-def tokenize_run(run: RunConfig, raw_dirs: list[Path], model_path: Path, out_dir: Path,
+def tokenize_run(run: RunConfig, raw_dirs: list[Path], model_path: Path, tokenizer: Any, out_dir: Path,
                  processes: int = 1) -> dict[str, Any]:
-    """Build ``out_dir`` (train/, val/, val_prompts.jsonl, manifest.json) for ``run``."""
+    """Build ``out_dir`` (train/, val/, val_prompts.jsonl, manifest.json) for ``run``.
+
+    ``tokenizer`` is the HF (fast) tokenizer of the base model at ``model_path``, loaded by the
+    caller; its files there are hashed into the manifest.
+    """
     model_path, out_dir = Path(model_path), Path(out_dir)
-    tok = _text_tokenizer(run, model_path)
+    tok = _text_tokenizer(tokenizer, model_path)
     objective = _objective(run)
     jobs, units, ds_records = _jobs(run, [Path(d) for d in raw_dirs], tok, _chat_source(run, tok, model_path))
     settings = Settings(run.sequence_len, run.sample_packing, run.excess_length_strategy, run.on_bad_rows,
