@@ -22,6 +22,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from tunedag.builtin_models import BUILTIN_MODELS
+from tunedag.deepspeed_json import DeepSpeedConfigError, check_user_config, owned_values, read_user_config
 from tunedag.errors import TunedagError
 
 STAGES = ("download", "tokenize", "train", "merge", "evaluate", "export_gguf", "export_vllm")
@@ -370,12 +371,11 @@ def _check_run(run: RunConfig, where: str, base_dir: Path) -> None:
     if run.deepspeed_offload == "all" and run.deepspeed_zero_stage != 3:
         raise ConfigError(f"{where}.deepspeed_offload: all (weights too) needs deepspeed_zero_stage: 3")
     if run.deepspeed_config is not None:
-        from tunedag.train.deepspeed_engine import check_user_config, read_user_config
-
         path = base_dir / run.deepspeed_config
+        owned = owned_values(run.micro_batch_size, run.gradient_accumulation_steps, run.max_grad_norm, None)
         try:
-            check_user_config(read_user_config(path), run, None, str(path))
-        except ConfigError as err:
+            check_user_config(read_user_config(path), owned, str(path))
+        except DeepSpeedConfigError as err:
             raise ConfigError(f"{where}.deepspeed_config: {err}") from None
     if run.max_steps is not None and run.max_steps < 1:
         raise ConfigError(f"{where}.max_steps: must be at least 1, got {run.max_steps!r}")

@@ -6,8 +6,8 @@ import shutil
 import pytest
 import torch
 
-from tunedag.cli import load_run
-from tunedag.config import ConfigError
+from tunedag.config import ConfigError, load_run
+from tunedag.deepspeed_json import DeepSpeedConfigError
 from tunedag.train.checkpoint import list_checkpoints
 from tunedag.train.loop import train
 from tests.helpers import tiny_run
@@ -122,7 +122,7 @@ def test_train_batch_size_is_checked_once_ranks_are_known(sample_shards, tmp_pat
     path.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_batch_size": 8}))
     run = tiny_run(src, train_engine="deepspeed", deepspeed_config=str(path))  # 8 = 4 x 1 x 2 ranks
     assert deepspeed_config(run, world_size=2, cuda=False)["train_batch_size"] == 8
-    with pytest.raises(ConfigError, match="train_batch_size is 8 but config.yaml gives 16"):
+    with pytest.raises(DeepSpeedConfigError, match="train_batch_size is 8 but config.yaml gives 16"):
         deepspeed_config(run, world_size=4, cuda=False)
 
 
