@@ -24,10 +24,11 @@ def main() -> None:
                         help="slurm: give up waiting (the job keeps running) after this long")
     args = parser.parse_args()
     config, run = load_run(args.config, args.run)
-    if args.launcher == "local":
+    if args.launcher == "local":  # one process, or each rank under torchrun
         from tunedag.train.loop import train
+        from tunedag.train.ranks import DistEnv
 
-        train(run, args.shards, args.model, args.run_dir)
+        train(run, args.shards, args.model, args.run_dir, DistEnv.from_environment())
         return
     from tunedag.slurm.launcher import run_training_job
 

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 pytest.importorskip("deepspeed")
 
-from tunedag.cli import load_run  # noqa: E402
+from tunedag.config import load_run  # noqa: E402
 from tunedag.train.loop import train  # noqa: E402
 from tests.train.ranks import metrics, torchrun_train, write_runs  # noqa: E402
 

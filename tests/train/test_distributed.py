@@ -5,8 +5,7 @@ import json
 
 import pytest
 
-from tunedag.config import load_run
-from tunedag.config import ConfigError
+from tunedag.config import ConfigError, load_run
 from tunedag.train.loop import train
 from tests.helpers import preference_rows, tiny_run, tokenized_pairs
 from tests.train.ranks import assert_matches_one_process, torchrun_train, write_runs

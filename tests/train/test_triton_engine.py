@@ -18,7 +18,8 @@ from tests.train.triton_models import CONFIGS, packed_batch, preference_batch, t
 from tunedag.kernels.nf4 import NF4Weight
 from tunedag.models.loading import load_causal_lm
 from tunedag.models.batch_inputs import loss_sum
-from tunedag.train.engines import TorchEngine, make_engine
+from tunedag.train.engines import TorchEngine, make_engine, model_engine
+from tunedag.train.ranks import DistEnv
 from tunedag.models.logprobs import sequence_logps
 from tunedag.train.triton_engine import TritonEngine
 
@@ -185,21 +186,26 @@ def test_uncovered_settings_fall_back_to_torch_with_the_reason(case, tmp_path, c
     else:
         model_dir = tiny_model("llama", tmp_path / "m")
     with caplog.at_level(logging.INFO, logger="tunedag.train.engines"):
-        engine = make_engine(_run(model_dir, **overrides), model_dir)
+        engine, why = model_engine(_run(model_dir, **overrides), model_dir, CPU)
     assert engine == "torch-engine" or isinstance(engine, TorchEngine)
-    assert f"using the torch engine because {reason}" in caplog.text or reason in caplog.text, caplog.text
+    assert reason in why and f"using the torch engine because {why}" in caplog.text, caplog.text
 
 
 def test_triton_is_chosen_when_covered(tmp_path):
     model_dir = tiny_model("llama", tmp_path / "m")
-    assert isinstance(make_engine(_run(model_dir), model_dir), TritonEngine)
-    assert isinstance(make_engine(_run(model_dir, train_engine="torch"), model_dir), TorchEngine)
-    # auto means triton only with exactly one CUDA GPU
-    auto = make_engine(_run(model_dir, train_engine="auto"), model_dir)
-    assert isinstance(auto, TritonEngine if torch.cuda.device_count() == 1 else TorchEngine)
+    one = DistEnv()
+    engine = make_engine(_run(model_dir), model_dir, one)
+    assert isinstance(engine.inner, TritonEngine) and engine.name == "triton" and "fallback_reason" not in engine.info
+    engine = make_engine(_run(model_dir, train_engine="torch"), model_dir, one)
+    assert isinstance(engine.inner, TorchEngine) and engine.name == "torch"
+    # auto and ddp take the kernels on CUDA only (on the CPU the interpreter is for tests)
+    for name in ("auto", "ddp"):
+        engine = make_engine(_run(model_dir, train_engine=name), model_dir, one)
+        assert isinstance(engine.inner, TritonEngine if torch.cuda.is_available() else TorchEngine)
+        assert torch.cuda.is_available() or "no CUDA GPU" in engine.info["fallback_reason"]
     for rl in ("dpo", "orpo", "kto"):  # preference objectives take the fast path too
-        engine = make_engine(_run(model_dir, **_preference_data(model_dir, rl)), model_dir)
-        assert isinstance(engine, TritonEngine) and engine.objective.run.rl == rl
+        engine = make_engine(_run(model_dir, **_preference_data(model_dir, rl)), model_dir, one)
+        assert isinstance(engine.inner, TritonEngine) and engine.objective.run.rl == rl
 
 
 def test_collate_segments_flatten_to_documents():

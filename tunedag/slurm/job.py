@@ -32,8 +32,9 @@ class TrainJob(submitit.helpers.Checkpointable):
             str(Path(model).resolve()), str(Path(run_dir).resolve()))
 
     def __call__(self) -> dict[str, Any] | None:
-        from tunedag.cli import load_run
-        from tunedag.train.distributed import DistEnv, init_process_group, shutdown, train_distributed
+        from tunedag.config import load_run
+        from tunedag.train.loop import train
+        from tunedag.train.ranks import DistEnv
 
         env = DistEnv.from_environment()
         logging.basicConfig(level=os.environ.get("TUNEDAG_LOG_LEVEL", "INFO"), force=True,
@@ -51,16 +52,8 @@ class TrainJob(submitit.helpers.Checkpointable):
         _, run = load_run(self.config_path, self.run)
         log.info("rank %d of %d on %s (job %s, restart %s)", env.rank, env.world_size, os.uname().nodename,
                  os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_RESTART_COUNT", "0"))
-        if env.world_size > 1:
-            init_process_group(env)
-        try:
-            info = train_distributed(run, Path(self.shards), Path(self.model), Path(self.run_dir), env,
-                                     should_stop=lambda: bool(requested))
-        except BaseException:
-            if torch.distributed.is_initialized():
-                torch.distributed.destroy_process_group()  # no barrier: the other ranks may be gone
-            raise
-        shutdown()
+        info = train(run, Path(self.shards), Path(self.model), Path(self.run_dir), env,
+                     should_stop=lambda: bool(requested))
         if info is None:  # stopped by a signal, checkpoint written
             if signal.SIGUSR2 in requested and env.is_main and callable(submitit_handler):
                 submitit_handler(signal.SIGUSR2, None)  # checkpoint() + requeue + exit

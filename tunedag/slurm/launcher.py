@@ -6,7 +6,8 @@ GPU), each running :class:`tunedag.slurm.job.TrainJob`. The rank-0 log is copied
 process's stderr (the rule's log) while the job runs; polling is bounded (every
 ``poll_s`` seconds, up to ``max_wait_s`` in all). When the job ends without a result, the
 error names the Slurm job id, its final state (FAILED, CANCELLED, TIMEOUT, OUT_OF_MEMORY,
-NODE_FAIL…), the log path and the log's last lines; rerunning the workflow resumes from the
+NODE_FAIL…), the rank that failed first and its error (:mod:`tunedag.train.rank_failures`), the
+log path and the log's last lines; rerunning the workflow resumes from the
 newest checkpoint. :func:`sbatch_script` shows the script ``sbatch`` would get.
 
 Resources come from ``cluster.train`` in config.yaml. Partition, account and QOS left out
@@ -28,6 +29,7 @@ import submitit
 from tunedag.config import ClusterResources
 from tunedag.errors import TunedagError
 from tunedag.slurm.job import TrainJob
+from tunedag.train.rank_failures import describe, latest_failures
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +38,7 @@ class SlurmJobError(TunedagError):
     """A Slurm job that ended without a result: its id, state and log path are in the message."""
 
     def __init__(self, job_id: str, state: str, log_path: Path, detail: str):
-        self.job_id, self.state, self.log_path = job_id, state, log_path
+        self.job_id, self.state, self.log_path, self.detail = job_id, state, log_path, detail
         super().__init__(f"Slurm job {job_id} ended in state {state}; log: {log_path}\n{detail}")
 
 
@@ -174,7 +176,13 @@ def run_training_job(config_path: Path, run: str, shards: Path, model: Path, run
         print(sbatch_script(make_executor(res, folder, name)))
         return None
     submitted = submit(job, res, folder, name)
-    info = wait(submitted, poll_s=poll_s, max_wait_s=max_wait_s)
+    try:
+        info = wait(submitted, poll_s=poll_s, max_wait_s=max_wait_s)
+    except SlurmJobError as err:
+        failed = latest_failures(run_dir, f"slurm-{submitted.job_id}-")
+        if not failed:
+            raise
+        raise SlurmJobError(err.job_id, err.state, err.log_path, f"{describe(failed)}\n{err.detail}") from None
     log.info("Slurm job %s finished: %s", submitted.job_id,
              " ".join(f"{k}={shlex.quote(str(info.get(k)))}" for k in ("steps", "final_loss", "world_size")))
     return info

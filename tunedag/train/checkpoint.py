@@ -1,24 +1,35 @@
-"""Resumable checkpoints: ``{run_dir}/checkpoints/step-N/``, each complete or absent.
+"""Resumable checkpoints: ``{run_dir}/checkpoints/step-N/``, each complete or absent, one writer
+for every engine.
 
-A checkpoint holds the trainable weights (PEFT adapter format), the optimizer and scheduler
-states, every RNG state, the data position and the config hash of the run that wrote it. It is
-written under a temporary name and renamed, so a killed job leaves either the whole checkpoint
-or none; a checkpoint written by a different train config is never resumed.
+A checkpoint holds the engine's payload (its trainable weights and optimizer state, in the
+engine's own layout: a PEFT adapter folder + ``optimizer.pt``, FSDP's gathered state, or
+DeepSpeed's per-rank partitions) and the loop's trainer state (``trainer_state.pt``: schedule,
+every RNG state, the data position, the config hash, the engine and the world size). Every rank
+writes its part into ``.step-N.partial``; rank 0 then adds the trainer state and renames the
+folder, so a killed job leaves either the whole checkpoint or none, and a checkpoint is complete
+exactly when its trainer state is there. A checkpoint written by a different train config is
+never resumed.
+
+The trainer state is read with ``torch.load(weights_only=True)``: tensors and plain Python
+values only, so a checkpoint copied from someone else's run folder cannot run code.
 """
 from __future__ import annotations
 
 import logging
+import os
+import pickle
 import random
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from tunedag.io import atomic_path
+from tunedag.errors import TunedagError
+from tunedag.train.ranks import DistEnv, barrier
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
@@ -35,31 +46,48 @@ class Position:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG state as tensors and plain values (loadable with weights_only)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                   gauss],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(root: Path, model, optimizer, scheduler, position: Position, config_hash: str,
-                    keep_last: int) -> Path:
-    dest = root / f"step-{position.step}"
-    with atomic_path(dest) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": rng_state(), "position": asdict(position), "config_hash": config_hash},
-                   tmp / STATE_FILE)
-    for old in list_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    return dest
+def write_checkpoint(root: Path, step: int, env: DistEnv, write_payload: Callable[[Path], None],
+                     trainer_state: dict[str, Any], keep_last: int) -> None:
+    """Collective: every rank calls it; ``write_payload(folder)`` writes this rank's part of the engine's
+    state, rank 0 adds ``trainer_state``, renames ``.step-N.partial`` to ``step-N`` and drops all but
+    the newest ``keep_last`` checkpoints."""
+    dest = root / f"step-{step}"
+    partial = root / f".{dest.name}.partial"
+    if env.is_main:
+        for stale in root.glob(".step-*.partial"):  # left by a job killed mid-save
+            shutil.rmtree(stale)
+        partial.mkdir(parents=True)
+    barrier()
+    write_payload(partial)
+    barrier()
+    if env.is_main:
+        torch.save(trainer_state, partial / STATE_FILE)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(partial, dest)
+        for old in list_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -70,17 +98,25 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+class CheckpointError(TunedagError, ValueError):
+    """A checkpoint that cannot be read safely; names the file."""
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path / STATE_FILE}: not a trainer state tunedag can load safely (only tensors and "
+                              f"plain values are read; {first}); delete {path} to resume from an earlier "
+                              "checkpoint or start over") from None
+
+
 def latest_checkpoint(root: Path, config_hash: str) -> Path | None:
     """The newest complete checkpoint written by this train config; stale ones are removed."""
-    checkpoints = list_checkpoints(root)
-    for path in reversed(checkpoints):
-        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
-        if state["config_hash"] == config_hash:
+    for path in reversed(list_checkpoints(root)):
+        if load_state(path)["config_hash"] == config_hash:
             return path
         log.warning("removing checkpoint %s: written by a different train config", path)
         shutil.rmtree(path, ignore_errors=True)
     return None
-
-
-def load_state(path: Path) -> dict[str, Any]:
-    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)

@@ -1,11 +1,32 @@
-"""Training engines: how a model is prepared and how one micro-batch's loss is computed.
+"""Training engines: one protocol, one ``make_engine``.
 
-The loop (tunedag.train.loop) is the same for every engine. ``torch`` is plain HF transformers
-+ PEFT: the reference every faster engine is compared to, and the engine on CPU. ``triton``
-(tunedag.train.triton_engine) runs the decoder on tunedag's kernels on one GPU; ``make_engine``
-picks it for ``train_engine: auto`` when exactly one CUDA GPU is present, and falls back to
-``torch`` with a log line naming the reason for anything the fast path does not cover (of the
-``rl`` objectives, reward modelling trains on the torch engine; dpo, orpo and kto on either).
+Every engine gives the loop (:func:`tunedag.train.loop.train`) the same few things:
+
+- ``name``, ``device``, ``model`` (the PEFT model), ``objective`` (None, or the rl objective),
+  ``optimizer`` (whose parameter groups the loop's schedule drives), ``info`` (what train_info.json
+  records about it);
+- ``loss_sum(batch)``: the summed loss of one micro-batch; ``backward(loss)``;
+  ``step(max_norm)``: reduce gradients across ranks, clip, update, zero; the norm before clipping;
+- ``write_payload(folder)`` / ``load_payload(checkpoint)``: its trainable weights and optimizer
+  state inside a checkpoint (the loop's one writer, :func:`tunedag.train.checkpoint.write_checkpoint`,
+  adds the rest); ``save_adapter(dest)``: the final PEFT adapter (collective, rank 0 writes).
+
+What builds the model of one process: ``torch`` (:class:`TorchEngine`, plain HF transformers +
+PEFT: the reference every faster engine is compared to) or ``triton``
+(:class:`tunedag.train.triton_engine.TritonEngine`, the decoder on tunedag's kernels). What spreads
+it over ranks: :class:`ReplicatedEngine` (one process; on several ranks ``ddp``: every rank holds
+the whole model and the trainable gradients are summed across ranks), ``fsdp``
+(:mod:`tunedag.train.fsdp_engine`) or ``deepspeed`` (:mod:`tunedag.train.deepspeed_engine`).
+
+:func:`make_engine` picks, for ``train_engine``:
+
+| ranks | auto, triton, ddp | torch | fsdp | deepspeed |
+| --- | --- | --- | --- | --- |
+| one, on a GPU | triton | torch | fsdp | deepspeed |
+| several | ddp over triton | ddp over torch | fsdp | deepspeed |
+
+and falls back from triton to torch (CPU without ``TRITON_INTERPRET=1``, an architecture or
+setting the fast path does not cover, ``rl: reward``) with the reason logged and recorded.
 """
 from __future__ import annotations
 
@@ -13,20 +34,29 @@ import contextlib
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from tunedag.config import RunConfig
+from tunedag.errors import TunedagError
+from tunedag.io import atomic_path
 from tunedag.models.loading import load_causal_lm
 from tunedag.models.qlora import fake_quantize_
 from tunedag.models.batch_inputs import loss_sum, model_inputs
 from tunedag.train.preference import PreferenceObjective
+from tunedag.train.ranks import DistEnv, choose_device
 from tunedag.models.reward_head import load_reward_model
 from tunedag.train.reward import RewardObjective
 
 log = logging.getLogger(__name__)
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+class EngineError(TunedagError, RuntimeError):
+    """An engine cannot start or resume here (a missing or too old package, a checkpoint of another layout)."""
 
 
 class TorchEngine:
@@ -81,10 +111,65 @@ class TorchEngine:
         self.model.save_pretrained(dest, safe_serialization=True)
 
 
+def adamw(params: list[torch.nn.Parameter], run: RunConfig, device: torch.device) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=run.learning_rate, weight_decay=run.weight_decay,
+                             fused=device.type == "cuda")
+
+
+class ReplicatedEngine:
+    """The model of one process (triton or torch) on every rank. On one rank it is that engine; on
+    several it is ``ddp``: after backward the trainable gradients are summed across ranks in one
+    all-reduce (LoRA weights are a few MB), so only they travel; the frozen base never does."""
+
+    def __init__(self, inner: Any, run: RunConfig, env: DistEnv):
+        self.inner, self.env = inner, env
+        self.name = "ddp" if env.world_size > 1 else inner.name
+        self.model, self.device, self.objective = inner.model, inner.device, inner.objective
+        self.params = inner.trainable_parameters()
+        self.optimizer = adamw(self.params, run, self.device)
+        self.info: dict[str, Any] = {"model_engine": inner.name}
+        self.run_files: dict[str, Any] = {}
+
+    def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.inner.loss_sum(batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self, max_norm: float | None) -> float:
+        """Sum the gradients over ranks, clip, update, zero them; return the norm before clipping."""
+        if self.env.world_size > 1:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            flat = torch.cat([g.reshape(-1) for g in grads])  # one bucket
+            torch.distributed.all_reduce(flat)
+            for g, summed in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(summed.view_as(g))
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm or float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def write_payload(self, folder: Path) -> None:
+        if self.env.is_main:  # replicas are identical: rank 0's state is everyone's
+            self.inner.save(folder)
+            torch.save(self.optimizer.state_dict(), folder / OPTIMIZER_FILE)
+
+    def load_payload(self, checkpoint: Path) -> None:
+        self.inner.load_trainable(checkpoint)
+        self.optimizer.load_state_dict(torch.load(checkpoint / OPTIMIZER_FILE, map_location=self.device,
+                                                  weights_only=True))
+
+    def save_adapter(self, dest: Path) -> None:
+        if self.env.is_main:
+            with atomic_path(dest) as tmp:
+                self.inner.save(tmp)
+
+
 def triton_blocker(run: RunConfig, model_path: Path, device: torch.device) -> str | None:
-    """Why the triton engine cannot train ``run`` here (None: it can)."""
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return "no CUDA GPU (the Triton kernels run on the CPU only under TRITON_INTERPRET=1)"
+    """Why the triton engine cannot train ``run`` here (None: it can). ``auto`` and ``ddp`` take it on
+    CUDA only; ``triton`` also on the CPU under ``TRITON_INTERPRET=1`` (slow: for tests)."""
+    if device.type != "cuda" and (run.train_engine != "triton" or os.environ.get("TRITON_INTERPRET") != "1"):
+        return "no CUDA GPU (the Triton kernels run on the CPU only under TRITON_INTERPRET=1 with train_engine: triton)"
     from transformers import AutoConfig
 
     from tunedag.models.registry import fast_path_blocker
@@ -95,17 +180,34 @@ def triton_blocker(run: RunConfig, model_path: Path, device: torch.device) -> st
                              lora_modules_to_save=run.lora_modules_to_save)
 
 
-def make_engine(run: RunConfig, model_path: Path):
-    """Pick the engine for ``run`` on this machine: a TritonEngine or a TorchEngine."""
-    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    device = torch.device("cuda" if n_gpus else "cpu")
-    if run.train_engine == "triton" or (run.train_engine == "auto" and n_gpus == 1):
-        reason = triton_blocker(run, model_path, device)
-        if reason is None:
-            from tunedag.train.triton_engine import TritonEngine
+def model_engine(run: RunConfig, model_path: Path, device: torch.device) -> tuple[Any, str | None]:
+    """The model of one process: triton where it can run (unless ``train_engine: torch``), else torch
+    and the reason."""
+    if run.train_engine == "torch":
+        return TorchEngine(run, model_path, device), None
+    reason = triton_blocker(run, model_path, device)
+    if reason is None:
+        from tunedag.train.triton_engine import TritonEngine
 
-            return TritonEngine(run, model_path, device)
-        log.info("train_engine %s: using the torch engine because %s", run.train_engine, reason)
-    elif run.train_engine == "auto":
-        log.info("train_engine auto: using the torch engine (%d CUDA GPUs; triton needs exactly one)", n_gpus)
-    return TorchEngine(run, model_path, device)
+        return TritonEngine(run, model_path, device), None
+    log.info("train_engine %s: using the torch engine because %s", run.train_engine, reason)
+    return TorchEngine(run, model_path, device), reason
+
+
+def make_engine(run: RunConfig, model_path: Path, env: DistEnv):
+    """The engine for ``run`` on this rank (see the module docstring's table)."""
+    device = choose_device(env)
+    if run.train_engine == "deepspeed":
+        from tunedag.train.deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(run, model_path, env, device)
+    if run.train_engine == "fsdp":
+        from tunedag.train.fsdp_engine import FSDPEngine
+
+        return FSDPEngine(run, model_path, env, device)
+    inner, reason = model_engine(run, model_path, device)
+    engine = ReplicatedEngine(inner, run, env)
+    if reason is not None:
+        engine.info["fallback_reason"] = reason
+    return engine
+

@@ -1,9 +1,21 @@
-"""The training loop shared by all engines: AdamW, warmup + schedule, gradient accumulation,
-checkpoints and exact resume.
+"""The one training loop: a single process and every rank of a job run it, on every engine
+(:mod:`tunedag.train.engines`). Warmup + schedule, gradient accumulation, metrics, checkpoints
+and exact resume live here; engines differ only in how they compute, reduce and store.
 
 The loss of an optimizer step is the mean over every trained token of its micro-batches
-(summed per micro-batch, divided by the group's token count), so accumulation over k
-micro-batches equals one batch k times larger.
+(summed per micro-batch, divided by the step's token count), so accumulation over k
+micro-batches equals one batch k times larger. On W ranks:
+
+- rank r reads rows r, r+W, r+2W... of each epoch's seeded order (``ShardReader(rank, W)``), so a
+  step's rows across ranks are the rows one process would take for a batch W times larger;
+- the step's trained-token count (with ``rl``: its pair or sample count) is summed over ranks,
+  every rank divides its summed loss by that global count, and the engine sums gradients across
+  ranks, so the loss is the true mean over the step (KTO's reference point is each rank's
+  micro-batch mean, as it is each micro-batch's in one process);
+- rank 0 alone writes metrics and outputs; checkpoints and the final adapter are collective.
+
+Every rank of a job joins a failure board (:mod:`tunedag.train.rank_failures`): when one rank
+fails, the others stop within seconds instead of waiting in a collective until the time limit.
 """
 from __future__ import annotations
 
@@ -30,6 +42,8 @@ from tunedag.data.batches import collate, trained_token_count
 from tunedag.train.engines import make_engine
 from tunedag.train.metrics_log import MetricsLog
 from tunedag.train.preference import check_preference_shards
+from tunedag.train.rank_failures import rank_session
+from tunedag.train.ranks import DistEnv, all_sum, any_rank, broadcast, choose_device
 
 log = logging.getLogger(__name__)
 SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
@@ -94,83 +108,113 @@ def _truncate_metrics(path: Path, step: int) -> None:
         tmp.write_text("".join(l + "\n" for l in lines))
 
 
-def train(run: RunConfig, shards_dir: Path, model_path: Path, run_dir: Path) -> dict[str, Any]:
-    """Train ``run`` on the packed shards; write run_dir/adapter, train_metrics.jsonl, train_info.json."""
+def _resume_point(ckpt_root: Path, config_hash: str, env: DistEnv) -> Path | None:
+    """Rank 0 picks the newest complete checkpoint of this config (removing stale ones, or the whole
+    folder when none is left); every rank gets its path."""
+    found = None
+    if env.is_main:
+        found = ckpt.latest_checkpoint(ckpt_root, config_hash)
+        if found is None:
+            shutil.rmtree(ckpt_root, ignore_errors=True)
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+    found = broadcast(str(found) if found else None)
+    return Path(found) if found else None
+
+
+def train(run: RunConfig, shards_dir: Path, model_path: Path, run_dir: Path, env: DistEnv = DistEnv(),
+          should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any] | None:
+    """Train ``run`` on the packed shards as rank ``env.rank`` of ``env.world_size``; rank 0 writes
+    run_dir/adapter, train_metrics.jsonl and train_info.json. Returns train_info (every rank), or None
+    when ``should_stop`` (polled after every optimizer step: a pre-timeout or preemption signal) asked
+    to stop: then every rank has written a complete checkpoint at that step."""
+    device = choose_device(env)  # before any collective
+    group = env.world_size > 1 or run.train_engine == "deepspeed"
+    with rank_session(run_dir, env, device, group):
+        return _train(run, shards_dir, model_path, run_dir, env, should_stop)
+
+
+def _train(run: RunConfig, shards_dir: Path, model_path: Path, run_dir: Path, env: DistEnv,
+           should_stop: Callable[[], bool]) -> dict[str, Any] | None:
     config_hash = run.stage_hash("train")
     manifest = json.loads((shards_dir / "manifest.json").read_text())
-    seed_everything(run.seed)
     check_objective(run, shards_dir, manifest)
-    engine = make_engine(run, model_path)
-    count = loss_units(run, shards_dir, manifest, engine.model.config, engine.objective)
-    reader = ShardReader(shards_dir / "train")
-    steps = total_steps(run, len(reader))
-    params = engine.trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=run.learning_rate, weight_decay=run.weight_decay,
-                                  fused=engine.device.type == "cuda")
-    scheduler = get_scheduler(SCHEDULERS[run.lr_scheduler], optimizer,
-                              num_warmup_steps=run.warmup_steps, num_training_steps=steps)
     ckpt_root = run_dir / "checkpoints"
-    live_metrics = ckpt_root / "metrics.jsonl"
+    resumed = _resume_point(ckpt_root, config_hash, env)
+    seed_everything(run.seed)
+    engine = make_engine(run, model_path, env)
+    count = loss_units(run, shards_dir, manifest, engine.model.config, engine.objective)
+    reader = ShardReader(shards_dir / "train", env.rank, env.world_size)
+    steps = total_steps(run, len(reader))
+    scheduler = get_scheduler(SCHEDULERS[run.lr_scheduler], engine.optimizer,
+                              num_warmup_steps=run.warmup_steps, num_training_steps=steps)
     position = ckpt.Position()
-    resumed = ckpt.latest_checkpoint(ckpt_root, config_hash)
     if resumed is not None:
         state = ckpt.load_state(resumed)
-        engine.load_trainable(resumed)
-        optimizer.load_state_dict(state["optimizer"])
+        engine.load_payload(resumed)
         scheduler.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state(state["rng"])
+        ckpt.set_rng_state(state["rng"])  # ranks consume randomness alike: rank 0's state is everyone's
         position = ckpt.Position(**state["position"])
         log.info("resuming from %s (step %d of %d)", resumed, position.step, steps)
-    else:
-        shutil.rmtree(ckpt_root, ignore_errors=True)
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    _truncate_metrics(live_metrics, position.step)
+    live_metrics = ckpt_root / "metrics.jsonl"
+    metrics = None
+    if env.is_main:
+        _truncate_metrics(live_metrics, position.step)
+        for name, content in engine.run_files.items():
+            write_json(run_dir / name, content)
+        metrics = MetricsLog(run, run_dir, live_metrics, steps, position.step)
 
     batches = micro_batches(reader, run, manifest["pad_token_id"], position)
     started, tokens_at_start = time.perf_counter(), position.tokens_seen
     last_loss = float("nan")
-    metrics = MetricsLog(run, run_dir, live_metrics, steps, position.step)
     try:
         while position.step < steps:
             group = [b for _, b in zip(range(run.gradient_accumulation_steps), batches)]
-            if not group:
+            if not any_rank(bool(group), engine.device):
                 break
-            n_tokens = sum(count(batch) for batch, _, _ in group)  # trained tokens, or pairs/samples for rl
+            n_units = all_sum(sum(count(batch) for batch, _, _ in group), engine.device)  # tokens, or pairs/samples
             loss_total = 0.0
             for batch, _, _ in group:
-                loss = engine.loss_sum(batch) / max(n_tokens, 1)
-                loss.backward()
+                loss = engine.loss_sum(batch) / max(n_units, 1)
+                engine.backward(loss)
                 loss_total += loss.item()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, run.max_grad_norm or float("inf"))
-            optimizer.step()
+            loss_total = all_sum(loss_total, engine.device)
+            grad_norm = engine.step(run.max_grad_norm)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             _, position.epoch, position.offset = group[-1]
             position.step += 1
-            position.tokens_seen += sum(int(b["input_ids"].numel()) for b, _, _ in group)
+            position.tokens_seen += int(all_sum(sum(int(b["input_ids"].numel()) for b, _, _ in group), engine.device))
             last_loss = loss_total
-            if position.step % run.logging_steps == 0 or position.step == steps:
+            if metrics and (position.step % run.logging_steps == 0 or position.step == steps):
                 elapsed = time.perf_counter() - started
                 record = {"step": position.step, "epoch": position.epoch, "loss": round(loss_total, 6),
-                          "learning_rate": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                          "trained_tokens": n_tokens, "tokens_seen": position.tokens_seen,
-                          "tokens_per_s": round((position.tokens_seen - tokens_at_start) / max(elapsed, 1e-9), 1)}
+                          "learning_rate": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                          "trained_tokens": int(n_units), "tokens_seen": position.tokens_seen,
+                          "tokens_per_s": round((position.tokens_seen - tokens_at_start) / max(elapsed, 1e-9), 1),
+                          "elapsed_s": round(elapsed, 3), "world_size": env.world_size}
                 if engine.device.type == "cuda":
                     record["gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(engine.device) / 2**30, 3)
                 metrics.log(record)
-            if position.step % run.save_steps == 0 or position.step == steps:
-                ckpt.save_checkpoint(ckpt_root, engine.model, optimizer, scheduler, position, config_hash,
-                                     run.keep_last_checkpoints)
+            stopped = any_rank(should_stop(), engine.device) and position.step < steps
+            if stopped or position.step % run.save_steps == 0 or position.step == steps:
+                trainer_state = {"scheduler": scheduler.state_dict(), "rng": ckpt.rng_state(),
+                                 "position": asdict(position), "config_hash": config_hash, "engine": engine.name,
+                                 "world_size": env.world_size}
+                ckpt.write_checkpoint(ckpt_root, position.step, env, engine.write_payload, trainer_state,
+                                      run.keep_last_checkpoints)
+            if stopped:
+                log.warning("rank %d: stopping at step %d after a complete checkpoint", env.rank, position.step)
+                return None
     finally:
-        metrics.close()
+        if metrics:
+            metrics.close()
 
-    with atomic_path(run_dir / "adapter") as tmp:
-        engine.save(tmp)
-    with atomic_path(run_dir / "train_metrics.jsonl") as tmp:
-        shutil.copyfile(live_metrics, tmp)
-    info = {"config_hash": config_hash, "engine": engine.name, "device": str(engine.device),
-            "steps": position.step, "tokens_seen": position.tokens_seen, "final_loss": last_loss,
-            "resumed_from": str(resumed) if resumed else None, "position": asdict(position),
-            "shards_config_hash": manifest["config_hash"]}
-    write_json(run_dir / "train_info.json", info)
+    engine.save_adapter(run_dir / "adapter")
+    info = {"config_hash": config_hash, "engine": engine.name, **engine.info, "device": str(engine.device),
+            "world_size": env.world_size, "steps": position.step, "tokens_seen": position.tokens_seen,
+            "final_loss": last_loss, "resumed_from": str(resumed) if resumed else None,
+            "position": asdict(position), "shards_config_hash": manifest["config_hash"]}
+    if env.is_main:
+        with atomic_path(run_dir / "train_metrics.jsonl") as tmp:
+            shutil.copyfile(live_metrics, tmp)
+        write_json(run_dir / "train_info.json", info)
     return info
