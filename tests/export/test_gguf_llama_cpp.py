@@ -14,6 +14,7 @@ import shutil
 import sys
 from functools import lru_cache
 from pathlib import Path
+from unittest import mock
 
 import gguf
 import numpy as np
@@ -71,11 +72,25 @@ def hf_tokenizer(model_dir: Path):
     return AutoTokenizer.from_pretrained(model_dir)
 
 
+def _model_params_without_repacking():
+    """llama.cpp's default model parameters, without its CPU weight repacking ("extra buffer types"):
+    with it, llama-cpp-python 0.3.36 segfaults in the first eval of the tiny models' q8_0 files.
+    Repacking only reorders quantised blocks for faster CPU matmuls; the file is read the same."""
+    params = default_model_params()
+    if hasattr(params, "use_extra_bufts"):
+        params.use_extra_bufts = False
+    return params
+
+
+default_model_params = llama_cpp.llama_cpp.llama_model_default_params
+
+
 def load_llama_cpp(path: Path) -> "llama_cpp.Llama":
-    return llama_cpp.Llama(
-        model_path=str(path), n_ctx=128, n_batch=128, logits_all=True,
-        type_k=0, type_v=0, n_threads=2, verbose=False,  # type 0 = GGML_TYPE_F32
-    )
+    with mock.patch.object(llama_cpp.llama_cpp, "llama_model_default_params", _model_params_without_repacking):
+        return llama_cpp.Llama(
+            model_path=str(path), n_ctx=128, n_batch=128, logits_all=True,
+            type_k=0, type_v=0, n_threads=2, verbose=False,  # type 0 = GGML_TYPE_F32
+        )
 
 
 def hf_logits(model_dir: Path, ids: list[int]) -> np.ndarray:
