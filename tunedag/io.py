@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -16,12 +17,15 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; rename it to ``dest`` only if the block succeeds.
 
     Works for files and folders alike: whatever the block writes at the temporary path
-    replaces ``dest`` in one rename (an existing ``dest`` folder is removed first). Files get
+    replaces ``dest`` in one rename (an existing ``dest`` folder is removed first). What a
+    killed writer of ``dest`` left behind is removed first (one writer per output: Snakemake's
+    lock keeps a second run out of the folder). Files get
     the user's umask, as plainly written files would: some writers (safetensors) create 0600
     files, which labmates on a shared filesystem could not read.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(dest)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     target = tmp / "out"
     try:
@@ -32,6 +36,15 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
         os.replace(target, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale_temporaries(dest: Path, pattern: str = ".{name}.tmp-*") -> None:
+    """Remove the temporaries an earlier, killed writer of ``dest`` left beside it (at 8B, gigabytes)."""
+    for stale in dest.parent.glob(pattern.format(name=glob.escape(dest.name))):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 def _apply_umask(path: Path) -> None:

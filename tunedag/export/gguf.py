@@ -30,6 +30,7 @@ from tunedag.export.gguf_errors import GGUFExportError
 from tunedag.export.gguf_quantize import KQUANT_TYPES, find_llama_quantize, run_llama_quantize
 from tunedag.export.gguf_tensors import FILE_TYPES, OUTTYPE_QTYPES, QT, encode, plan_tensors
 from tunedag.export.gguf_vocab import add_vocab
+from tunedag.io import remove_stale_temporaries
 
 __all__ = ["GGUFExportError", "OUTTYPES", "export_gguf"]
 
@@ -41,6 +42,7 @@ OUTTYPES = (*OUTTYPE_QTYPES, *KQUANT_TYPES)
 def temporary_path(out_path: Path) -> Iterator[Path]:
     """Yield a fresh temporary path beside `out_path`; it is always removed on exit."""
     # Not mkstemp: that creates mode 0600; the writer creating the file gives the usual umask mode.
+    remove_stale_temporaries(out_path, ".{name}.*.partial")  # a killed export's
     tmp_path = out_path.with_name(f".{out_path.name}.{os.getpid()}-{secrets.token_hex(4)}.partial")
     try:
         yield tmp_path

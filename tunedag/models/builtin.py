@@ -7,9 +7,6 @@ runs with no network and no GPU exactly as it would on a hub model.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,6 +15,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTra
 
 from tunedag.builtin_models import BUILTIN_MODELS
 from tunedag.data.sample_task import INSTRUCTION, WORDS
+from tunedag.io import atomic_path
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
 
@@ -70,16 +68,8 @@ def materialize_builtin(name: str, dest: Path) -> Path:
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, do_sample=False, max_new_tokens=64)
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
+    with atomic_path(dest) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "tunedag_builtin.json").write_text(json.dumps({"name": name, **BUILTIN_MODELS[name]}))
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dest
