@@ -36,7 +36,7 @@ from tunedag.config import RunConfig
 from tunedag.deepspeed_json import check_user_config, owned_values, read_user_config
 from tunedag.io import atomic_path
 from tunedag.models.batch_inputs import loss_sum, model_inputs
-from tunedag.train.engines import EngineError, TorchEngine
+from tunedag.train.engines import EngineError, TorchEngine, adamw
 from tunedag.train.ranks import DistEnv, init_process_group
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class DeepSpeedEngine:
             self.optimizer = DeepSpeedCPUAdam(params, lr=run.learning_rate, weight_decay=run.weight_decay,
                                               adamw_mode=True)
         else:
-            self.optimizer = torch.optim.AdamW(params, lr=run.learning_rate, weight_decay=run.weight_decay)
+            self.optimizer = adamw(params, run, fused=False)
         self.ds, *_ = deepspeed.initialize(model=self.inner.model, optimizer=self.optimizer, config=self.config)
         if not hasattr(self.ds, "managed_gradient_accumulation"):  # older releases ignore the key silently
             raise EngineError(f"deepspeed {deepspeed.__version__} is too old: train_engine: deepspeed needs 0.19.8 "

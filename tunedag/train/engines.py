@@ -111,9 +111,8 @@ class TorchEngine:
         self.model.save_pretrained(dest, safe_serialization=True)
 
 
-def adamw(params: list[torch.nn.Parameter], run: RunConfig, device: torch.device) -> torch.optim.AdamW:
-    return torch.optim.AdamW(params, lr=run.learning_rate, weight_decay=run.weight_decay,
-                             fused=device.type == "cuda")
+def adamw(params: list[torch.nn.Parameter], run: RunConfig, fused: bool) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=run.learning_rate, weight_decay=run.weight_decay, fused=fused)
 
 
 class ReplicatedEngine:
@@ -126,7 +125,7 @@ class ReplicatedEngine:
         self.name = "ddp" if env.world_size > 1 else inner.name
         self.model, self.device, self.objective = inner.model, inner.device, inner.objective
         self.params = inner.trainable_parameters()
-        self.optimizer = adamw(self.params, run, self.device)
+        self.optimizer = adamw(self.params, run, fused=self.device.type == "cuda")
         self.info: dict[str, Any] = {"model_engine": inner.name}
         self.run_files: dict[str, Any] = {}
 

@@ -41,7 +41,7 @@ class FSDPEngine:
             fully_shard(layer)
         fully_shard(self.model)
         self.params = self.inner.trainable_parameters()
-        self.optimizer = adamw(self.params, run, torch.device("cpu"))  # DTensor parameters: unfused
+        self.optimizer = adamw(self.params, run, fused=False)  # over DTensor shards
         self.info: dict[str, Any] = {"model_engine": "torch"}
         self.run_files: dict[str, Any] = {}
 
