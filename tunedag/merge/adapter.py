@@ -26,7 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 from tunedag.config import RunConfig
 from tunedag.io import atomic_path
 from tunedag.merge.weights import MergeError, merge_weights, parse_size
-from tunedag.models.loading import load_causal_lm, load_tokenizer
+from tunedag.models.loading import check_weight_files, load_causal_lm, load_tokenizer
 from tunedag.models.reward_head import load_reward_model, reward_pad_token_id, sequence_classification_layout
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -109,6 +109,7 @@ def _logit_error(run: RunConfig, model_path: Path, adapter_dir: Path, merged_dir
 
 def merge_adapter(run: RunConfig, model_path: Path, adapter_dir: Path, out_dir: Path) -> dict[str, Any]:
     """Write ``out_dir``: the base model with the adapter merged in."""
+    check_weight_files(model_path)
     dtype = _target_dtype(run, model_path)
     reward = is_reward_adapter(adapter_dir)
     architecture, target_names = (sequence_classification_layout(model_path, run.trust_remote_code) if reward

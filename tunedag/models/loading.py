@@ -7,6 +7,7 @@ runs only when the run sets ``trust_remote_code: true``.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -65,10 +66,43 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrai
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
+def check_weight_files(path: str | Path) -> None:
+    """Stop, naming the file, when a weight file of the model folder at ``path`` is missing, cut short
+    or not safetensors. Reads only each file's header: safetensors stores an 8-byte header length,
+    a JSON header whose ``data_offsets`` place every tensor, then the data, which must end exactly
+    where the file ends."""
+    path = Path(path)
+    fix = f"delete {path} and run the download_model stage again (or point base_model at a good copy)"
+    index = path / "model.safetensors.index.json"
+    names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else \
+        sorted(p.name for p in path.glob("*.safetensors"))
+    if not names:
+        raise ModelSourceError(f"{path}: no .safetensors weights (tunedag loads weights from safetensors only)")
+    for name in names:
+        weights = path / name
+        if not weights.is_file():
+            raise ModelSourceError(f"{weights}: missing (listed in {index.name}); {fix}")
+        size = weights.stat().st_size
+        with open(weights, "rb") as fh:
+            head = fh.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            try:
+                header = json.loads(fh.read(length)) if 0 < length <= size - 8 else None
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                header = None
+        if not isinstance(header, dict):
+            raise ModelSourceError(f"{weights}: not a safetensors file (no readable header); {fix}")
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        if 8 + length + end != size:
+            raise ModelSourceError(f"{weights}: {size} bytes where its header places {8 + length + end} "
+                                   f"(cut short or overwritten); {fix}")
+
+
 def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32,
                    trust_remote_code: bool = False) -> PreTrainedModel:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ModelSourceError(f"{path}: no config.json (not a Hugging Face model folder)")
+    check_weight_files(path)
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
                                                 trust_remote_code=trust_remote_code)

@@ -24,7 +24,7 @@ from transformers.utils import logging as hf_logging
 
 from tunedag.data.batches import segment_index
 from tunedag.models.batch_inputs import model_inputs
-from tunedag.models.loading import ModelSourceError, load_tokenizer
+from tunedag.models.loading import ModelSourceError, check_weight_files, load_tokenizer
 from tunedag.models.logprobs import unwrap_model
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ def load_reward_model(path: str | Path, dtype: torch.dtype, trust_remote_code: b
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ModelSourceError(f"{path}: no config.json (not a Hugging Face model folder)")
+    check_weight_files(path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     pad = reward_pad_token_id(config, load_tokenizer(path, trust_remote_code))
     verbosity = hf_logging.get_verbosity()
