@@ -4,8 +4,9 @@ import logging
 from pathlib import Path
 
 from tunedag.cli import stage_main, stage_parser
-from tunedag.config import load_run
+from tunedag.config import check_model_fits, load_run
 from tunedag.data.tokenize import tokenize_run
+from tunedag.model_facts import read_model_config
 from tunedag.models.loading import load_tokenizer
 
 
@@ -17,6 +18,11 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=1, help="worker processes (output is the same for any count)")
     args = parser.parse_args()
     _, run = load_run(args.config, args.run)
+    # built-in and local models were checked with the config; a hub model is first read here
+    model_config = read_model_config(args.model)
+    if model_config is not None:
+        check_model_fits(run, model_config, f"{args.config}: runs.{args.run}",
+                         f"{args.model}/config.json, read by tokenize: a hub model is checked once downloaded")
     tokenizer = load_tokenizer(args.model, run.trust_remote_code)
     manifest = tokenize_run(run, args.raw, args.model, tokenizer, args.out, processes=args.processes)
     summary = {name: {k: split[k] for k in ("samples", "rows", "tokens", "packing_efficiency")}

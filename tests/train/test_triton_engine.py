@@ -28,7 +28,7 @@ FP32_REL = 1e-5
 
 
 def _run(model_dir, **overrides):
-    keys = dict(base_model=str(model_dir), lora_r=4, lora_alpha=8, train_engine="triton")
+    keys = dict(base_model=str(model_dir), lora_r=8, lora_alpha=16, train_engine="triton")
     keys.update(overrides)
     return tiny_run(model_dir / "config.json", **keys)
 

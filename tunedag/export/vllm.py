@@ -16,12 +16,9 @@ from typing import Any
 
 from tunedag.errors import TunedagError
 from tunedag.io import atomic_path
+# config validation refuses a rank or target vLLM cannot serve before training; these are its lists
+from tunedag.model_facts import VLLM_LORA_MODULES, VLLM_LORA_RANKS
 
-# vLLM's --max-lora-rank accepts these values; an adapter of another rank cannot be served.
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-# Module names vLLM's LoRA layers wrap in Llama-family models (packed qkv / gate_up included).
-VLLM_LORA_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-                     "embed_tokens", "lm_head"}
 MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "tokenizer.model", "special_tokens_map.json", "chat_template.jinja",
                "model.safetensors.index.json")

@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from tunedag.model_facts import LORA_TARGETS
+
 # What the patching replaces, by role: (HF module, tunedag replacement)
 REPLACED = {
     "rms_norm": ("*RMSNorm (decoder, final and Qwen3 q/k norms)", "kernels.rms_norm via FusedRMSNorm"),
@@ -29,7 +31,6 @@ REPLACED = {
     "mlp": ("gate/up/down LoRA Linears + activation", "kernels.lora_mlp"),
     "loss": ("lm_head + cross-entropy over full logits", "kernels.cross_entropy (fused, chunked)"),
 }
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TRAINABLE_FULL_MODULES = ("embed_tokens", "lm_head")
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
 

@@ -8,17 +8,24 @@ from pathlib import Path
 from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import validate
 
-from tunedag.config import ConfigError, hash_json, parse_config
-from tunedag.data.tokenize import code_hash
-from tunedag.models.loading import model_dir
+from tunedag.config import ConfigError, hash_json, load_yaml, parse_config, time_minutes
 
 # The library's typed check names the key and value at fault; the JSON schema is the same
 # contract in Snakemake's own terms (workflow/schemas is generated from tunedag.config).
+# Snakemake has loaded the config files already, keeping the last of a key written twice: each is
+# read again with a loader that refuses duplicate keys, naming file and line.
+_CONFIG_FILES = list({Path(p).resolve(): p for p in workflow.configfiles}.values())  # each file once
 try:
-    CFG = parse_config(config, source=",".join(map(str, workflow.configfiles)) or "config")
+    for _path in _CONFIG_FILES:
+        load_yaml(_path)
+    CFG = parse_config(config, source=",".join(map(str, _CONFIG_FILES)) or "config")
 except ConfigError as err:
     sys.exit(f"tunedag: config error: {err}")
 validate(config, "../schemas/config.schema.json")
+
+# imported after the check: a bad config is refused before torch loads
+from tunedag.data.tokenize import code_hash
+from tunedag.models.loading import model_dir
 
 # -P: the scripts folder stays off sys.path, so scripts/tokenize.py cannot shadow the stdlib module.
 # With --use-conda every rule runs in envs/tunedag.yaml's environment and finds tunedag through
@@ -27,7 +34,7 @@ CONDA_ENV = "../../envs/tunedag.yaml"
 if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
     PYTHON = f"PYTHONPATH={shlex.quote(workflow.basedir)}${{PYTHONPATH:+:$PYTHONPATH}} python -P"
 else:
-    PYTHON = f"{sys.executable} -P"
+    PYTHON = f"{shlex.quote(sys.executable)} -P"
 SCRIPTS = Path(workflow.basedir) / "scripts"
 # Scripts read the exact config Snakemake resolved (--configfile and --config included).
 EFFECTIVE_CONFIG = Path(".snakemake/tunedag") / f"config-{hash_json(config)[:16]}.json"
@@ -35,13 +42,10 @@ if not EFFECTIVE_CONFIG.exists():
     EFFECTIVE_CONFIG.parent.mkdir(parents=True, exist_ok=True)
     EFFECTIVE_CONFIG.write_text(json.dumps(config, indent=2))
 
+# parse_config has checked that run folders differ and that a dataset name means one source.
+# Every value below reaches a shell command through {x:q} (shlex-quoted) in the rules.
 RUN_OF_DIR = {CFG.run_dir(name): name for name in CFG.runs}
 DATASETS = {ds.dataset_name: (name, ds) for name, run in CFG.runs.items() for ds in run.datasets}
-for _name, _run in CFG.runs.items():
-    for _ds in _run.datasets:
-        if DATASETS[_ds.dataset_name][1] != _ds:
-            sys.exit(f"tunedag: config error: dataset name {_ds.dataset_name!r} means two different "
-                     f"sources in two runs; give one of them another name:")
 
 
 def _alternation(names):
@@ -61,6 +65,13 @@ def run_of(wildcards):
 
 def run_config(wildcards):
     return CFG.runs[run_of(wildcards)]
+
+
+def local_source(wildcards):
+    """download's input: a local source file, so that an edited file is downloaded again (hub and
+    https sources are not files here; the source param's hash stands for them)."""
+    path = DATASETS[wildcards.dataset][1].path
+    return [] if path.startswith(("hf:", "https://", "http://")) else [path]
 
 
 def base_model_dir(wildcards):
@@ -92,8 +103,7 @@ def stage_resources(stage):
     res = CFG.cluster.get(stage)
     if res is None:
         return {}
-    hours, minutes, seconds = (int(x) for x in res.time.split(":"))
-    out = {"runtime": hours * 60 + minutes + (seconds > 0), "mem_mb": int(res.mem_gb * 1024),
+    out = {"runtime": time_minutes(res.time), "mem_mb": int(res.mem_gb * 1024),
            "cpus_per_task": res.cpus_per_task, "nodes": res.nodes}
     if res.gpus_per_node:
         out["gpu"] = res.gpus_per_node

@@ -7,6 +7,8 @@ localrules:
 
 
 rule download:
+    input:
+        local_source,
     output:
         parquet="data/raw/{dataset}/data.parquet",
         source="data/raw/{dataset}/source.json",
@@ -18,8 +20,8 @@ rule download:
     conda:
         CONDA_ENV
     shell:
-        "{PYTHON} {SCRIPTS}/download.py --config {EFFECTIVE_CONFIG} --run {params.run} "
-        "--dataset {wildcards.dataset} --out data/raw/{wildcards.dataset} 2> {log}"
+        "{PYTHON} {SCRIPTS:q}/download.py --config {EFFECTIVE_CONFIG:q} --run {params.run:q} "
+        "--dataset {wildcards.dataset:q} --out data/raw/{wildcards.dataset:q} 2> {log:q}"
 
 
 rule download_model:
@@ -34,4 +36,4 @@ rule download_model:
     conda:
         CONDA_ENV
     shell:
-        "{PYTHON} {SCRIPTS}/download_model.py --base-model {params.base_model} --out {output} 2> {log}"
+        "{PYTHON} {SCRIPTS:q}/download_model.py --base-model {params.base_model:q} --out {output:q} 2> {log:q}"

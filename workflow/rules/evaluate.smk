@@ -19,5 +19,5 @@ rule evaluate:
     conda:
         CONDA_ENV
     shell:
-        "{PYTHON} {SCRIPTS}/evaluate.py --config {EFFECTIVE_CONFIG} --run {params.run} "
-        "--model {input.model} --merged {input.merged} --shards {input.shards} --out {output} 2> {log}"
+        "{PYTHON} {SCRIPTS:q}/evaluate.py --config {EFFECTIVE_CONFIG:q} --run {params.run:q} "
+        "--model {input.model:q} --merged {input.merged:q} --shards {input.shards:q} --out {output:q} 2> {log:q}"

@@ -16,7 +16,8 @@ rule export_gguf:
     conda:
         CONDA_ENV
     shell:
-        "{PYTHON} {SCRIPTS}/export_gguf.py --merged {input} --type {wildcards.gguf_type} --out {output} 2> {log}"
+        "{PYTHON} {SCRIPTS:q}/export_gguf.py --merged {input:q} --type {wildcards.gguf_type:q} --out {output:q} "
+        "2> {log:q}"
 
 
 rule export_vllm:
@@ -32,4 +33,5 @@ rule export_vllm:
     conda:
         CONDA_ENV
     shell:
-        "{PYTHON} {SCRIPTS}/export_vllm.py --merged {input.merged} --adapter {input.adapter} --out {output} 2> {log}"
+        "{PYTHON} {SCRIPTS:q}/export_vllm.py --merged {input.merged:q} --adapter {input.adapter:q} --out {output:q} "
+        "2> {log:q}"

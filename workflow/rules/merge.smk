@@ -18,5 +18,5 @@ rule merge:
     conda:
         CONDA_ENV
     shell:
-        "{PYTHON} {SCRIPTS}/merge.py --config {EFFECTIVE_CONFIG} --run {params.run} "
-        "--model {input.model} --adapter {input.adapter} --out {output} 2> {log}"
+        "{PYTHON} {SCRIPTS:q}/merge.py --config {EFFECTIVE_CONFIG:q} --run {params.run:q} "
+        "--model {input.model:q} --adapter {input.adapter:q} --out {output:q} 2> {log:q}"

@@ -21,8 +21,8 @@ rule report_run:
     conda:
         CONDA_ENV
     shell:
-        "{PYTHON} {SCRIPTS}/report.py --config {EFFECTIVE_CONFIG} run --run {params.run} "
-        "--run-dir {wildcards.run_dir} --shards {input.shards} --out {wildcards.run_dir}/report 2> {log}"
+        "{PYTHON} {SCRIPTS:q}/report.py --config {EFFECTIVE_CONFIG:q} run --run {params.run:q} "
+        "--run-dir {wildcards.run_dir:q} --shards {input.shards:q} --out {wildcards.run_dir:q}/report 2> {log:q}"
 
 
 rule report_compare:
@@ -33,10 +33,10 @@ rule report_compare:
         curves=report("reports/train_loss_by_run.png", caption="../report/train_loss_by_run.rst",
                       category="Comparison"),
     params:
-        runs=" ".join(f"{name}={CFG.run_dir(name)}" for name in CFG.runs),
+        runs=[f"{name}={CFG.run_dir(name)}" for name in CFG.runs],
     log:
         "logs/report_compare.log",
     conda:
         CONDA_ENV
     shell:
-        "{PYTHON} {SCRIPTS}/report.py compare --run-dirs {params.runs} --out reports 2> {log}"
+        "{PYTHON} {SCRIPTS:q}/report.py compare --run-dirs {params.runs:q} --out reports 2> {log:q}"

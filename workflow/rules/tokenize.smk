@@ -25,5 +25,5 @@ rule tokenize:
     conda:
         CONDA_ENV
     shell:
-        "{PYTHON} {SCRIPTS}/tokenize.py --config {EFFECTIVE_CONFIG} --run {wildcards.run} "
-        "--raw {params.raw} --model {input.model} --out {output} --processes {threads} 2> {log}"
+        "{PYTHON} {SCRIPTS:q}/tokenize.py --config {EFFECTIVE_CONFIG:q} --run {wildcards.run:q} "
+        "--raw {params.raw:q} --model {input.model:q} --out {output:q} --processes {threads} 2> {log:q}"

@@ -40,6 +40,6 @@ rule train:
     conda:
         CONDA_ENV
     shell:
-        "{PYTHON} {SCRIPTS}/train.py --config {EFFECTIVE_CONFIG} --run {params.run} "
-        "--shards {input.shards} --model {input.model} --run-dir {wildcards.run_dir} "
-        "--launcher {LAUNCHER} 2> {log}"
+        "{PYTHON} {SCRIPTS:q}/train.py --config {EFFECTIVE_CONFIG:q} --run {params.run:q} "
+        "--shards {input.shards:q} --model {input.model:q} --run-dir {wildcards.run_dir:q} "
+        "--launcher {LAUNCHER} 2> {log:q}"
