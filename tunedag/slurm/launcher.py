@@ -16,6 +16,8 @@ environment variables, then to the cluster's defaults.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import shlex
@@ -26,9 +28,10 @@ from typing import Any, TextIO
 
 import submitit
 
-from tunedag.config import ClusterResources
+from tunedag.config import ClusterResources, time_minutes
 from tunedag.errors import TunedagError
 from tunedag.slurm.job import TrainJob
+from tunedag.slurm.sbatch_errors import sbatch_refusal
 from tunedag.train.rank_failures import describe, latest_failures
 
 log = logging.getLogger(__name__)
@@ -42,13 +45,9 @@ class SlurmJobError(TunedagError):
         super().__init__(f"Slurm job {job_id} ended in state {state}; log: {log_path}\n{detail}")
 
 
-def minutes(hhmmss: str) -> int:
-    """``"04:00:00"`` → 240 (seconds round up: Slurm limits are whole minutes)."""
-    parts = [int(x) for x in hhmmss.split(":")]
-    while len(parts) < 3:
-        parts.insert(0, 0)
-    h, m, s = parts
-    return h * 60 + m + (s > 0)
+def minutes(limit: str) -> int:
+    """``"04:00:00"`` → 240, ``"1-00:00:00"`` → 1440 (seconds round up: Slurm limits are whole minutes)."""
+    return time_minutes(limit)
 
 
 def sbatch_parameters(args: list[str]) -> dict[str, Any]:
@@ -112,7 +111,11 @@ class _Tail:
 
 def submit(job: TrainJob, res: ClusterResources, folder: Path, job_name: str) -> submitit.Job:
     executor = make_executor(res, folder, job_name)
-    submitted = executor.submit(job)
+    try:  # submitit echoes sbatch's stderr before raising; the one-line error below says it once
+        with contextlib.redirect_stderr(io.StringIO()):
+            submitted = executor.submit(job)
+    except submitit.core.utils.FailedJobError as err:
+        raise sbatch_refusal(str(err), "train") from None
     log.info("submitted Slurm job %s (%d node(s) x %d task(s)); log: %s", submitted.job_id, res.nodes,
              res.tasks_per_node or max(res.gpus_per_node, 1), submitted.paths.stderr)
     return submitted
