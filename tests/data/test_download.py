@@ -51,11 +51,13 @@ def test_bad_lines_are_set_aside_with_their_line_and_field(tmp_path):
     record = download_dataset(DatasetConfig(path=str(src)), tmp_path / "raw")
     assert read_rows(tmp_path / "raw") == [{"output": "a"}, {"output": "b"}, {"output": "c"}]
     bad = [json.loads(l) for l in (tmp_path / "raw/bad_rows.jsonl").read_text().splitlines()]
-    assert [(b["row"], b["where"], b["field"]) for b in bad] == [(1, "line 2", None), (2, "line 4", None),
-                                                                 (4, "line 6", "output")]
+    # "row" is the 0-based source position (line - 1 here), which tokenize maps parquet rows past
+    assert [(b["row"], b["where"], b["field"]) for b in bad] == [(1, "line 2", None), (3, "line 4", None),
+                                                                 (5, "line 6", "output")]
     assert bad[0]["error"].startswith("invalid JSON") and bad[1]["error"] == "expected an object, got list"
     assert bad[2]["error"] == "field 'output' is list, other rows have str"
     assert record["rows"] == 3 and record["bad_rows"] == 3
+    assert record["numbering"] == "line" and record["gaps"] == [1, 2, 3, 5]  # line 3 is blank
 
 
 def test_a_type_that_changes_between_batches_sets_only_those_rows_aside(tmp_path, monkeypatch):
@@ -137,3 +139,55 @@ def test_hf_source_that_cannot_be_reached_names_the_source(tmp_path, monkeypatch
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(DataSourceError, match="hf:tunedag-test/no-such-dataset: could not load"):
         download_dataset(DatasetConfig(path="hf:tunedag-test/no-such-dataset"), tmp_path / "raw")
+
+
+# --------------------------------------------------------------------------- text that is not what it claims
+
+def test_invalid_utf8_line_is_set_aside_with_its_line_and_byte_offset(tmp_path):
+    src = tmp_path / "d.jsonl"
+    src.write_bytes(b'{"output": "a"}\n{"output": "caf\xe9"}\n{"output": "b"}\n')
+    record = download_dataset(DatasetConfig(path=str(src)), tmp_path / "raw")
+    assert read_rows(tmp_path / "raw") == [{"output": "a"}, {"output": "b"}]
+    bad = [json.loads(l) for l in (tmp_path / "raw/bad_rows.jsonl").read_text().splitlines()]
+    # line 2 starts at offset 16; "caf" ends at 16 + 15: the byte 0xe9 is at 31
+    assert bad == [{"row": 1, "where": "line 2", "field": None, "error": "invalid UTF-8 at byte offset 31 (0xe9)"}]
+    assert record["bad_rows"] == 1 and record["gaps"] == [1]
+
+
+def test_invalid_utf8_in_a_csv_is_set_aside_not_read_as_bytes(tmp_path):
+    """pyarrow alone would turn the whole column into binary without a word."""
+    src = tmp_path / "d.csv"
+    src.write_bytes(b"instruction,output\nhi,a\nyo,caf\xe9\nhey,b\n")
+    record = download_dataset(DatasetConfig(path=str(src)), tmp_path / "raw")
+    assert read_rows(tmp_path / "raw") == [{"instruction": "hi", "output": "a"}, {"instruction": "hey", "output": "b"}]
+    bad = [json.loads(l) for l in (tmp_path / "raw/bad_rows.jsonl").read_text().splitlines()]
+    # line 3 starts at offset 19 + 5 = 24; "yo,caf" puts the byte 0xe9 at 30
+    assert [(b["where"], b["error"]) for b in bad] == [("line 3", "invalid UTF-8 at byte offset 30 (0xe9)")]
+    assert record["numbering"] == "line" and record["gaps"] == [0, 2]  # the header and the bad line
+
+
+def test_json_array_rows_count_from_one(tmp_path):
+    src = tmp_path / "d.json"
+    src.write_text(json.dumps([{"output": "a"}, 7, {"output": "b"}]))
+    record = download_dataset(DatasetConfig(path=str(src)), tmp_path / "raw")
+    bad = [json.loads(l) for l in (tmp_path / "raw/bad_rows.jsonl").read_text().splitlines()]
+    assert [(b["where"], b["error"]) for b in bad] == [("row 2", "expected an object, got int")]
+    assert record["numbering"] == "row" and record["gaps"] == [1]
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("d.json", b'[{"output": "a"},\n {"output": "\xff"}]',
+     "d.json: line 2: invalid UTF-8 at byte offset 31 (0xff); a JSON array is read whole, so fix the file "
+     "(or write it as JSONL, where such a line is set aside)"),
+    ("d.parquet", b'{"output": "a"}\n', "d.parquet: not a Parquet file (it is JSON text: name it .jsonl or .json)"),
+    ("d.parquet", b"output\na\n", "d.parquet: not a Parquet file (no Parquet footer; it starts with b'output\\na')"),
+    ("d.parquet", b"PAR1\x15\x04", "d.parquet: not a Parquet file (it starts as Parquet but has no footer: truncated?)"),
+    ("d.csv", b"instruction,output\nhi\n", "d.csv: CSV parse error: Expected 2 columns, got 1: hi"),
+])
+def test_a_file_that_cannot_be_read_is_one_line_naming_it(tmp_path, name, content, message):
+    src = tmp_path / name
+    src.write_bytes(content)
+    with pytest.raises(DataSourceError) as err:
+        download_dataset(DatasetConfig(path=str(src)), tmp_path / "raw")
+    assert str(err.value) == f"{tmp_path}/{message}"
+    assert list((tmp_path / "raw").iterdir()) == []  # nothing written

@@ -153,7 +153,7 @@ def test_excess_length_strategy_counts(tmp_path, tiny_model_dir, strategy, dropp
 def test_excess_length_raise_names_the_row(tmp_path, tiny_model_dir):
     rows = sample_rows(40)
     rows[5]["input"] = "fox " * 200
-    with pytest.raises(TokenizeError, match=r"src\.jsonl\): row 5: sample of \d+ tokens is longer than sequence_len 128"):
+    with pytest.raises(TokenizeError, match=r"src\.jsonl\): line 6: sample of \d+ tokens is longer than sequence_len 128"):
         _run(tmp_path, tiny_model_dir, rows=rows, excess_length_strategy="raise")
     assert not (tmp_path / "packed").exists()
 
@@ -185,7 +185,7 @@ def test_val_set_larger_than_data_is_an_error(tmp_path, tiny_model_dir):
 def test_malformed_row_names_file_and_row_and_leaves_no_output(tmp_path, tiny_model_dir):
     rows = sample_rows(20)
     del rows[7]["output"]
-    with pytest.raises(RowFormatError, match=r"raw/src/data\.parquet \(source .*src\.jsonl\): row 7: missing field 'output'"):
+    with pytest.raises(RowFormatError, match=r"raw/src/data\.parquet \(source .*src\.jsonl\): line 8: missing field 'output'"):
         _run(tmp_path, tiny_model_dir, rows=rows)
     assert not (tmp_path / "packed").exists()
     _, manifest = _run(tmp_path, tiny_model_dir, rows=rows, on_bad_rows="skip", val_set_size=2)
@@ -211,16 +211,19 @@ def test_rows_the_download_sets_aside_raise_or_are_skipped(tmp_path, tiny_model_
 
 
 def test_row_numbers_count_the_rows_the_download_set_aside(tmp_path):
-    """Parquet row 5 is source row 6 when source row 2 was set aside: errors use source numbers."""
-    job = tokenize.DatasetJob(0, "src", "src.jsonl", tmp_path / "data.parquet", None, 1.0, bad_rows=[2, 9])
-    assert [job.where(i).rsplit(" ", 1)[1] for i in (0, 1, 2, 5, 7, 8)] == ["0", "1", "3", "6", "8", "10"]
+    """Parquet row 5 (from 0) is source line 7 (from 1) when source line 3 was set aside: errors
+    use the source's numbers."""
+    job = tokenize.DatasetJob(0, "src", "src.jsonl", tmp_path / "data.parquet", None, 1.0, gaps=[2, 9],
+                              numbering="line")
+    assert [job.where(i).rsplit(": ", 1)[1] for i in (0, 1, 2, 5, 7, 8)] == \
+        ["line 1", "line 2", "line 4", "line 7", "line 9", "line 11"]
 
 
 @pytest.mark.parametrize("ds, rows, message", [
-    ({"type": "chat_template"}, [{"messages": []}] * 5, r"row 0: field 'messages' is an empty conversation"),
+    ({"type": "chat_template"}, [{"messages": []}] * 5, r"line 1: field 'messages' is an empty conversation"),
     ({"type": "sharegpt"}, [{"conversations": [{"from": "bot", "value": "x"}]}] * 5,
-     r"row 0: field 'conversations\[0\].from': unknown role 'bot'"),
-    ({"type": "alpaca", "field_output": "answer"}, sample_rows(5), r"row 0: missing field 'answer'"),
+     r"line 1: field 'conversations\[0\].from': unknown role 'bot'"),
+    ({"type": "alpaca", "field_output": "answer"}, sample_rows(5), r"line 1: missing field 'answer'"),
 ])
 def test_bad_chat_rows_name_row_and_field(tmp_path, tiny_model_dir, ds, rows, message):
     with pytest.raises(RowFormatError, match=message):
@@ -251,3 +254,47 @@ def test_sft_and_preference_data_cannot_be_mixed(tmp_path, tiny_model_dir):
     run = tiny_run(a, datasets=[{"path": str(a)}, {"path": str(a), "name": "b", "type": "dpo"}])
     with pytest.raises(TokenizeError, match="cannot be mixed in one run"):
         tokenize_with_model(run, [tmp_path / "raw/a", tmp_path / "raw/a"], tiny_model_dir, tmp_path / "packed")
+
+
+def test_invalid_utf8_raises_naming_file_line_and_offset_or_is_skipped(tmp_path, tiny_model_dir):
+    src = tmp_path / "src.jsonl"
+    good = "".join(json.dumps(r) + "\n" for r in sample_rows(20))
+    src.write_bytes(b'{"instruction": "caf\xe9"}\n' + good.encode())
+    download_dataset(DatasetConfig(path=str(src)), tmp_path / "raw/src")
+    with pytest.raises(RowFormatError) as err:
+        tokenize_with_model(tiny_run(src), [tmp_path / "raw/src"], tiny_model_dir, tmp_path / "packed")
+    assert str(err.value) == (f"{src}: line 1: invalid UTF-8 at byte offset 20 (0xe9) "
+                              f"(set on_bad_rows: skip to skip and count such rows)")
+    assert not (tmp_path / "packed").exists()
+    manifest = tokenize_with_model(tiny_run(src, on_bad_rows="skip", val_set_size=2), [tmp_path / "raw/src"],
+                                   tiny_model_dir, tmp_path / "packed")
+    assert manifest["counts"]["bad_rows_skipped"] == 1 and manifest["counts"]["rows"] == 21
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"instruction": "hi"}, "line 3: missing field 'output'"),
+    ({"instruction": "hi", "output": None}, "line 3: field 'output' is null"),
+])
+def test_a_null_field_is_not_reported_missing(tmp_path, tiny_model_dir, row, message):
+    """Parquet stores an absent field as null; the download's source.json says which it was."""
+    rows = sample_rows(2) + [row] + sample_rows(5, seed=1)
+    src = _prepare(tmp_path, rows)
+    with pytest.raises(RowFormatError) as err:
+        tokenize_with_model(tiny_run(src), [tmp_path / "raw/src"], tiny_model_dir, tmp_path / "packed")
+    assert str(err.value) == f"{tmp_path}/raw/src/data.parquet (source {src}): {message}"
+    assert not (tmp_path / "packed").exists()
+
+
+def test_dpo_pair_with_identical_responses_raises_or_is_skipped_and_counted(tmp_path, tiny_model_dir):
+    """Such a pair teaches nothing (zero DPO gradient): tokenize never writes it."""
+    rows = [{"prompt": f"fox {i}", "chosen": "owl", "rejected": "cat dog"} for i in range(30)]
+    rows[4]["rejected"] = "owl"
+    with pytest.raises(RowFormatError) as err:
+        _run(tmp_path, tiny_model_dir, rows=rows, ds={"type": "dpo"}, val_set_size=3)
+    assert str(err.value) == (f"{tmp_path}/raw/src/data.parquet (source {tmp_path}/src.jsonl): line 5: chosen and "
+                              f"rejected responses are the same tokens, so there is nothing to prefer (set "
+                              f"on_bad_rows: skip to skip and count such pairs)")
+    assert not (tmp_path / "packed").exists()
+    _, manifest = _run(tmp_path, tiny_model_dir, rows=rows, ds={"type": "dpo"}, val_set_size=3, on_bad_rows="skip")
+    assert manifest["counts"]["identical_pairs_skipped"] == 1
+    assert manifest["splits"]["train"]["samples"] + manifest["splits"]["val"]["samples"] == 29

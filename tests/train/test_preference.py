@@ -205,7 +205,9 @@ def test_orpo_and_kto_train(tmp_path, tiny_model_dir, dpo_data):
 
 # --------------------------------------------------------------------------- bad input
 
-def test_identical_pair_stops_training_naming_the_row(tmp_path, tiny_model_dir):
+def test_identical_pair_stops_training_naming_the_row(tmp_path, tiny_model_dir, monkeypatch):
+    """tokenize never writes such a pair (tests/data/test_tokenize.py); shards from older code might."""
+    monkeypatch.setattr("tunedag.data.tokenize._identical_pair", lambda sample: False)
     rows = [{"prompt": f"{INSTRUCTION}\nred cat", "chosen": "cat", "rejected": "cat"}] + preference_rows(11, seed=2)
     run, packed = tokenized_pairs(tmp_path, tiny_model_dir, rows, val_set_size=1, sample_packing=False, seed=3)
     with pytest.raises(PreferenceDataError, match=r"train/shard-00000.arrow: row \d+, pair 0: chosen and "

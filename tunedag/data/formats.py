@@ -178,7 +178,7 @@ def _value(row: dict[str, Any], key: str, kind: type | tuple[type, ...], require
     name = where or key
     if value is None:
         if required:
-            raise RowFormatError(f"missing field {name!r}")
+            raise RowFormatError(_absent(row, key, name))
         return None
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         expected = {str: "a string", bool: "true or false", list: "a list", dict: "an object"}
@@ -186,6 +186,11 @@ def _value(row: dict[str, Any], key: str, kind: type | tuple[type, ...], require
                             if isinstance(kind, tuple) else kind.__name__)
         raise RowFormatError(f"field {name!r} must be {want}, got {type(value).__name__}")
     return value
+
+
+def _absent(row: dict[str, Any], key: str, name: str) -> str:
+    """Why a required field has no value: the row lacks ``key`` ("missing"), or holds null there."""
+    return f"field {name!r} is null" if key in row else f"missing field {name!r}"
 
 
 def _messages(value: Any, spec: FormatSpec, name: str, roles: dict[str, str]) -> list[dict[str, str]]:
@@ -278,7 +283,7 @@ def plan_chat(row: dict[str, Any], spec: FormatSpec, tok: TextTokenizer) -> Plan
     roles = SHAREGPT_ROLES if spec.type == "sharegpt" else CHAT_ROLES
     name = spec.fields["messages"]
     if row.get(name) is None:
-        raise RowFormatError(f"missing field {name!r}")
+        raise RowFormatError(_absent(row, name, name))
     messages = _messages(row[name], spec, name, roles)
     return Plan([[_conversation(messages, spec)]], prompt=_chat_prompt(messages, spec, tok))
 
@@ -309,7 +314,7 @@ def plan_dpo(row: dict[str, Any], spec: FormatSpec, tok: TextTokenizer) -> Plan:
     for key, turns in ((f["chosen"], chosen), (f["rejected"], rejected)):
         _final_assistant(turns, key)
     if not prompt and (len(chosen) < 2 or len(rejected) < 2):
-        raise RowFormatError(f"missing field {f['prompt']!r} (needed unless {f['chosen']!r} and "
+        raise RowFormatError(f"{_absent(row, f['prompt'], f['prompt'])} (needed unless {f['chosen']!r} and "
                              f"{f['rejected']!r} are whole conversations)")
     segments = [[_conversation(prompt + chosen, spec, last_only=True)],
                 [_conversation(prompt + rejected, spec, last_only=True)]]

@@ -18,6 +18,10 @@ has its prompt masked (-100), so a policy's sequence log-probability is the sum 
 token log-probs over the segment's trained positions. kto: one segment per sample, labelled
 1 (desirable) or 0 (undesirable).
 
+``manifest.json`` records each shard's sha256; ``verify_shards`` checks them before train and
+evaluate read a split, so a truncated or overwritten shard stops the stage with the fix instead
+of a pyarrow traceback or, worse, training on other data with exit 0.
+
 ``ShardReader`` reads them zero-copy and yields rows in a seeded order per epoch, split by rank,
 from any row offset: rows consumed so far are the exact resume position.
 """
@@ -33,6 +37,7 @@ import pyarrow as pa
 
 from tunedag.data.formats import IGNORE_INDEX
 from tunedag.data.packing import PackedRows
+from tunedag.errors import TunedagError
 from tunedag.io import sha256_file
 
 ROW_SCHEMA = pa.schema([
@@ -43,6 +48,36 @@ ROW_SCHEMA = pa.schema([
 ])
 PREFERENCE_SCHEMA = ROW_SCHEMA.append(pa.field("segment_labels", pa.list_(pa.int8())))
 MAX_TOKENS_PER_SHARD = 1 << 24  # 16M tokens: ~200 MB per shard with the four int32 columns
+
+
+RERUN = "rerun tokenize (snakemake --forcerun tokenize)"
+
+
+class ShardIntegrityError(TunedagError, ValueError):
+    """A shard that is not the one tokenize wrote: missing, changed, unlisted or unreadable."""
+
+
+def verify_shards(split_dir: str | Path, manifest: dict[str, Any]) -> None:
+    """Check ``split_dir``'s shards against ``manifest``: each listed shard is there with its sha256,
+    and no other ``shard-*.arrow`` is. Hashing reads every byte: about 1 s per GB of shards."""
+    split_dir = Path(split_dir)
+    split = manifest.get("splits", {}).get(split_dir.name)
+    if split is None:
+        raise ShardIntegrityError(f"{split_dir.parent / 'manifest.json'}: no {split_dir.name!r} split listed; {RERUN}")
+    listed = {Path(r["path"]).name: r["sha256"] for r in split["shards"]}
+    for name, expected in listed.items():  # the cheap checks first, then the hashing
+        if not (split_dir / name).is_file():
+            raise ShardIntegrityError(f"{split_dir / name}: missing (manifest.json lists it with sha256 {expected}); "
+                                      f"{RERUN}")
+    extra = sorted(p.name for p in split_dir.glob("shard-*.arrow") if p.name not in listed)
+    if extra:
+        raise ShardIntegrityError(f"{split_dir / extra[0]}: not listed in manifest.json ({len(extra)} unlisted "
+                                  f"shard(s)), so it was not written by the tokenize run that made the others; {RERUN}")
+    for name, expected in listed.items():
+        found = sha256_file(split_dir / name)
+        if found != expected:
+            raise ShardIntegrityError(f"{split_dir / name}: sha256 {found}, but manifest.json records {expected}: "
+                                      f"the shard changed after tokenize wrote it (truncated or overwritten?); {RERUN}")
 
 
 def _list(offsets: np.ndarray, values: np.ndarray, kind: pa.DataType) -> pa.ListArray:
@@ -117,6 +152,13 @@ class ShardWriter:
         return self.records
 
 
+def _read_table(path: Path) -> pa.Table:
+    try:
+        return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+    except (pa.ArrowInvalid, OSError) as err:
+        raise ShardIntegrityError(f"{path}: not a readable Arrow shard ({err}); {RERUN}") from None
+
+
 class ShardReader:
     """Rows of one split, memory-mapped; a seeded permutation per epoch, sliced per rank."""
 
@@ -125,7 +167,7 @@ class ShardReader:
         paths = sorted(self.split_dir.glob("shard-*.arrow"))
         if not paths:
             raise FileNotFoundError(f"{self.split_dir}: no shard-*.arrow files (run the tokenize stage)")
-        self.tables = [pa.ipc.open_file(pa.memory_map(str(p), "r")).read_all() for p in paths]
+        self.tables = [_read_table(p) for p in paths]
         self.columns = self.tables[0].schema.names
         self._starts = np.concatenate([[0], np.cumsum([t.num_rows for t in self.tables])]).tolist()
         self.rank, self.world_size = rank, world_size

@@ -14,12 +14,16 @@ training rows the same way. Validation samples are packed after the units, in on
 
 The manifest records what made the shards: the config slice, the tokenizer files and this
 package's data code and chat templates, each hashed, so a changed template or tokenizer never
-reuses stale shards; and counts of bad rows skipped and over-long samples dropped or truncated.
+reuses stale shards; and counts of bad rows skipped, over-long samples dropped or truncated, and
+dpo pairs skipped because chosen and rejected are the same tokens (nothing to prefer). Rows are
+named as the download stage numbers them, from 1: "line N" of a JSONL or CSV source, "row N"
+of a JSON array, Parquet file or hub dataset (see tunedag.data.download).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import multiprocessing
 import os
@@ -42,11 +46,12 @@ from tunedag.io import atomic_path, sha256_file
 CODE_FILES = [Path(m.__file__) for m in (formats, chat, packing, shards, download)] + [Path(__file__)]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "chat_template.jinja")
+log = logging.getLogger(__name__)
 UNIT_ROWS = 32_768
 WINDOW_TOKENS = 1 << 22
 ENCODE_ROWS = 512
 COUNT_KEYS = ("rows", "bad_rows_skipped", "too_long_dropped", "too_long_truncated", "no_trained_tokens_dropped",
-              "documents_split")
+              "identical_pairs_skipped", "documents_split")
 
 
 class TokenizeError(TunedagError, ValueError):
@@ -89,16 +94,26 @@ class DatasetJob:
     parquet: Path
     spec: FormatSpec
     weight: float
-    bad_rows: list[int]  # source row numbers the download stage set aside, ascending
+    gaps: list[int]  # 0-based source positions absent from the parquet (download's source.json), ascending
+    numbering: str = "row"  # "line" for JSONL and CSV sources
+    absent_only: frozenset[str] = frozenset()  # fields absent from some source rows, never an explicit null
 
     def where(self, row: int) -> str:
-        """``file (source …): row N`` for parquet row ``row``, numbered as in the source file."""
-        for bad in self.bad_rows:
-            if bad <= row:
+        """``file (source …): line N`` (or ``row N``) for parquet row ``row``, numbered from 1 as
+        in the source file."""
+        for gap in self.gaps:
+            if gap <= row:
                 row += 1
             else:
                 break
-        return f"{self.parquet} (source {self.source}): row {row}"
+        return f"{self.parquet} (source {self.source}): {self.numbering} {row + 1}"
+
+    def as_read(self, row: dict[str, Any]) -> dict[str, Any]:
+        """``row`` without the nulls that Parquet stored for fields absent from the source row, so
+        that formats report them as missing (and an explicit null as null)."""
+        if not self.absent_only:
+            return row
+        return {k: v for k, v in row.items() if v is not None or k not in self.absent_only}
 
 
 @dataclass
@@ -119,6 +134,11 @@ class Settings:
     on_bad_rows: str
     seed: int
     preference: bool
+
+
+def _read_source(raw_dir: Path) -> dict[str, Any]:
+    path = raw_dir / "source.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _read_bad_rows(raw_dir: Path) -> list[dict[str, Any]]:
@@ -194,6 +214,15 @@ def _usable(sample: Sample) -> bool:
     return True
 
 
+def _identical_pair(sample: Sample) -> bool:
+    """A dpo pair whose chosen and rejected trained tokens are the same: nothing to prefer (train's
+    check_preference_shards compares the same, as the last line of defence)."""
+    chosen, _ = sample.segment_lengths()
+    labels = np.asarray(sample.labels)
+    a, b = labels[:chosen], labels[chosen:]
+    return np.array_equal(a[a != IGNORE_INDEX], b[b != IGNORE_INDEX])
+
+
 class _Window:
     """Training samples waiting to be packed; packs and writes every WINDOW_TOKENS tokens."""
 
@@ -243,7 +272,7 @@ def _process_unit(unit: Unit) -> dict[str, Any]:
             i = unit.start + local
             local += 1
             try:
-                plans.append(PLANNERS[job.spec.type](row, job.spec, tok))
+                plans.append(PLANNERS[job.spec.type](job.as_read(row), job.spec, tok))
                 kept.append(i)
             except (RowFormatError, chat.ChatTemplateError) as err:
                 if settings.on_bad_rows == "raise" or isinstance(err, chat.ChatTemplateError):
@@ -266,6 +295,13 @@ def _process_unit(unit: Unit) -> dict[str, Any]:
                     counts["too_long_truncated"] += 1
                 if not _usable(sample):
                     counts["no_trained_tokens_dropped"] += 1
+                    continue
+                if job.spec.type == "dpo" and _identical_pair(sample):
+                    if settings.on_bad_rows == "raise":
+                        raise RowFormatError(f"{job.where(i)}: chosen and rejected responses are the same tokens, "
+                                             f"so there is nothing to prefer (set on_bad_rows: skip to skip and "
+                                             f"count such pairs)")
+                    counts["identical_pairs_skipped"] += 1
                     continue
                 if val:
                     val_samples.append(sample)
@@ -337,7 +373,10 @@ def _jobs(run: RunConfig, raw_dirs: list[Path], tok: TextTokenizer, chat_source:
             raise TokenizeError(f"{parquet} (source {ds.path}): dataset {ds.dataset_name!r} has no rows{skipped}")
         spec = FormatSpec.build(ds.type, _overrides(ds), tok, chat_source, run.sequence_len, run.train_on_inputs,
                                 tuple(ds.roles_to_train), ds.train_on_eos)
-        job = DatasetJob(index, ds.dataset_name, ds.path, parquet, spec, ds.weight, [b["row"] for b in bad])
+        source = _read_source(Path(raw_dir))
+        job = DatasetJob(index, ds.dataset_name, ds.path, parquet, spec, ds.weight, source.get("gaps", []),
+                         source.get("numbering", "row"),
+                         frozenset(source.get("absent_fields", [])) - frozenset(source.get("null_fields", [])))
         n_val = _val_count(n_rows, run.val_set_size, f"dataset {ds.dataset_name!r}")
         jobs.append(job)
         units += _units(job, n_rows, n_val, run.seed)
@@ -416,6 +455,9 @@ def tokenize_run(run: RunConfig, raw_dirs: list[Path], model_path: Path, tokeniz
             totals["rows"] += record["bad_rows"]
             totals["bad_rows_skipped"] += record["bad_rows"]
             del record["bad_rows"]
+        if totals["identical_pairs_skipped"]:
+            log.warning("skipped %d dpo pairs whose chosen and rejected responses are the same tokens "
+                        "(on_bad_rows: skip)", totals["identical_pairs_skipped"])
         if totals["train_samples"] == 0:
             raise TokenizeError(f"run has no training samples left of {totals['rows']} rows (all longer than "
                                 f"sequence_len {run.sequence_len}, without trained tokens, or bad?)")

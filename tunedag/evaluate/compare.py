@@ -28,7 +28,7 @@ from transformers import AutoModelForSequenceClassification
 from tunedag.config import RunConfig
 from tunedag.data.batches import collate
 from tunedag.data.formats import IGNORE_INDEX
-from tunedag.data.shards import ShardReader
+from tunedag.data.shards import ShardReader, verify_shards
 from tunedag.evaluate.scores import kto_metrics, pair_logps, pair_rewards, preference_metrics, reward_metrics, sample_logps
 from tunedag.evaluate.text_metrics import score_answers
 from tunedag.io import atomic_path
@@ -119,6 +119,7 @@ def reward_model_metrics(run: RunConfig, base_path: Path, merged_path: Path, val
 def evaluate_run(run: RunConfig, base_path: Path, merged_path: Path, shards_dir: Path, out_dir: Path) -> dict[str, Any]:
     """Write ``out_dir``/metrics.json and samples.jsonl comparing base and fine-tuned."""
     manifest = json.loads((shards_dir / "manifest.json").read_text())
+    verify_shards(shards_dir / "val", manifest)  # a changed shard stops here, naming it and the fix
     if run.rl == "reward":  # scores, not text: no loss, perplexity or generations to compare
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         metrics = {"config_hash": run.stage_hash("evaluate"), "prompts": 0,

@@ -34,7 +34,7 @@ import torch
 from transformers import get_scheduler
 
 from tunedag.config import RunConfig
-from tunedag.data.shards import ShardReader
+from tunedag.data.shards import ShardReader, verify_shards
 from tunedag.errors import TunedagError
 from tunedag.io import atomic_path, write_json
 from tunedag.train import checkpoint as ckpt
@@ -137,6 +137,7 @@ def _train(run: RunConfig, shards_dir: Path, model_path: Path, run_dir: Path, en
            should_stop: Callable[[], bool]) -> dict[str, Any] | None:
     config_hash = run.stage_hash("train")
     manifest = json.loads((shards_dir / "manifest.json").read_text())
+    verify_shards(shards_dir / "train", manifest)  # a changed shard stops here, naming it and the fix
     check_objective(run, shards_dir, manifest)
     ckpt_root = run_dir / "checkpoints"
     resumed = _resume_point(ckpt_root, config_hash, env)
