@@ -4,17 +4,21 @@ for every engine.
 A checkpoint holds the engine's payload (its trainable weights and optimizer state, in the
 engine's own layout: a PEFT adapter folder + ``optimizer.pt``, FSDP's gathered state, or
 DeepSpeed's per-rank partitions) and the loop's trainer state (``trainer_state.pt``: schedule,
-every RNG state, the data position, the config hash, the engine and the world size). Every rank
-writes its part into ``.step-N.partial``; rank 0 then adds the trainer state and renames the
-folder, so a killed job leaves either the whole checkpoint or none, and a checkpoint is complete
-exactly when its trainer state is there. A checkpoint written by a different train config is
-never resumed.
+every RNG state, the data position, the resume key, the engine, the world size and the size of
+every payload file). Every rank writes its part into ``.step-N.partial``; rank 0 then adds the
+trainer state and renames the folder, so a killed job leaves either the whole checkpoint or
+none. A checkpoint is resumed only when its payload files are all there at their recorded sizes
+(else the one before it is) and its resume key matches: the train config, the shards' content,
+the base model and the training code (:func:`resume_key`), so changed data, a changed model or
+a code update never continue an old run.
 
 The trainer state is read with ``torch.load(weights_only=True)``: tensors and plain Python
 values only, so a checkpoint copied from someone else's run folder cannot run code.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import pickle
@@ -81,7 +85,8 @@ def write_checkpoint(root: Path, step: int, env: DistEnv, write_payload: Callabl
     write_payload(partial)
     barrier()
     if env.is_main:
-        torch.save(trainer_state, partial / STATE_FILE)
+        files = {str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()}
+        torch.save({**trainer_state, "files": files}, partial / STATE_FILE)
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(partial, dest)
@@ -112,11 +117,46 @@ def load_state(path: Path) -> dict[str, Any]:
                               "checkpoint or start over") from None
 
 
-def latest_checkpoint(root: Path, config_hash: str) -> Path | None:
-    """The newest complete checkpoint written by this train config; stale ones are removed."""
+def missing_files(path: Path, state: dict[str, Any]) -> list[str]:
+    """Payload files of the checkpoint at ``path`` that are gone or not at their recorded size."""
+    return [name for name, size in state["files"].items()
+            if not (path / name).is_file() or (path / name).stat().st_size != size]
+
+
+def latest_checkpoint(root: Path, key: str) -> Path | None:
+    """The newest complete checkpoint written with resume key ``key``; the stale and the broken ones
+    (a payload file gone or cut short) are removed, so the one before them is resumed."""
     for path in reversed(list_checkpoints(root)):
-        if load_state(path)["config_hash"] == config_hash:
+        state = load_state(path)
+        if state.get("resume_key") != key:
+            log.warning("removing checkpoint %s: written by another train config, data, base model or "
+                        "tunedag version", path)
+        elif missing := missing_files(path, state):
+            log.warning("removing checkpoint %s: %s missing or cut short", path, ", ".join(missing))
+        else:
             return path
-        log.warning("removing checkpoint %s: written by a different train config", path)
         shutil.rmtree(path, ignore_errors=True)
     return None
+
+
+def resume_key(config_hash: str, manifest: dict[str, Any], model_path: Path) -> str:
+    """What a checkpoint must have been written with to be resumed: the train config, the shards'
+    manifest (their sha256 values), the base model (config.json and the names and sizes of its
+    weight files: hashing 16 GB of weights at every start would cost a minute) and the source of
+    the code that trains (tunedag's train and models packages, the kernels, the batch contract)."""
+    digest = hashlib.sha256(config_hash.encode())
+    digest.update(json.dumps(manifest, sort_keys=True).encode())
+    model_path = Path(model_path)
+    digest.update((model_path / "config.json").read_bytes())
+    for weights in sorted(model_path.glob("*.safetensors")):
+        digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
+    for source in _training_sources():
+        digest.update(source.name.encode() + source.read_bytes())
+    return digest.hexdigest()
+
+
+def _training_sources() -> list[Path]:
+    package = Path(__file__).resolve().parents[1]
+    files = [*package.glob("train/*.py"), *package.glob("models/*.py"), *package.joinpath("kernels").glob("*.py"),
+             package / "data" / "batches.py", package / "data" / "shards.py"]
+    return sorted(files, key=lambda p: (p.parent.name, p.name))

@@ -108,12 +108,16 @@ def _truncate_metrics(path: Path, step: int) -> None:
         tmp.write_text("".join(l + "\n" for l in lines))
 
 
-def _resume_point(ckpt_root: Path, config_hash: str, env: DistEnv) -> Path | None:
-    """Rank 0 picks the newest complete checkpoint of this config (removing stale ones, or the whole
-    folder when none is left); every rank gets its path."""
+def _resume_point(ckpt_root: Path, key: str, steps: int, env: DistEnv) -> Path | None:
+    """Rank 0 picks the newest complete checkpoint written with resume key ``key`` (removing stale and
+    broken ones, or the whole folder when none is left); every rank gets its path. A finished run's
+    last checkpoint is not resumed: running the stage again (``--forcerun train``) trains again."""
     found = None
     if env.is_main:
-        found = ckpt.latest_checkpoint(ckpt_root, config_hash)
+        found = ckpt.latest_checkpoint(ckpt_root, key)
+        if found is not None and ckpt.load_state(found)["position"]["step"] >= steps:
+            log.info("%s is the end of a finished run: training again from step 0", found)
+            found = None
         if found is None:
             shutil.rmtree(ckpt_root, ignore_errors=True)
         ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -139,13 +143,14 @@ def _train(run: RunConfig, shards_dir: Path, model_path: Path, run_dir: Path, en
     manifest = json.loads((shards_dir / "manifest.json").read_text())
     verify_shards(shards_dir / "train", manifest)  # a changed shard stops here, naming it and the fix
     check_objective(run, shards_dir, manifest)
+    reader = ShardReader(shards_dir / "train", env.rank, env.world_size)
+    steps = total_steps(run, len(reader))
+    key = ckpt.resume_key(config_hash, manifest, model_path)
     ckpt_root = run_dir / "checkpoints"
-    resumed = _resume_point(ckpt_root, config_hash, env)
+    resumed = _resume_point(ckpt_root, key, steps, env)
     seed_everything(run.seed)
     engine = make_engine(run, model_path, env)
     count = loss_units(run, shards_dir, manifest, engine.model.config, engine.objective)
-    reader = ShardReader(shards_dir / "train", env.rank, env.world_size)
-    steps = total_steps(run, len(reader))
     scheduler = get_scheduler(SCHEDULERS[run.lr_scheduler], engine.optimizer,
                               num_warmup_steps=run.warmup_steps, num_training_steps=steps)
     position = ckpt.Position()
@@ -198,7 +203,7 @@ def _train(run: RunConfig, shards_dir: Path, model_path: Path, run_dir: Path, en
             stopped = any_rank(should_stop(), engine.device) and position.step < steps
             if stopped or position.step % run.save_steps == 0 or position.step == steps:
                 trainer_state = {"scheduler": scheduler.state_dict(), "rng": ckpt.rng_state(),
-                                 "position": asdict(position), "config_hash": config_hash, "engine": engine.name,
+                                 "position": asdict(position), "resume_key": key, "engine": engine.name,
                                  "world_size": env.world_size}
                 ckpt.write_checkpoint(ckpt_root, position.step, env, engine.write_payload, trainer_state,
                                       run.keep_last_checkpoints)
