@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers import tiny_run, write_jsonl
 from tunedag.config import ConfigError, json_schema, load_config, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,3 +125,20 @@ def test_snakemake_exits_nonzero_on_a_bad_config(raw, tmp_path):
 def test_full_fine_tuning_is_refused_until_the_train_stage_supports_it(raw):
     raw["runs"]["demo"]["adapter"] = None
     assert "runs.demo.adapter: full fine-tuning (adapter: null) is not supported" in error_of(raw)
+
+
+def test_hub_revisions_pin_data_and_models_and_apply_to_the_hub_only(tmp_path):
+    from tunedag.models.loading import model_dir
+
+    src = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "a", "output": "b"}])
+    pinned = tiny_run(src, base_model="meta-llama/Llama-3.1-8B", base_model_revision="0e9e39f",
+                      datasets=[{"path": "hf:tatsu-lab/alpaca", "revision": "dce01c9"}])
+    assert pinned.datasets[0].revision == "dce01c9"
+    assert model_dir(pinned.base_model, pinned.base_model_revision) == Path("models/hub/meta-llama--Llama-3.1-8B@0e9e39f")
+    assert model_dir(pinned.base_model) == Path("models/hub/meta-llama--Llama-3.1-8B")
+    with pytest.raises(ConfigError, match=r"datasets\[0\].revision: applies to hf: sources only"):
+        tiny_run(src, datasets=[{"path": str(src), "revision": "main"}])
+    with pytest.raises(ConfigError, match="base_model_revision: applies to hub models only"):
+        tiny_run(src, base_model_revision="main")
+    with pytest.raises(ConfigError, match="base_model_revision: 'refs/pr/1' is not"):
+        tiny_run(src, base_model="org/model", base_model_revision="refs/pr/1")

@@ -54,6 +54,9 @@ class DatasetConfig:
     name: Optional[str] = _field(None, stages=("download", "tokenize"),
                                  doc="name of data/raw/{name}/ (default: derived from path)")
     sha256: Optional[str] = _field(None, stages=("download",), doc="required for https:// sources")
+    revision: Optional[str] = _field(None, stages=("download",),
+                                     doc="hf: sources: the hub revision to read (a commit sha, tag or branch); "
+                                         "a commit sha pins the data")
     weight: float = _field(1.0, stages=("tokenize",),
                            doc="sampling weight of the training rows: each is used floor(w) times, a seeded "
                                "share frac(w) once more")
@@ -91,6 +94,9 @@ class RunConfig:
     base_model: str = _field(stages=("tokenize", "train", "merge", "evaluate"),
                              doc="builtin:tiny-llama, a hub id, or a local HF folder")
     datasets: list[DatasetConfig] = _field(stages=("tokenize",), doc="training data sources")
+    base_model_revision: Optional[str] = _field(None, stages=("tokenize", "train", "merge", "evaluate"),
+                                                doc="hub base_model: the revision to download (a commit sha, tag "
+                                                    "or branch); a commit sha pins the weights")
     trust_remote_code: bool = _field(False, stages=("tokenize", "train", "merge", "evaluate"),
                                      doc="allow model code from the hub (off unless turned on)")
     sequence_len: int = _field(512, stages=("tokenize",), doc="tokens per packed row")
@@ -333,6 +339,9 @@ def _check_run(run: RunConfig, where: str, base_dir: Path) -> None:
             raise ConfigError(f"{key}: {what}: {ds.path!r}")
         if ds.weight <= 0:
             raise ConfigError(f"{where}.datasets[{i}].weight: must be positive, got {ds.weight!r}")
+        if ds.revision is not None and not ds.path.startswith("hf:"):
+            raise ConfigError(f"{where}.datasets[{i}].revision: applies to hf: sources only, not {ds.path!r} "
+                              "(pin a URL with sha256:)")
         if not is_plain_name(ds.dataset_name):
             own = f"name: {ds.name!r} is" if ds.name else f"the name {ds.dataset_name!r} taken from the path is"
             raise ConfigError(f"{where}.datasets[{i}].{'name' if ds.name else 'path'}: {own} not {PLAIN_NAME_RULE} "
@@ -497,6 +506,11 @@ def _check_base_model(run: RunConfig, where: str, base_dir: Path) -> None:
     elif not is_local and (not HUB_ID.fullmatch(model) or "--" in model or ".." in model):
         raise ConfigError(f"{where}.base_model: {model!r} is not builtin:<name>, an existing local folder, or a "
                           "hub id org/name (letters, digits, '_', '.', '-')")
+    if run.base_model_revision is not None and (is_local or model.startswith("builtin:")):
+        raise ConfigError(f"{where}.base_model_revision: applies to hub models only, and {model!r} is not one")
+    if run.base_model_revision is not None and not is_plain_name(run.base_model_revision):
+        raise ConfigError(f"{where}.base_model_revision: {run.base_model_revision!r} is not {PLAIN_NAME_RULE} "
+                          "(it names the folder models/hub/<org>--<name>@<revision>; a commit sha or tag is)")
     model_config, what = _base_model_config(run, base_dir)
     if model_config is not None:
         check_model_fits(run, model_config, where, what)

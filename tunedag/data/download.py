@@ -1,7 +1,8 @@
 """The download stage: bring one dataset source into ``data/raw/{dataset}/`` as Parquet.
 
 Sources: a local file (.jsonl, .json, .csv, .parquet), an ``https://`` URL whose sha256 is
-given in the config, or ``hf:org/name[:config][@split]`` through the ``datasets`` library.
+given in the config, or ``hf:org/name[:config][@split]`` through the ``datasets`` library (at
+``revision:`` when the config pins one).
 Runs on the login node (compute nodes are often offline); writes ``data.parquet``,
 ``bad_rows.jsonl`` (rows set aside: invalid UTF-8, invalid JSON, not an object, a field whose
 type disagrees with the other rows; the tokenize stage raises or skips them per ``on_bad_rows``)
@@ -375,7 +376,7 @@ def download_dataset(ds: DatasetConfig, out_dir: str | Path) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     parquet = out_dir / "data.parquet"
     record: dict[str, Any] = {"source": ds.path, "config_hash": hash_json(
-        {"path": ds.path, "sha256": ds.sha256, "name": ds.dataset_name})}
+        {"path": ds.path, "sha256": ds.sha256, "name": ds.dataset_name, "revision": ds.revision})}
     if ds.path.startswith(("https://", "http://")):
         suffix = next((s for s in LOCAL_SUFFIXES if ds.path.split("?")[0].endswith(s)), ".jsonl")
         with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
@@ -388,12 +389,12 @@ def download_dataset(ds: DatasetConfig, out_dir: str | Path) -> dict[str, Any]:
 
         repo, config_name, split = parse_hf_source(ds.path)
         try:
-            data = datasets.load_dataset(repo, config_name, split=split)
+            data = datasets.load_dataset(repo, config_name, split=split, revision=ds.revision)
         except Exception as err:  # the hub raises many types; name the source either way
             raise DataSourceError(f"{ds.path}: could not load from the Hugging Face hub: {err}") from err
         with atomic_path(parquet) as tmp:
             data.to_parquet(str(tmp))
-        record.update(kind="hf", repo=repo, config=config_name, split=split,
+        record.update(kind="hf", repo=repo, config=config_name, split=split, revision=ds.revision,
                       fingerprint=getattr(data, "_fingerprint", None), rows=len(data))
         scan = Scan(numbering="row")
     else:

@@ -24,19 +24,20 @@ class ModelSourceError(TunedagError, ValueError):
     """A base model that cannot be found or fetched: names the model and what is missing."""
 
 
-def model_dir(base_model: str, models_root: str | Path = "models") -> Path:
-    """The folder the train/merge/evaluate stages read ``base_model`` from."""
+def model_dir(base_model: str, revision: str | None = None, models_root: str | Path = "models") -> Path:
+    """The folder the train/merge/evaluate stages read ``base_model`` from (a hub model's pinned
+    ``revision`` gets a folder of its own: models/hub/<org>--<name>@<revision>)."""
     root = Path(models_root)
     if base_model.startswith("builtin:"):
         return root / "builtin" / base_model.removeprefix("builtin:")
     local = Path(base_model)
     if local.is_dir() or base_model.startswith((".", "/")):
         return local
-    return root / "hub" / base_model.replace("/", "--")
+    return root / "hub" / (base_model.replace("/", "--") + (f"@{revision}" if revision else ""))
 
 
-def fetch_model(base_model: str, dest: str | Path) -> Path:
-    """Make ``base_model`` available at ``dest`` (the download_model stage)."""
+def fetch_model(base_model: str, dest: str | Path, revision: str | None = None) -> Path:
+    """Make ``base_model`` available at ``dest`` (the download_model stage), at the hub ``revision``."""
     dest = Path(dest)
     if base_model.startswith("builtin:"):
         from tunedag.models.builtin import materialize_builtin
@@ -50,7 +51,7 @@ def fetch_model(base_model: str, dest: str | Path) -> Path:
 
     with atomic_path(dest) as tmp:
         try:
-            snapshot_download(repo_id=base_model, local_dir=tmp, allow_patterns=HUB_PATTERNS)
+            snapshot_download(repo_id=base_model, local_dir=tmp, allow_patterns=HUB_PATTERNS, revision=revision)
         except Exception as err:  # hub errors come in many types; name the model either way
             raise ModelSourceError(f"{base_model}: download from the Hugging Face hub failed: {err}") from err
         if not list(tmp.glob("*.safetensors")):

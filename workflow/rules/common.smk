@@ -75,7 +75,8 @@ def local_source(wildcards):
 
 
 def base_model_dir(wildcards):
-    return str(model_dir(run_config(wildcards).base_model))
+    run = run_config(wildcards)
+    return str(model_dir(run.base_model, run.base_model_revision))
 
 
 def stage_hash(stage):

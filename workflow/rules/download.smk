@@ -30,10 +30,13 @@ rule download_model:
     wildcard_constraints:
         kind="builtin|hub",
     params:
-        base_model=lambda w: f"builtin:{w.model}" if w.kind == "builtin" else w.model.replace("--", "/", 1),
+        # models/hub/<org>--<name>[@<revision>]
+        base_model=lambda w: f"builtin:{w.model}" if w.kind == "builtin" else w.model.partition("@")[0].replace("--", "/", 1),
+        revision=lambda w: w.model.partition("@")[2],
     log:
         "logs/download_model/{kind}-{model}.log",
     conda:
         CONDA_ENV
     shell:
-        "{PYTHON} {SCRIPTS:q}/download_model.py --base-model {params.base_model:q} --out {output:q} 2> {log:q}"
+        "{PYTHON} {SCRIPTS:q}/download_model.py --base-model {params.base_model:q} --revision {params.revision:q} "
+        "--out {output:q} 2> {log:q}"
