@@ -42,7 +42,6 @@ OUTTYPES = (*OUTTYPE_QTYPES, *KQUANT_TYPES)
 def temporary_path(out_path: Path) -> Iterator[Path]:
     """Yield a fresh temporary path beside `out_path`; it is always removed on exit."""
     # Not mkstemp: that creates mode 0600; the writer creating the file gives the usual umask mode.
-    remove_stale_temporaries(out_path, ".{name}.*.partial")  # a killed export's
     tmp_path = out_path.with_name(f".{out_path.name}.{os.getpid()}-{secrets.token_hex(4)}.partial")
     try:
         yield tmp_path
@@ -101,6 +100,7 @@ def export_gguf(model_dir: Path, out_path: Path, outtype: str) -> Path:
     if not model_dir.is_dir():
         raise GGUFExportError(f"model folder {model_dir} does not exist")
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out_path, ".{name}.*.partial")  # what a killed export of this file left
     if outtype in KQUANT_TYPES:
         binary = find_llama_quantize(outtype)  # before any work
         with temporary_path(out_path) as f16_path:  # the f16 file is only a stepping stone
