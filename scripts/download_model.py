@@ -11,7 +11,7 @@ def main() -> None:
     parser.add_argument("--revision", default=None, help="hub revision (commit sha, tag or branch)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    fetch_model(args.base_model, args.out, args.revision or None)
+    fetch_model(args.base_model, args.out, args.revision)
 
 
 if __name__ == "__main__":

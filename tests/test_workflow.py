@@ -145,3 +145,13 @@ def test_report_renders_with_its_figures_in_headless_chromium(report_html, tmp_p
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
     assert pixels.shape == (1000, 1400)
     assert pixels.std() > 10  # a blank or error page is near-uniform
+
+
+def test_a_pinned_hub_model_is_downloaded_at_its_revision_into_its_own_folder(tmp_path):
+    write_jsonl(tmp_path / "data/animals.jsonl", sample_rows(20, seed=1))
+    run = {"base_model": "org/model", "base_model_revision": "0e9e39f",
+           "datasets": [{"path": "data/animals.jsonl", "type": "alpaca"}]}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"runs": {"r": run}}))
+    out = snakemake(tmp_path, "-n", "-p", "--until", "download_model")
+    command = next(l for l in (out.stdout + out.stderr).splitlines() if "download_model.py" in l)
+    assert "--base-model org/model --revision 0e9e39f --out models/hub/org--model@0e9e39f" in command

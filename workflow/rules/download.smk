@@ -32,11 +32,11 @@ rule download_model:
     params:
         # models/hub/<org>--<name>[@<revision>]
         base_model=lambda w: f"builtin:{w.model}" if w.kind == "builtin" else w.model.partition("@")[0].replace("--", "/", 1),
-        revision=lambda w: w.model.partition("@")[2],
+        revision=lambda w: ["--revision", w.model.partition("@")[2]] if "@" in w.model else [],
     log:
         "logs/download_model/{kind}-{model}.log",
     conda:
         CONDA_ENV
     shell:
-        "{PYTHON} {SCRIPTS:q}/download_model.py --base-model {params.base_model:q} --revision {params.revision:q} "
+        "{PYTHON} {SCRIPTS:q}/download_model.py --base-model {params.base_model:q} {params.revision:q} "
         "--out {output:q} 2> {log:q}"
