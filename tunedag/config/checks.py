@@ -1,0 +1,268 @@
+"""What a config value must satisfy beyond its type, checked before any job starts: files that must
+exist, values in range, names that become paths, the model's context and modules, what vLLM can
+serve, the user's DeepSpeed JSON, Slurm resources. Each failure is one ConfigError naming the key."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from tunedag.builtin_models import BUILTIN_MODELS
+from tunedag.config.fields import ClusterResources, ConfigError, DatasetConfig, RunConfig
+from tunedag.deepspeed_json import DeepSpeedConfigError, check_user_config, owned_values, read_user_config
+from tunedag.model_facts import (BUILTIN_MODEL_TYPE, LORA_TARGETS, VLLM_LORA_MODULES, VLLM_LORA_RANKS,
+                                 max_positions, missing_modules, read_model_config)
+
+def check_run(run: RunConfig, where: str, base_dir: Path) -> None:
+    """Checks that need more than a type: files that must exist, values in range."""
+    if not run.datasets:
+        raise ConfigError(f"{where}.datasets: at least one dataset is needed")
+    if run.adapter is None:
+        raise ConfigError(f"{where}.adapter: full fine-tuning (adapter: null) is not supported by the train "
+                          "stage yet; use adapter: lora or qlora")
+    for i, ds in enumerate(run.datasets):
+        key = f"{where}.datasets[{i}].path"
+        if ds.path.startswith("https://") or ds.path.startswith("http://"):
+            if not ds.sha256:
+                raise ConfigError(f"{where}.datasets[{i}].sha256: required for the URL {ds.path!r}")
+        elif not ds.path.startswith("hf:") and not (base_dir / ds.path).is_file():
+            what = "is a folder, not a file" if (base_dir / ds.path).is_dir() else "file not found"
+            raise ConfigError(f"{key}: {what}: {ds.path!r}")
+        if ds.weight <= 0:
+            raise ConfigError(f"{where}.datasets[{i}].weight: must be positive, got {ds.weight!r}")
+        if ds.revision is not None and not ds.path.startswith("hf:"):
+            raise ConfigError(f"{where}.datasets[{i}].revision: applies to hf: sources only, not {ds.path!r} "
+                              "(pin a URL with sha256:)")
+        if not is_plain_name(ds.dataset_name):
+            own = f"name: {ds.name!r} is" if ds.name else f"the name {ds.dataset_name!r} taken from the path is"
+            raise ConfigError(f"{where}.datasets[{i}].{'name' if ds.name else 'path'}: {own} not {PLAIN_NAME_RULE} "
+                              f"(it names the folder data/raw/<name>); set name: to one")
+    names = [ds.dataset_name for ds in run.datasets]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}.datasets: two datasets are named alike ({names}); set name: on one")
+    _check_output_dir(run.output_dir, where)
+    _check_ranges(run, where)
+    _check_base_model(run, where, base_dir)
+    _check_adapter_serving(run, where)
+    if run.rl == "reward":
+        if run.center_rewards_coefficient < 0:
+            raise ConfigError(f"{where}.center_rewards_coefficient: must be at least 0, "
+                              f"got {run.center_rewards_coefficient!r}")
+        for key in ("lora_target_modules", "lora_modules_to_save"):
+            if "lm_head" in getattr(run, key):
+                raise ConfigError(f"{where}.{key}: a reward model has no lm_head (its score head replaces it "
+                                  "and is trained in full)")
+    if run.rl is not None:
+        if run.rl_beta <= 0:
+            raise ConfigError(f"{where}.rl_beta: must be positive, got {run.rl_beta!r}")
+        if not 0.0 <= run.dpo_label_smoothing < 0.5:
+            raise ConfigError(f"{where}.dpo_label_smoothing: must be in [0, 0.5), got {run.dpo_label_smoothing!r}")
+        want = "kto" if run.rl == "kto" else "dpo"
+        wrong = [ds.dataset_name for ds in run.datasets if ds.type != want]
+        if wrong:
+            raise ConfigError(f"{where}.datasets: rl: {run.rl} trains on type: {want} data; "
+                              f"{', '.join(repr(w) for w in wrong)} are not")
+    # the preference and reward losses call the decoder and the head themselves (the head under
+    # activation checkpointing): outside FSDP's root forward, and recomputed on ZeRO-3's released weights
+    if run.rl is not None and (run.train_engine == "fsdp" or (run.train_engine == "deepspeed"
+                                                              and run.deepspeed_zero_stage == 3)):
+        raise ConfigError(f"{where}.train_engine: rl: {run.rl} does not run on "
+                          f"{'fsdp' if run.train_engine == 'fsdp' else 'deepspeed with ZeRO stage 3'}; "
+                          "use ddp or deepspeed_zero_stage: 2")
+    if run.deepspeed_offload == "all" and run.deepspeed_zero_stage != 3:
+        raise ConfigError(f"{where}.deepspeed_offload: all (weights too) needs deepspeed_zero_stage: 3")
+    if run.deepspeed_config is not None:
+        path = base_dir / run.deepspeed_config
+        owned = owned_values(run.micro_batch_size, run.gradient_accumulation_steps, run.max_grad_norm, None)
+        try:
+            check_user_config(read_user_config(path), owned, str(path))
+        except DeepSpeedConfigError as err:
+            raise ConfigError(f"{where}.deepspeed_config: {err}") from None
+    if run.max_steps is not None and run.max_steps < 1:
+        raise ConfigError(f"{where}.max_steps: must be at least 1, got {run.max_steps!r}")
+    if run.val_set_size <= 0:
+        raise ConfigError(f"{where}.val_set_size: must be positive (a share < 1 or a row count), "
+                          f"got {run.val_set_size!r}")
+
+
+# --------------------------------------------------------------------------- names, paths, times
+
+# A name that becomes a path (run names, data/raw/<dataset>, output_dir's parts): never '.', '..',
+# a hidden folder, a space or a shell character, so it stays where it is meant to be.
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+PLAIN_NAME_RULE = "a plain name (letters, digits, '_', '.', '-', starting with a letter or digit)"
+# Top folders the workflow writes itself; a run folder inside them could overwrite their files.
+WORKFLOW_FOLDERS = ("data", "models", "logs", "reports")
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+SLURM_NAME = re.compile(r"[A-Za-z0-9_.,-]+")
+SLURM_CONSTRAINT = re.compile(r"[A-Za-z0-9_.,&|*:!()\[\]-]+")
+MAX_SHARD_SIZE = re.compile(r"[0-9]+(\.[0-9]+)?([KMG]I?B)?", re.IGNORECASE)
+_TIME = re.compile(r"(?:(\d+)-)?(\d+):(\d{2}):(\d{2})|(\d+):(\d{2})")
+TIME_FORMS = "HH:MM:SS, MM:SS or D-HH:MM:SS (sbatch --time)"
+
+
+def is_plain_name(name: str) -> bool:
+    return PLAIN_NAME.fullmatch(name) is not None
+
+
+def time_minutes(text: str) -> int:
+    """A Slurm time limit, ``HH:MM:SS``, ``MM:SS`` or ``D-HH:MM:SS``, in whole minutes (seconds round up)."""
+    match = _TIME.fullmatch(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not {TIME_FORMS}")
+    days, hours, mins, secs, short_m, short_s = (int(g) if g else 0 for g in match.groups())
+    if match.group(5) is not None:
+        mins, secs = short_m, short_s
+    elif mins > 59 or (match.group(1) is not None and hours > 23):
+        raise ValueError(f"{text!r} is not {TIME_FORMS}: minutes run to 59, hours after a day to 23")
+    if secs > 59:
+        raise ValueError(f"{text!r} is not {TIME_FORMS}: seconds run to 59")
+    total = (days * 24 + hours) * 60 + mins + (secs > 0)
+    if total < 1:
+        raise ValueError(f"{text!r} is no time at all; give the job at least a minute")
+    return total
+
+
+def _check_output_dir(value: str, where: str) -> None:
+    if not value:
+        return
+    parts = value.split("/")
+    if value.startswith("/") or not all(is_plain_name(p) for p in parts):
+        raise ConfigError(f"{where}.output_dir: {value!r} is not a folder inside the work folder; write a "
+                          f"relative path whose parts are each {PLAIN_NAME_RULE}: no spaces, no '..', "
+                          "e.g. runs/my-run")
+    if parts[0] in WORKFLOW_FOLDERS:
+        raise ConfigError(f"{where}.output_dir: {value!r} lies in {parts[0]}/, which the workflow writes itself; "
+                          "use a folder outside " + ", ".join(f"{f}/" for f in WORKFLOW_FOLDERS) + ", e.g. runs/my-run")
+
+
+def _check_ranges(run: RunConfig, where: str) -> None:
+    """Numbers a job would otherwise take as they are, or fail on after work was done."""
+    at_least_1 = ("sequence_len", "micro_batch_size", "gradient_accumulation_steps", "num_epochs", "lora_r",
+                  "save_steps", "keep_last_checkpoints", "logging_steps", "eval_max_samples", "eval_max_new_tokens")
+    for name in at_least_1:
+        if getattr(run, name) < 1:
+            raise ConfigError(f"{where}.{name}: must be at least 1, got {getattr(run, name)!r}")
+    at_least_0 = ("warmup_steps", "weight_decay", "max_grad_norm", "eval_temperature", "orpo_alpha",
+                  "kto_desirable_weight", "kto_undesirable_weight")
+    for name in at_least_0:
+        if getattr(run, name) < 0:
+            raise ConfigError(f"{where}.{name}: must be at least 0, got {getattr(run, name)!r}")
+    for name in ("learning_rate", "lora_alpha"):
+        if getattr(run, name) <= 0:
+            raise ConfigError(f"{where}.{name}: must be positive, got {getattr(run, name)!r}")
+    if not 0.0 <= run.lora_dropout < 1.0:
+        raise ConfigError(f"{where}.lora_dropout: must be in [0, 1), got {run.lora_dropout!r}")
+    if not 0.0 < run.eval_top_p <= 1.0:
+        raise ConfigError(f"{where}.eval_top_p: must be in (0, 1], got {run.eval_top_p!r}")
+    if run.val_set_size >= 1 and run.val_set_size != int(run.val_set_size):
+        raise ConfigError(f"{where}.val_set_size: a share is below 1 and a row count is whole, "
+                          f"got {run.val_set_size!r}")
+    if not MAX_SHARD_SIZE.fullmatch(run.max_shard_size):
+        raise ConfigError(f"{where}.max_shard_size: {run.max_shard_size!r} is not a size such as 2GB, 500MB or 5GiB")
+    if not run.lora_target_modules:
+        raise ConfigError(f"{where}.lora_target_modules: at least one module is needed")
+
+
+def _base_model_config(run: RunConfig, base_dir: Path) -> tuple[dict[str, Any] | None, str]:
+    """The model's config.json as a dict where it is readable now (built-in or local), and its name."""
+    model = run.base_model
+    if model.startswith("builtin:"):
+        return {"model_type": BUILTIN_MODEL_TYPE, **BUILTIN_MODELS[model.removeprefix("builtin:")]}, model
+    return read_model_config(base_dir / model), f"{model}/config.json"
+
+
+def check_model_fits(run: RunConfig, model_config: dict[str, Any], where: str, what: str) -> None:
+    """Refuse a sequence_len past the model's positions, or LoRA targets its architecture lacks."""
+    limit = max_positions(model_config)
+    if limit is not None and run.sequence_len > limit[1]:
+        raise ConfigError(f"{where}.sequence_len: {run.sequence_len} is longer than the model's {limit[0]} "
+                          f"{limit[1]} ({what}); use at most {limit[1]}")
+    missing = missing_modules(model_config, run.lora_target_modules)
+    if missing:
+        raise ConfigError(f"{where}.lora_target_modules: a {model_config.get('model_type')} model has no module "
+                          f"named {', '.join(repr(m) for m in missing)} ({what}); its projections are "
+                          f"{', '.join(LORA_TARGETS)}")
+
+
+def _check_base_model(run: RunConfig, where: str, base_dir: Path) -> None:
+    model = run.base_model
+    is_local = model.startswith((".", "/")) or (base_dir / model).exists()
+    if is_local and not (base_dir / model).is_dir():
+        raise ConfigError(f"{where}.base_model: folder not found: {model!r}")
+    if model.startswith("builtin:"):
+        if model.removeprefix("builtin:") not in BUILTIN_MODELS:
+            raise ConfigError(f"{where}.base_model: unknown built-in model {model!r}; "
+                              f"built-ins are {', '.join('builtin:' + n for n in BUILTIN_MODELS)}")
+    elif not is_local and (not HUB_ID.fullmatch(model) or "--" in model or ".." in model):
+        raise ConfigError(f"{where}.base_model: {model!r} is not builtin:<name>, an existing local folder, or a "
+                          "hub id org/name (letters, digits, '_', '.', '-')")
+    if run.base_model_revision is not None and (is_local or model.startswith("builtin:")):
+        raise ConfigError(f"{where}.base_model_revision: applies to hub models only, and {model!r} is not one")
+    if run.base_model_revision is not None and not is_plain_name(run.base_model_revision):
+        raise ConfigError(f"{where}.base_model_revision: {run.base_model_revision!r} is not {PLAIN_NAME_RULE} "
+                          "(it names the folder models/hub/<org>--<name>@<revision>; a commit sha or tag is)")
+    model_config, what = _base_model_config(run, base_dir)
+    if model_config is not None:
+        check_model_fits(run, model_config, where, what)
+
+
+def _check_adapter_serving(run: RunConfig, where: str) -> None:
+    """export_vllm runs for every run: refuse now what it would refuse after training."""
+    if run.lora_r not in VLLM_LORA_RANKS:
+        raise ConfigError(f"{where}.lora_r: vLLM serves LoRA ranks {', '.join(map(str, VLLM_LORA_RANKS))} "
+                          f"only, got {run.lora_r} (the export_vllm stage runs for every run)")
+    unserved = [m for m in run.lora_target_modules if m not in VLLM_LORA_MODULES]
+    if unserved:
+        raise ConfigError(f"{where}.lora_target_modules: vLLM's LoRA layers do not cover "
+                          f"{', '.join(repr(m) for m in unserved)} (the export_vllm stage runs for every run); "
+                          f"use {', '.join(sorted(VLLM_LORA_MODULES))}")
+
+
+def check_across_runs(runs: dict[str, RunConfig], source: str) -> None:
+    """Two runs must not share a run folder, nor one dataset name for two sources."""
+    dirs = {name: (run.output_dir or f"runs/{name}") for name, run in runs.items()}
+    names = list(dirs)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            da, db = dirs[a], dirs[b]
+            if da == db:
+                raise ConfigError(f"{source}: runs.{a} and runs.{b} both write to {da!r}; give each its own "
+                                  "output_dir (one would overwrite the other)")
+            if da.startswith(db + "/") or db.startswith(da + "/"):
+                raise ConfigError(f"{source}: runs.{a} writes to {da!r} and runs.{b} to {db!r}: one run folder "
+                                  "lies inside the other; give each its own output_dir")
+    seen: dict[str, tuple[str, DatasetConfig]] = {}
+    for name, run in runs.items():
+        for ds in run.datasets:
+            first = seen.setdefault(ds.dataset_name, (name, ds))
+            if first[1] != ds:
+                raise ConfigError(f"{source}: runs.{first[0]} and runs.{name} use the dataset name "
+                                  f"{ds.dataset_name!r} for two different sources; set name: on one of them")
+
+
+def check_cluster(res: ClusterResources, where: str) -> None:
+    for name in ("nodes", "cpus_per_task"):
+        if getattr(res, name) < 1:
+            raise ConfigError(f"{where}.{name}: must be at least 1, got {getattr(res, name)!r}")
+    for name in ("gpus_per_node", "signal_delay_s"):
+        if getattr(res, name) < 0:
+            raise ConfigError(f"{where}.{name}: must be at least 0, got {getattr(res, name)!r}")
+    if res.tasks_per_node is not None and res.tasks_per_node < 1:
+        raise ConfigError(f"{where}.tasks_per_node: must be at least 1, got {res.tasks_per_node!r}")
+    if res.mem_gb <= 0:
+        raise ConfigError(f"{where}.mem_gb: must be positive, got {res.mem_gb!r}")
+    try:
+        time_minutes(res.time)
+    except ValueError as err:
+        raise ConfigError(f"{where}.time: {err}") from None
+    for name in ("partition", "account", "qos"):
+        value = getattr(res, name)
+        if value is not None and not SLURM_NAME.fullmatch(value):
+            raise ConfigError(f"{where}.{name}: {value!r} is not a Slurm name (letters, digits, '_', '.', ',', '-')")
+    if res.constraint is not None and not SLURM_CONSTRAINT.fullmatch(res.constraint):
+        raise ConfigError(f"{where}.constraint: {res.constraint!r} is not a Slurm constraint "
+                          "(features joined by & | , with [ ] * : ! ( ); no spaces)")
+    for arg in res.sbatch_args:
+        if not re.fullmatch(r"--[a-z][a-z-]*(=\S+)?", arg):
+            raise ConfigError(f"{where}.sbatch_args: {arg!r} is not a long sbatch option (--name or --name=value)")

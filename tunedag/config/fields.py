@@ -1,0 +1,234 @@
+"""The keys of config.yaml as typed, frozen dataclasses: each field's default, the stages that read
+it and its doc (the README's key table and the JSON schema come from them), and the per-stage
+hash a changed key reruns exactly its stages by."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+
+from tunedag.errors import TunedagError
+
+STAGES = ("download", "tokenize", "train", "merge", "evaluate", "export_gguf", "export_vllm")
+
+
+class ConfigError(TunedagError, ValueError):
+    """A config.yaml problem, with the key path and value that cause it."""
+
+
+def _field(default: Any = dataclasses.MISSING, *, stages: tuple[str, ...], doc: str,
+           factory: Any = dataclasses.MISSING) -> Any:
+    meta = {"stages": stages, "doc": doc}
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """One entry of ``datasets``: where the rows come from and how they are formatted."""
+
+    path: str = _field(stages=("download", "tokenize"),
+                       doc="local file (jsonl/json/csv/parquet), https:// URL, or hf:org/name[:config][@split]")
+    type: Literal["alpaca", "sharegpt", "chat_template", "completion", "input_output", "dpo", "kto"] = _field(
+        "alpaca", stages=("tokenize",), doc="row format (see tunedag/data/formats.py)")
+    name: Optional[str] = _field(None, stages=("download", "tokenize"),
+                                 doc="name of data/raw/{name}/ (default: derived from path)")
+    sha256: Optional[str] = _field(None, stages=("download",), doc="required for https:// sources")
+    revision: Optional[str] = _field(None, stages=("download",),
+                                     doc="hf: sources: the hub revision to read (a commit sha, tag or branch); "
+                                         "a commit sha pins the data")
+    weight: float = _field(1.0, stages=("tokenize",),
+                           doc="sampling weight of the training rows: each is used floor(w) times, a seeded "
+                               "share frac(w) once more")
+    roles_to_train: list[str] = _field(stages=("tokenize",), doc="chat roles whose turns are trained",
+                                       factory=lambda: ["assistant"])
+    train_on_eos: Literal["turn", "all", "none", "last"] = _field(
+        "turn", stages=("tokenize",), doc="end-of-turn tokens trained: of trained turns, all, none, or the last")
+    field: Optional[str] = _field(None, stages=("tokenize",), doc="text field (completion; segments for input_output)")
+    field_instruction: Optional[str] = _field(None, stages=("tokenize",), doc="alpaca instruction field")
+    field_input: Optional[str] = _field(None, stages=("tokenize",), doc="alpaca input field")
+    field_output: Optional[str] = _field(None, stages=("tokenize",), doc="alpaca output field")
+    field_system: Optional[str] = _field(None, stages=("tokenize",), doc="alpaca/dpo system field")
+    field_messages: Optional[str] = _field(None, stages=("tokenize",), doc="sharegpt/chat_template/kto messages field")
+    message_field_role: Optional[str] = _field(None, stages=("tokenize",), doc="role key inside a message")
+    message_field_content: Optional[str] = _field(None, stages=("tokenize",), doc="content key inside a message")
+    field_prompt: Optional[str] = _field(None, stages=("tokenize",), doc="dpo prompt field")
+    field_chosen: Optional[str] = _field(None, stages=("tokenize",), doc="dpo chosen field")
+    field_rejected: Optional[str] = _field(None, stages=("tokenize",), doc="dpo rejected field")
+    field_label: Optional[str] = _field(None, stages=("tokenize",), doc="kto label field (true = desirable)")
+
+    @property
+    def dataset_name(self) -> str:
+        if self.name:
+            return self.name
+        source = self.path.removeprefix("hf:").split("@")[0]
+        stem = Path(source.replace(":", "-")).name
+        stem = re.sub(r"\.(jsonl|json|csv|parquet)(\.gz)?$", "", stem)
+        return re.sub(r"[^A-Za-z0-9_.-]", "-", stem)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one run needs, after ``defaults`` are merged in."""
+
+    base_model: str = _field(stages=("tokenize", "train", "merge", "evaluate"),
+                             doc="builtin:tiny-llama, a hub id, or a local HF folder")
+    datasets: list[DatasetConfig] = _field(stages=("tokenize",), doc="training data sources")
+    base_model_revision: Optional[str] = _field(None, stages=("tokenize", "train", "merge", "evaluate"),
+                                                doc="hub base_model: the revision to download (a commit sha, tag "
+                                                    "or branch); a commit sha pins the weights")
+    trust_remote_code: bool = _field(False, stages=("tokenize", "train", "merge", "evaluate"),
+                                     doc="allow model code from the hub (off unless turned on)")
+    sequence_len: int = _field(512, stages=("tokenize",), doc="tokens per packed row")
+    sample_packing: bool = _field(True, stages=("tokenize",), doc="pack samples into full rows")
+    val_set_size: float = _field(0.05, stages=("tokenize",),
+                                 doc="held-out share of rows (<1) or number of rows (>=1)")
+    train_on_inputs: bool = _field(False, stages=("tokenize",), doc="also train on prompt tokens")
+    chat_template: Literal["tokenizer_default", "llama3", "chatml", "mistral", "gemma", "qwen"] = _field(
+        "tokenizer_default", stages=("tokenize",), doc="template for chat and preference formats")
+    excess_length_strategy: Literal["drop", "truncate", "raise"] = _field(
+        "drop", stages=("tokenize",), doc="samples longer than sequence_len: drop, truncate or raise")
+    on_bad_rows: Literal["raise", "skip"] = _field("raise", stages=("tokenize",),
+                                                   doc="a malformed row stops the stage, or is skipped and counted")
+    adapter: Optional[Literal["lora", "qlora"]] = _field(
+        "lora", stages=("train", "merge"),
+        doc="lora, or qlora (LoRA over a 4-bit NF4 base); full fine-tuning (null) is not supported yet")
+    lora_r: int = _field(16, stages=("train",), doc="LoRA rank")
+    lora_alpha: float = _field(32, stages=("train",), doc="LoRA scale numerator (scale = alpha / r)")
+    lora_dropout: float = _field(0.0, stages=("train",), doc="dropout on the LoRA input")
+    lora_target_modules: list[str] = _field(
+        stages=("train",), doc="module names that get adapters",
+        factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    lora_modules_to_save: list[str] = _field(
+        stages=("train",), doc="modules trained in full beside the adapters (e.g. embed_tokens, lm_head)",
+        factory=list)
+    micro_batch_size: int = _field(4, stages=("train",), doc="rows per forward pass")
+    gradient_accumulation_steps: int = _field(1, stages=("train",), doc="micro-batches per optimizer step")
+    num_epochs: int = _field(1, stages=("train",), doc="passes over the training shards")
+    max_steps: Optional[int] = _field(None, stages=("train",), doc="stop after this many optimizer steps")
+    learning_rate: float = _field(2e-4, stages=("train",), doc="peak learning rate")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = _field("cosine", stages=("train",),
+                                                                  doc="decay after warmup")
+    warmup_steps: int = _field(0, stages=("train",), doc="linear warmup steps")
+    weight_decay: float = _field(0.0, stages=("train",), doc="AdamW weight decay")
+    max_grad_norm: float = _field(1.0, stages=("train",), doc="gradient clipping norm (0 disables)")
+    gradient_checkpointing: bool = _field(False, stages=("train",), doc="recompute activations in backward")
+    activation_offloading: bool = _field(False, stages=("train",),
+                                         doc="with gradient_checkpointing: keep layer inputs in pinned CPU "
+                                             "memory (triton engine)")
+    train_engine: Literal["auto", "triton", "torch", "ddp", "fsdp", "deepspeed"] = _field(
+        "auto", stages=("train",),
+        doc="training engine; auto: triton on exactly one CUDA GPU, else torch; in a Slurm job with "
+            "several ranks: ddp (replicated model, summed gradients), fsdp (FSDP2 per decoder layer) or "
+            "deepspeed (ZeRO stage 2 or 3)")
+    deepspeed_zero_stage: Literal[2, 3] = _field(
+        2, stages=("train",), doc="deepspeed: ZeRO stage; 2 shards gradients and optimizer state, 3 also the weights")
+    deepspeed_offload: Literal["none", "optimizer", "all"] = _field(
+        "none", stages=("train",),
+        doc="deepspeed: keep in CPU memory the optimizer state (optimizer) or also the weights (all, stage 3)")
+    deepspeed_config: Optional[str] = _field(
+        None, stages=("train",),
+        doc="deepspeed: a DeepSpeed JSON used instead of the generated one; batch sizes, accumulation and "
+            "clipping still come from config.yaml (the JSON may leave them out or write \"auto\")")
+    rl: Optional[Literal["dpo", "orpo", "kto", "reward"]] = _field(
+        None, stages=("train", "evaluate"),
+        doc="preference objective on dpo (dpo, orpo, reward) or kto (kto) data; null: supervised fine-tuning; "
+            "reward: a reward model (the decoder with a scalar score head) trained on the pairs")
+    rl_beta: float = _field(0.1, stages=("train", "evaluate"),
+                            doc="dpo/kto: strength of the pull to the reference model (Axolotl's rl_beta, "
+                                "formerly dpo_beta); IPO: its tau")
+    dpo_loss_type: Literal["sigmoid", "ipo"] = _field(
+        "sigmoid", stages=("train",), doc="dpo loss: sigmoid (DPO) or ipo (squared, per-token log-ratios)")
+    dpo_label_smoothing: float = _field(0.0, stages=("train",),
+                                        doc="dpo sigmoid: assumed share of flipped labels (conservative DPO), "
+                                            "in [0, 0.5)")
+    orpo_alpha: float = _field(0.1, stages=("train",), doc="orpo: weight of the odds-ratio term beside the NLL")
+    center_rewards_coefficient: float = _field(
+        0.0, stages=("train",), doc="reward: weight of the (r_chosen + r_rejected)² term that keeps rewards "
+                                    "centred on zero (TRL's name; 0 disables)")
+    kto_desirable_weight: float = _field(1.0, stages=("train",), doc="kto: weight of desirable samples")
+    kto_undesirable_weight: float = _field(1.0, stages=("train",), doc="kto: weight of undesirable samples")
+    save_steps: int = _field(50, stages=("train",), doc="checkpoint every this many optimizer steps")
+    keep_last_checkpoints: int = _field(2, stages=("train",), doc="complete checkpoints kept on disk")
+    logging_steps: int = _field(1, stages=("train",), doc="steps between metric lines")
+    seed: int = _field(42, stages=("tokenize", "train", "evaluate"), doc="seed for split, shuffle and init")
+    merge_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _field(
+        "auto", stages=("merge",), doc="dtype of the merged weights (auto: the base model's)")
+    max_shard_size: str = _field("2GB", stages=("merge",), doc="safetensors shard size of the merged model")
+    eval_max_samples: int = _field(200, stages=("evaluate",), doc="held-out prompts generated from")
+    eval_max_new_tokens: int = _field(48, stages=("evaluate",), doc="generation length in evaluation")
+    eval_temperature: float = _field(0.7, stages=("evaluate",), doc="temperature of the sampled answers")
+    eval_top_p: float = _field(0.9, stages=("evaluate",), doc="nucleus share of the sampled answers")
+    lm_eval_tasks: list[str] = _field(stages=("evaluate",), factory=list,
+                                      doc="lm-evaluation-harness tasks (their data must be available offline)")
+    wandb_project: Optional[str] = _field(None, stages=(), doc="Weights & Biases project (off when unset)")
+    wandb_entity: Optional[str] = _field(None, stages=(), doc="Weights & Biases entity")
+    wandb_name: Optional[str] = _field(None, stages=(), doc="Weights & Biases run name (default: the run's)")
+    wandb_tags: list[str] = _field(stages=(), factory=list, doc="Weights & Biases tags")
+    # logging settings change no output: stages=() keeps them from rerunning training
+    wandb_mode: Literal["offline", "online", "disabled"] = _field(
+        "offline", stages=(), doc="offline by default: compute nodes have no internet; `wandb sync` later")
+    gguf_types: list[Literal["f32", "f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"]] = _field(
+        stages=("export_gguf",), doc="GGUF files to write", factory=lambda: ["f16"])
+    output_dir: str = _field("", stages=(), doc="run folder, relative to the work folder (default runs/{run})")
+
+    def stage_slice(self, stage: str) -> dict[str, Any]:
+        """The keys ``stage`` reads, as plain JSON-able values."""
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)
+                if stage in f.metadata["stages"]}
+
+    def stage_hash(self, stage: str) -> str:
+        """sha256 of the stage's config slice: recorded in the stage's outputs."""
+        return hash_json(self.stage_slice(stage))
+
+
+@dataclass(frozen=True)
+class ClusterResources:
+    """Slurm resources of one stage (``cluster.<stage>``); account/partition may come from the profile."""
+
+    nodes: int = _field(1, stages=(), doc="nodes")
+    gpus_per_node: int = _field(0, stages=(), doc="GPUs per node (= tasks per node)")
+    cpus_per_task: int = _field(2, stages=(), doc="CPUs per task")
+    mem_gb: float = _field(8, stages=(), doc="memory per node in GB")
+    time: str = _field("01:00:00", stages=(), doc="wall-clock limit HH:MM:SS, MM:SS or D-HH:MM:SS")
+    partition: Optional[str] = _field(None, stages=(), doc="Slurm partition")
+    account: Optional[str] = _field(None, stages=(), doc="Slurm account")
+    qos: Optional[str] = _field(None, stages=(), doc="Slurm QOS")
+    constraint: Optional[str] = _field(None, stages=(), doc="Slurm node constraint")
+    tasks_per_node: Optional[int] = _field(None, stages=(),
+                                           doc="tasks (ranks) per node (default: gpus_per_node, at least 1)")
+    sbatch_args: list[str] = _field(stages=(), doc="extra sbatch options, e.g. ['--exclusive', "
+                                                   "'--gres-flags=enforce-binding']", factory=list)
+    signal_delay_s: int = _field(120, stages=(),
+                                 doc="train job: seconds before the time limit when it checkpoints and requeues")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole config.yaml: runs by name, cluster resources by stage."""
+
+    runs: dict[str, RunConfig]
+    cluster: dict[str, ClusterResources]
+
+    def run_dir(self, run: str) -> str:
+        return self.runs[run].output_dir or f"runs/{run}"
+
+
+def hash_json(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
