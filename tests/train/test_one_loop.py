@@ -143,7 +143,7 @@ def test_a_trainer_state_with_code_in_it_is_refused_not_run(packed_run_dir, tmp_
     state = ckpt.load_state(step)  # what the loop wrote loads with weights_only
     torch.save({**state, "extra": _Payload()}, step / ckpt.STATE_FILE)
     with pytest.raises(ckpt.CheckpointError, match=f"{step / ckpt.STATE_FILE}: not a trainer state"):
-        ckpt.latest_checkpoint(packed_run_dir / "checkpoints", state["resume_key"])
+        ckpt.latest_checkpoint(packed_run_dir / "checkpoints", state["resume_key"], steps=2)
     assert not (tmp_path / "PWNED").exists()
 
 

@@ -60,7 +60,7 @@ def test_a_finished_run_trains_again_when_its_stage_reruns(run, sample_shards, t
     first = train(run, shards, tiny_model_dir, tmp_path / "r")
     before = (tmp_path / "r" / ADAPTER).read_bytes()
     (tmp_path / "r" / ADAPTER).unlink()
-    with caplog.at_level("INFO", logger="tunedag.train.loop"):
+    with caplog.at_level("INFO", logger="tunedag.train.checkpoint"):
         again = train(run, shards, tiny_model_dir, tmp_path / "r")
     assert again["resumed_from"] is None and again["steps"] == first["steps"] == 6
     assert "the end of a finished run: training again from step 0" in caplog.text

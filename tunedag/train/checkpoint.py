@@ -123,9 +123,11 @@ def missing_files(path: Path, state: dict[str, Any]) -> list[str]:
             if not (path / name).is_file() or (path / name).stat().st_size != size]
 
 
-def latest_checkpoint(root: Path, key: str) -> Path | None:
-    """The newest complete checkpoint written with resume key ``key``; the stale and the broken ones
-    (a payload file gone or cut short) are removed, so the one before them is resumed."""
+def latest_checkpoint(root: Path, key: str, steps: int) -> Path | None:
+    """The newest complete checkpoint written with resume key ``key`` before step ``steps``; the stale
+    and the broken ones (a payload file gone or cut short) are removed, so the one before them is
+    resumed. The end of a finished run (step ``steps``) is not resumed: running the stage again trains
+    again."""
     for path in reversed(list_checkpoints(root)):
         state = load_state(path)
         if state.get("resume_key") != key:
@@ -133,6 +135,9 @@ def latest_checkpoint(root: Path, key: str) -> Path | None:
                         "tunedag version", path)
         elif missing := missing_files(path, state):
             log.warning("removing checkpoint %s: %s missing or cut short", path, ", ".join(missing))
+        elif state["position"]["step"] >= steps:
+            log.info("%s is the end of a finished run: training again from step 0", path)
+            return None
         else:
             return path
         shutil.rmtree(path, ignore_errors=True)

@@ -43,12 +43,12 @@ from safetensors.torch import load_file
 from tunedag.config import RunConfig
 from tunedag.errors import TunedagError
 from tunedag.io import atomic_path
+from tunedag.models.batch_inputs import loss_sum, model_inputs
 from tunedag.models.loading import load_causal_lm
 from tunedag.models.qlora import fake_quantize_
-from tunedag.models.batch_inputs import loss_sum, model_inputs
+from tunedag.models.reward_head import load_reward_model
 from tunedag.train.preference import PreferenceObjective
 from tunedag.train.ranks import DistEnv, choose_device
-from tunedag.models.reward_head import load_reward_model
 from tunedag.train.reward import RewardObjective
 
 log = logging.getLogger(__name__)

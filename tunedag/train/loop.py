@@ -34,11 +34,11 @@ import torch
 from transformers import get_scheduler
 
 from tunedag.config import RunConfig
+from tunedag.data.batches import collate, trained_token_count
 from tunedag.data.shards import ShardReader, verify_shards
 from tunedag.errors import TunedagError
 from tunedag.io import atomic_path, write_json
 from tunedag.train import checkpoint as ckpt
-from tunedag.data.batches import collate, trained_token_count
 from tunedag.train.engines import make_engine
 from tunedag.train.metrics_log import MetricsLog
 from tunedag.train.preference import check_preference_shards
@@ -114,10 +114,7 @@ def _resume_point(ckpt_root: Path, key: str, steps: int, env: DistEnv) -> Path |
     last checkpoint is not resumed: running the stage again (``--forcerun train``) trains again."""
     found = None
     if env.is_main:
-        found = ckpt.latest_checkpoint(ckpt_root, key)
-        if found is not None and ckpt.load_state(found)["position"]["step"] >= steps:
-            log.info("%s is the end of a finished run: training again from step 0", found)
-            found = None
+        found = ckpt.latest_checkpoint(ckpt_root, key, steps)
         if found is None:
             shutil.rmtree(ckpt_root, ignore_errors=True)
         ckpt_root.mkdir(parents=True, exist_ok=True)

@@ -44,13 +44,13 @@ from transformers import PreTrainedModel
 from tunedag.config import RunConfig
 from tunedag.data.formats import IGNORE_INDEX
 from tunedag.kernels.cross_entropy import fused_linear_cross_entropy
+from tunedag.models.logprobs import CHUNK_TOKENS, SequenceLogps, hidden_logps
 from tunedag.models.loading import load_causal_lm
 from tunedag.models.packed_attention import PackedSequences
 from tunedag.models.patching import patch_model
 from tunedag.models.qlora import quantize_base_weights
 from tunedag.models.registry import ARCHITECTURES
 from tunedag.train.layer_checkpoint import Mode, run_layers
-from tunedag.models.logprobs import CHUNK_TOKENS, SequenceLogps, hidden_logps
 from tunedag.train.preference import PreferenceObjective
 
 log = logging.getLogger(__name__)
