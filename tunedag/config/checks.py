@@ -8,42 +8,56 @@ from pathlib import Path
 from typing import Any
 
 from tunedag.builtin_models import BUILTIN_MODELS
-from tunedag.config.fields import ClusterResources, ConfigError, DatasetConfig, RunConfig
+from tunedag.config.fields import ClusterResources, ConfigError, DatasetConfig, Problems, RunConfig
 from tunedag.deepspeed_json import DeepSpeedConfigError, check_user_config, owned_values, read_user_config
 from tunedag.model_facts import (BUILTIN_MODEL_TYPE, LORA_TARGETS, VLLM_LORA_MODULES, VLLM_LORA_RANKS,
                                  max_positions, missing_modules, read_model_config)
 
 def check_run(run: RunConfig, where: str, base_dir: Path) -> None:
-    """Checks that need more than a type: files that must exist, values in range."""
+    """Checks that need more than a type: files that must exist, values in range. Every check runs,
+    and one ConfigError lists all that fail."""
+    problems = Problems()
+    for i, ds in enumerate(run.datasets):
+        with problems.check():
+            _check_dataset(ds, f"{where}.datasets[{i}]", base_dir)
+    checks = (lambda: _check_dataset_names(run, where), lambda: _check_output_dir(run.output_dir, where),
+              lambda: _check_ranges(run, where), lambda: _check_base_model(run, where, base_dir),
+              lambda: _check_adapter(run, where), lambda: _check_objective(run, where),
+              lambda: _check_engine(run, where, base_dir), lambda: _check_eval_schedule(run, where))
+    for check in checks:
+        with problems.check():
+            check()
+    problems.raise_if_any()
+
+
+def _check_dataset(ds: DatasetConfig, where: str, base_dir: Path) -> None:
+    if ds.path.startswith("https://") or ds.path.startswith("http://"):
+        if not ds.sha256:
+            raise ConfigError(f"{where}.sha256: required for the URL {ds.path!r}")
+    elif not ds.path.startswith("hf:") and not (base_dir / ds.path).is_file():
+        what = "is a folder, not a file" if (base_dir / ds.path).is_dir() else "file not found"
+        raise ConfigError(f"{where}.path: {what}: {ds.path!r}")
+    if ds.weight <= 0:
+        raise ConfigError(f"{where}.weight: must be positive, got {ds.weight!r}")
+    if ds.revision is not None and not ds.path.startswith("hf:"):
+        raise ConfigError(f"{where}.revision: applies to hf: sources only, not {ds.path!r} "
+                          "(pin a URL with sha256:)")
+    if not is_plain_name(ds.dataset_name):
+        own = f"name: {ds.name!r} is" if ds.name else f"the name {ds.dataset_name!r} taken from the path is"
+        raise ConfigError(f"{where}.{'name' if ds.name else 'path'}: {own} not {PLAIN_NAME_RULE} "
+                          f"(it names the folder data/raw/<name>); set name: to one")
+
+
+def _check_dataset_names(run: RunConfig, where: str) -> None:
     if not run.datasets:
         raise ConfigError(f"{where}.datasets: at least one dataset is needed")
-    if run.adapter is None:
-        raise ConfigError(f"{where}.adapter: full fine-tuning (adapter: null) is not supported by the train "
-                          "stage yet; use adapter: lora or qlora")
-    for i, ds in enumerate(run.datasets):
-        key = f"{where}.datasets[{i}].path"
-        if ds.path.startswith("https://") or ds.path.startswith("http://"):
-            if not ds.sha256:
-                raise ConfigError(f"{where}.datasets[{i}].sha256: required for the URL {ds.path!r}")
-        elif not ds.path.startswith("hf:") and not (base_dir / ds.path).is_file():
-            what = "is a folder, not a file" if (base_dir / ds.path).is_dir() else "file not found"
-            raise ConfigError(f"{key}: {what}: {ds.path!r}")
-        if ds.weight <= 0:
-            raise ConfigError(f"{where}.datasets[{i}].weight: must be positive, got {ds.weight!r}")
-        if ds.revision is not None and not ds.path.startswith("hf:"):
-            raise ConfigError(f"{where}.datasets[{i}].revision: applies to hf: sources only, not {ds.path!r} "
-                              "(pin a URL with sha256:)")
-        if not is_plain_name(ds.dataset_name):
-            own = f"name: {ds.name!r} is" if ds.name else f"the name {ds.dataset_name!r} taken from the path is"
-            raise ConfigError(f"{where}.datasets[{i}].{'name' if ds.name else 'path'}: {own} not {PLAIN_NAME_RULE} "
-                              f"(it names the folder data/raw/<name>); set name: to one")
     names = [ds.dataset_name for ds in run.datasets]
     if len(set(names)) != len(names):
         raise ConfigError(f"{where}.datasets: two datasets are named alike ({names}); set name: on one")
-    _check_output_dir(run.output_dir, where)
-    _check_ranges(run, where)
-    _check_base_model(run, where, base_dir)
-    _check_adapter_serving(run, where)
+
+
+def _check_objective(run: RunConfig, where: str) -> None:
+    """The preference and reward settings, and the data their objective trains on."""
     if run.rl == "reward":
         if run.center_rewards_coefficient < 0:
             raise ConfigError(f"{where}.center_rewards_coefficient: must be at least 0, "
@@ -62,6 +76,10 @@ def check_run(run: RunConfig, where: str, base_dir: Path) -> None:
         if wrong:
             raise ConfigError(f"{where}.datasets: rl: {run.rl} trains on type: {want} data; "
                               f"{', '.join(repr(w) for w in wrong)} are not")
+
+
+def _check_engine(run: RunConfig, where: str, base_dir: Path) -> None:
+    """What the chosen training engine cannot run, and the user's DeepSpeed JSON."""
     # the preference and reward losses call the decoder and the head themselves (the head under
     # activation checkpointing): outside FSDP's root forward, and recomputed on ZeRO-3's released weights
     if run.rl is not None and (run.train_engine == "fsdp" or (run.train_engine == "deepspeed"
@@ -78,11 +96,21 @@ def check_run(run: RunConfig, where: str, base_dir: Path) -> None:
             check_user_config(read_user_config(path), owned, str(path))
         except DeepSpeedConfigError as err:
             raise ConfigError(f"{where}.deepspeed_config: {err}") from None
-    if run.max_steps is not None and run.max_steps < 1:
-        raise ConfigError(f"{where}.max_steps: must be at least 1, got {run.max_steps!r}")
-    if run.val_set_size <= 0:
-        raise ConfigError(f"{where}.val_set_size: must be positive (a share < 1 or a row count), "
-                          f"got {run.val_set_size!r}")
+
+
+def _check_eval_schedule(run: RunConfig, where: str) -> None:
+    """Evaluation during training: one schedule at most, and early stopping only on a schedule."""
+    keys = ("eval_steps", "evals_per_epoch", "eval_batch_size", "early_stopping_patience")
+    low = [f"{where}.{k}: must be at least 1 (or null), got {getattr(run, k)!r}" for k in keys
+           if getattr(run, k) is not None and getattr(run, k) < 1]
+    if low:
+        raise ConfigError(*low)
+    if run.eval_steps is not None and run.evals_per_epoch is not None:
+        raise ConfigError(f"{where}.eval_steps and evals_per_epoch: both set ({run.eval_steps}, "
+                          f"{run.evals_per_epoch}); set one of them and the other to null")
+    if run.early_stopping_patience is not None and run.eval_steps is None and run.evals_per_epoch is None:
+        raise ConfigError(f"{where}.early_stopping_patience: needs evaluations to count: set eval_steps or "
+                          "evals_per_epoch")
 
 
 # --------------------------------------------------------------------------- names, paths, times
@@ -138,30 +166,35 @@ def _check_output_dir(value: str, where: str) -> None:
 
 def _check_ranges(run: RunConfig, where: str) -> None:
     """Numbers a job would otherwise take as they are, or fail on after work was done."""
+    problems = []
     at_least_1 = ("sequence_len", "micro_batch_size", "gradient_accumulation_steps", "num_epochs", "lora_r",
                   "save_steps", "keep_last_checkpoints", "logging_steps", "eval_max_samples", "eval_max_new_tokens")
-    for name in at_least_1:
-        if getattr(run, name) < 1:
-            raise ConfigError(f"{where}.{name}: must be at least 1, got {getattr(run, name)!r}")
+    problems += [f"{where}.{name}: must be at least 1, got {getattr(run, name)!r}"
+                 for name in at_least_1 if getattr(run, name) < 1]
     at_least_0 = ("warmup_steps", "weight_decay", "max_grad_norm", "eval_temperature", "orpo_alpha",
                   "kto_desirable_weight", "kto_undesirable_weight")
-    for name in at_least_0:
-        if getattr(run, name) < 0:
-            raise ConfigError(f"{where}.{name}: must be at least 0, got {getattr(run, name)!r}")
-    for name in ("learning_rate", "lora_alpha"):
-        if getattr(run, name) <= 0:
-            raise ConfigError(f"{where}.{name}: must be positive, got {getattr(run, name)!r}")
+    problems += [f"{where}.{name}: must be at least 0, got {getattr(run, name)!r}"
+                 for name in at_least_0 if getattr(run, name) < 0]
+    problems += [f"{where}.{name}: must be positive, got {getattr(run, name)!r}"
+                 for name in ("learning_rate", "lora_alpha") if getattr(run, name) <= 0]
+    if run.max_steps is not None and run.max_steps < 1:
+        problems.append(f"{where}.max_steps: must be at least 1, got {run.max_steps!r}")
     if not 0.0 <= run.lora_dropout < 1.0:
-        raise ConfigError(f"{where}.lora_dropout: must be in [0, 1), got {run.lora_dropout!r}")
+        problems.append(f"{where}.lora_dropout: must be in [0, 1), got {run.lora_dropout!r}")
     if not 0.0 < run.eval_top_p <= 1.0:
-        raise ConfigError(f"{where}.eval_top_p: must be in (0, 1], got {run.eval_top_p!r}")
-    if run.val_set_size >= 1 and run.val_set_size != int(run.val_set_size):
-        raise ConfigError(f"{where}.val_set_size: a share is below 1 and a row count is whole, "
-                          f"got {run.val_set_size!r}")
+        problems.append(f"{where}.eval_top_p: must be in (0, 1], got {run.eval_top_p!r}")
+    if run.val_set_size <= 0:
+        problems.append(f"{where}.val_set_size: must be positive (a share < 1 or a row count), "
+                        f"got {run.val_set_size!r}")
+    elif run.val_set_size >= 1 and run.val_set_size != int(run.val_set_size):
+        problems.append(f"{where}.val_set_size: a share is below 1 and a row count is whole, "
+                        f"got {run.val_set_size!r}")
     if not MAX_SHARD_SIZE.fullmatch(run.max_shard_size):
-        raise ConfigError(f"{where}.max_shard_size: {run.max_shard_size!r} is not a size such as 2GB, 500MB or 5GiB")
+        problems.append(f"{where}.max_shard_size: {run.max_shard_size!r} is not a size such as 2GB, 500MB or 5GiB")
     if not run.lora_target_modules:
-        raise ConfigError(f"{where}.lora_target_modules: at least one module is needed")
+        problems.append(f"{where}.lora_target_modules: at least one module is needed")
+    if problems:
+        raise ConfigError(*problems)
 
 
 def _base_model_config(run: RunConfig, base_dir: Path) -> tuple[dict[str, Any] | None, str]:
@@ -205,6 +238,35 @@ def _check_base_model(run: RunConfig, where: str, base_dir: Path) -> None:
     model_config, what = _base_model_config(run, base_dir)
     if model_config is not None:
         check_model_fits(run, model_config, where, what)
+
+
+# Axolotl's row-range suffix (``embed_tokens.weight$[:32000]``: train some rows only): tunedag trains whole tensors
+_ROW_RANGE = re.compile(r"\[\d*:\d*\]$")
+
+
+def _check_adapter(run: RunConfig, where: str) -> None:
+    """Full fine-tuning (adapter: null) and its keys; or the LoRA adapter that vLLM must serve."""
+    if run.train_engine == "deepspeed" and run.deepspeed_offload != "none" and run.optimizer != "adamw_torch":
+        raise ConfigError(f"{where}.optimizer: deepspeed_offload: {run.deepspeed_offload} updates on the CPU "
+                          f"with DeepSpeed's CPU Adam; use optimizer: adamw_torch, or deepspeed_offload: none")
+    if run.adapter is not None:
+        if run.unfrozen_parameters:
+            raise ConfigError(f"{where}.unfrozen_parameters: applies to full fine-tuning (adapter: null) only; "
+                              f"with adapter: {run.adapter} use lora_modules_to_save")
+        _check_adapter_serving(run, where)
+        return
+    if run.rl is not None:
+        raise ConfigError(f"{where}.adapter: rl: {run.rl} trains an adapter (its reference model is the base "
+                          "under the adapter); full fine-tuning (adapter: null) trains supervised data only")
+    for i, pattern in enumerate(run.unfrozen_parameters):
+        if _ROW_RANGE.search(pattern):
+            raise ConfigError(f"{where}.unfrozen_parameters[{i}]: {pattern!r} ends in a row range, which tunedag "
+                              "does not support (it trains whole tensors); drop the [start:end]")
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ConfigError(f"{where}.unfrozen_parameters[{i}]: {pattern!r} is not a Python regular "
+                              f"expression ({err})") from None
 
 
 def _check_adapter_serving(run: RunConfig, where: str) -> None:

@@ -3,22 +3,53 @@ it and its doc (the README's key table and the JSON schema come from them), and 
 hash a changed key reruns exactly its stages by."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Iterator, Literal, Optional
 
 
 from tunedag.errors import TunedagError
+from tunedag.model_facts import GGUF_TYPES
 
 STAGES = ("download", "tokenize", "train", "merge", "evaluate", "export_gguf", "export_vllm")
 
 
 class ConfigError(TunedagError, ValueError):
-    """A config.yaml problem, with the key path and value that cause it."""
+    """One or more config.yaml problems, each naming the key path and value that cause it.
+
+    Validation goes on past the first problem, so a user sees every problem of a config at once;
+    ``problems`` holds them one per line."""
+
+    def __init__(self, *problems: str):
+        self.problems = [line for p in problems for line in (p.problems if isinstance(p, ConfigError) else [p])]
+        if len(self.problems) == 1:
+            super().__init__(self.problems[0])
+        else:
+            super().__init__(f"{len(self.problems)} problems:\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+class Problems:
+    """Collects ConfigErrors over independent checks: ``with problems.check(): ...`` per check, then
+    ``problems.raise_if_any()``."""
+
+    def __init__(self) -> None:
+        self.found: list[str] = []
+
+    @contextlib.contextmanager
+    def check(self) -> Iterator[None]:
+        try:
+            yield
+        except ConfigError as err:
+            self.found.extend(err.problems)
+
+    def raise_if_any(self) -> None:
+        if self.found:
+            raise ConfigError(*self.found)
 
 
 def _field(default: Any = dataclasses.MISSING, *, stages: tuple[str, ...], doc: str,
@@ -98,7 +129,17 @@ class RunConfig:
                                                    doc="a malformed row stops the stage, or is skipped and counted")
     adapter: Optional[Literal["lora", "qlora"]] = _field(
         "lora", stages=("train", "merge"),
-        doc="lora, or qlora (LoRA over a 4-bit NF4 base); full fine-tuning (null) is not supported yet")
+        doc="lora, qlora (LoRA over a 4-bit NF4 base), or null: full fine-tuning (every weight, or those "
+            "unfrozen_parameters names); train then writes the whole model")
+    unfrozen_parameters: list[str] = _field(
+        stages=("train",), factory=list,
+        doc="adapter: null: train only the parameters whose names one of these Python regular expressions "
+            "matches (re.search, as Axolotl: anchor with ^ and $), e.g. ['^model.layers.(2[4-9]|3[01])\\.', "
+            "'^lm_head']; empty: every parameter")
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit", "paged_adamw_8bit", "adafactor"] = _field(
+        "adamw_torch", stages=("train",),
+        doc="adamw_torch (fused on CUDA where the engine allows), adamw_torch_fused, adamw_bnb_8bit and "
+            "paged_adamw_8bit (need bitsandbytes), adafactor (transformers')")
     lora_r: int = _field(16, stages=("train",), doc="LoRA rank")
     lora_alpha: float = _field(32, stages=("train",), doc="LoRA scale numerator (scale = alpha / r)")
     lora_dropout: float = _field(0.0, stages=("train",), doc="dropout on the LoRA input")
@@ -157,6 +198,17 @@ class RunConfig:
     save_steps: int = _field(50, stages=("train",), doc="checkpoint every this many optimizer steps")
     keep_last_checkpoints: int = _field(2, stages=("train",), doc="complete checkpoints kept on disk")
     logging_steps: int = _field(1, stages=("train",), doc="steps between metric lines")
+    eval_steps: Optional[int] = _field(
+        None, stages=("train",), doc="held-out loss on the val shards every this many optimizer steps and at "
+                                     "the last (eval_loss in train_metrics.jsonl; null: none)")
+    evals_per_epoch: Optional[int] = _field(
+        None, stages=("train",), doc="instead of eval_steps: this many held-out evaluations per epoch "
+                                     "(every steps-per-epoch // n steps)")
+    eval_batch_size: Optional[int] = _field(None, stages=("train",),
+                                            doc="rows per forward pass of the held-out loss (null: micro_batch_size)")
+    early_stopping_patience: Optional[int] = _field(
+        None, stages=("train",), doc="stop after this many evaluations without a lower held-out loss; the "
+                                     "adapter is then the best evaluation's")
     seed: int = _field(42, stages=("tokenize", "train", "evaluate"), doc="seed for split, shuffle and init")
     merge_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _field(
         "auto", stages=("merge",), doc="dtype of the merged weights (auto: the base model's)")
@@ -174,8 +226,10 @@ class RunConfig:
     # logging settings change no output: stages=() keeps them from rerunning training
     wandb_mode: Literal["offline", "online", "disabled"] = _field(
         "offline", stages=(), doc="offline by default: compute nodes have no internet; `wandb sync` later")
-    gguf_types: list[Literal["f32", "f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"]] = _field(
-        stages=("export_gguf",), doc="GGUF files to write", factory=lambda: ["f16"])
+    gguf_types: list[Literal[GGUF_TYPES]] = _field(
+        stages=("export_gguf",), factory=lambda: ["f16"],
+        doc="GGUF files to write: f32, f16, bf16, q8_0 by tunedag; q4_0 … q6_k, iq4_nl, iq4_xs by llama.cpp's "
+            "quantizer (llama-cpp-python) from the f16/bf16 file")
     output_dir: str = _field("", stages=(), doc="run folder, relative to the work folder (default runs/{run})")
 
     def stage_slice(self, stage: str) -> dict[str, Any]:
