@@ -153,12 +153,12 @@ def test_saved_adapter_is_peft_format(tmp_path):
             assert torch.equal(theirs[name], p), name
 
 
-def _phi3(tmp_path):
-    from transformers import Phi3Config
+def _phi(tmp_path):
+    from transformers import PhiConfig
 
-    Phi3Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-               num_attention_heads=4, pad_token_id=0).save_pretrained(tmp_path / "phi3")
-    return tmp_path / "phi3"
+    PhiConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+              num_attention_heads=4, pad_token_id=0).save_pretrained(tmp_path / "phi")
+    return tmp_path / "phi"
 
 
 FALLBACKS = {
@@ -166,7 +166,7 @@ FALLBACKS = {
     "targets": (dict(lora_target_modules=["q_proj", "v_proj"]), "not exactly the seven projections"),
     "modules_to_save": (dict(lora_modules_to_save=["norm"]), "only ['embed_tokens', 'lm_head']"),
     "tied": ("gemma", "tied input/output embeddings"),
-    "architecture": ("phi3", "architecture 'phi3' has no fused path"),
+    "architecture": ("phi", "architecture 'phi' has no fused path"),
     "reward": (dict(rl="reward"), "rl: reward"),
 }
 
@@ -178,8 +178,8 @@ def test_uncovered_settings_fall_back_to_torch_with_the_reason(case, tmp_path, c
         monkeypatch.setattr("tunedag.train.engines.TorchEngine", lambda run, path, device: "torch-engine")
         model_dir = tiny_model("llama", tmp_path / "m")
         overrides = dict(overrides, **_preference_data(model_dir, "reward"))
-    elif overrides == "phi3":
-        model_dir, overrides = _phi3(tmp_path), {}
+    elif overrides == "phi":
+        model_dir, overrides = _phi(tmp_path), {}
         monkeypatch.setattr("tunedag.train.engines.TorchEngine", lambda run, path, device: "torch-engine")
     elif overrides == "gemma":
         model_dir, overrides = tiny_model("gemma", tmp_path / "g"), dict(lora_modules_to_save=["lm_head"])

@@ -97,8 +97,12 @@ class FusedLoRAAttention(nn.Module):
                  qk_norm: bool, gemma_norm: bool, sliding_window: int | None, switch: AdapterSwitch):
         super().__init__()
         self.switch = switch
-        self.q_proj, self.k_proj = replaced.q_proj, replaced.k_proj
-        self.v_proj, self.o_proj = replaced.v_proj, replaced.o_proj
+        self.qkv_proj = getattr(replaced, "qkv_proj", None)  # Phi-3: one packed projection, one LoRA
+        if self.qkv_proj is None:
+            self.q_proj, self.k_proj, self.v_proj = replaced.q_proj, replaced.k_proj, replaced.v_proj
+        self.o_proj = replaced.o_proj
+        self.qkv_sizes = [n * replaced.head_dim for n in (config.num_attention_heads, config.num_key_value_heads,
+                                                          config.num_key_value_heads)]
         self.q_norm = FusedRMSNorm(replaced.q_norm, gemma_norm) if qk_norm else None
         self.k_norm = FusedRMSNorm(replaced.k_norm, gemma_norm) if qk_norm else None
         self.head_dim = replaced.head_dim
@@ -106,8 +110,24 @@ class FusedLoRAAttention(nn.Module):
         self.softcap = getattr(replaced, "attn_logit_softcapping", None)
         self.sliding_window = sliding_window
         self.layer_idx = replaced.layer_idx
-        self._nf4 = {n: nf4[f"{prefix}.{n}"] for n in ("q_proj", "k_proj", "v_proj", "o_proj")
+        self._nf4 = {n: nf4[f"{prefix}.{n}"] for n in ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj")
                      if f"{prefix}.{n}" in nf4}
+
+    def _qkv(self, x: torch.Tensor, off: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (N, Hq*D), k, v (N, Hk*D) of x (N, H), with their LoRA unless ``off``."""
+        if self.qkv_proj is not None:  # packed: one LoRA Linear, then split by columns
+            p = self.qkv_proj
+            qkv = _base(x, p, self._nf4, "qkv_proj") if off else lora_o(x, *_lora_parts(p, self._nf4, "qkv_proj"),
+                                                                         _scaling(p))
+            qkv, (nq, nk, _) = _add_bias(qkv, p), self.qkv_sizes
+            # separate slices, not split(): RoPE rotates q and k in place, which split's views forbid
+            return qkv[:, :nq], qkv[:, nq:nq + nk], qkv[:, nq + nk:]
+        if off:
+            q, k, v = (_base(x, getattr(self, p), self._nf4, p) for p in ("q_proj", "k_proj", "v_proj"))
+        else:
+            parts = [_lora_parts(getattr(self, p), self._nf4, p) for p in ("q_proj", "k_proj", "v_proj")]
+            q, k, v = lora_qkv(x, *parts[0], *parts[1], *parts[2], _scaling(self.q_proj))
+        return tuple(_add_bias(y, p) for y, p in zip((q, k, v), (self.q_proj, self.k_proj, self.v_proj)))
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None,
                 attention_mask: PackedSequences | None = None, **kwargs):
@@ -115,16 +135,11 @@ class FusedLoRAAttention(nn.Module):
             raise TypeError("FusedLoRAAttention needs the engine's PackedSequences as attention_mask")
         n = hidden_states.shape[-2]
         x = hidden_states.reshape(n, -1)
-        off = _adapters_off(self.switch, self.q_proj)
-        if off:
-            q, k, v = (_base(x, getattr(self, p), self._nf4, p) for p in ("q_proj", "k_proj", "v_proj"))
-        else:
-            parts = [_lora_parts(getattr(self, p), self._nf4, p) for p in ("q_proj", "k_proj", "v_proj")]
-            q, k, v = lora_qkv(x, *parts[0], *parts[1], *parts[2], _scaling(self.q_proj))
-        q, k, v = (_add_bias(y, p) for y, p in zip((q, k, v), (self.q_proj, self.k_proj, self.v_proj)))
-        q = q.view(n, -1, self.head_dim)  # (N, Hq, D)
-        k = k.view(n, -1, self.head_dim)  # (N, Hk, D)
-        v = v.view(n, -1, self.head_dim)
+        off = _adapters_off(self.switch, self.o_proj)
+        q, k, v = self._qkv(x, off)
+        q = q.reshape(n, -1, self.head_dim)  # (N, Hq, D)
+        k = k.reshape(n, -1, self.head_dim)  # (N, Hk, D)
+        v = v.reshape(n, -1, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = position_embeddings  # (1, N, D)
@@ -147,19 +162,34 @@ class FusedLoRAMLP(nn.Module):
                  switch: AdapterSwitch):
         super().__init__()
         self.switch = switch
-        self.gate_proj, self.up_proj, self.down_proj = replaced.gate_proj, replaced.up_proj, replaced.down_proj
+        self.gate_up_proj = getattr(replaced, "gate_up_proj", None)  # Phi-3: packed [gate; up], one LoRA
+        if self.gate_up_proj is None:
+            self.gate_proj, self.up_proj = replaced.gate_proj, replaced.up_proj
+        self.down_proj = replaced.down_proj
         self.activation = activation
         self._nf4 = {n: nf4[f"{prefix}.{n}"] for n in ("gate_proj", "up_proj", "down_proj")
                      if f"{prefix}.{n}" in nf4}
 
+    def _gate_up_parts(self) -> list[tuple]:
+        """(W, A, B) of gate and of up. Packed: row halves of W and B, one shared A (autograd sums its
+        two gradients), which is exactly peft's one LoRA over [gate; up]."""
+        if self.gate_up_proj is None:
+            return [_lora_parts(getattr(self, p), self._nf4, p) for p in ("gate_proj", "up_proj")]
+        w, a, b = _lora_parts(self.gate_up_proj, {}, "gate_up_proj")
+        half = w.shape[0] // 2
+        return [(w[:half], a, None if b is None else b[:half]), (w[half:], a, None if b is None else b[half:])]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _adapters_off(self.switch, self.gate_proj):
+        if _adapters_off(self.switch, self.down_proj):
             x2 = x.reshape(-1, x.shape[-1])
-            g, u = (_base(x2, getattr(self, p), self._nf4, p) for p in ("gate_proj", "up_proj"))
-            y = _base(act_mul(g, u, self.activation), self.down_proj, self._nf4, "down_proj")
+            if self.gate_up_proj is not None:
+                g, u = _base(x2, self.gate_up_proj, {}, "gate_up_proj").chunk(2, dim=-1)
+            else:
+                g, u = (_base(x2, getattr(self, p), self._nf4, p) for p in ("gate_proj", "up_proj"))
+            y = _base(act_mul(g.contiguous(), u.contiguous(), self.activation), self.down_proj, self._nf4, "down_proj")
             return y.view(x.shape[:-1] + (y.shape[-1],))
-        parts = [_lora_parts(getattr(self, p), self._nf4, p) for p in ("gate_proj", "up_proj", "down_proj")]
-        return lora_mlp(x, *parts[0], *parts[1], *parts[2], _scaling(self.gate_proj), self.activation)
+        parts = [*self._gate_up_parts(), _lora_parts(self.down_proj, self._nf4, "down_proj")]
+        return lora_mlp(x, *parts[0], *parts[1], *parts[2], _scaling(self.down_proj), self.activation)
 
     def extra_repr(self) -> str:
         return f"activation={self.activation}, nf4={sorted(self._nf4)}"

@@ -41,10 +41,10 @@ def _replace(record: PatchRecord, parent: nn.Module, path: str, attr: str, new: 
     record.modules[f"{path}.{attr}" if path else attr] = (type(old).__name__, type(new).__name__)
 
 
-def _sliding_window(attn: nn.Module, config) -> int | None:
-    if hasattr(attn, "sliding_window"):  # Gemma-2, Qwen2: per layer
+def _sliding_window(attn: nn.Module, config, spec) -> int | None:
+    if hasattr(attn, "sliding_window"):  # Gemma-2/3, Qwen2: per layer
         return attn.sliding_window
-    if config.model_type == "mistral":  # Mistral: every layer, from the config
+    if spec.window_from_config:  # Mistral, Phi-3: every layer, from the config
         return getattr(config, "sliding_window", None)
     return None
 
@@ -68,7 +68,7 @@ def patch_model(peft_model: nn.Module, nf4: dict[str, NF4Weight] | None = None) 
         path = root[id(layer)]
         attn = layer.self_attn
         _replace(record, layer, path, "self_attn", FusedLoRAAttention(
-            attn, config, nf4, f"{path}.self_attn", spec.qk_norm, spec.gemma_norm, _sliding_window(attn, config),
+            attn, config, nf4, f"{path}.self_attn", spec.qk_norm, spec.gemma_norm, _sliding_window(attn, config, spec),
             record.adapters))
         _replace(record, layer, path, "mlp", FusedLoRAMLP(layer.mlp, nf4, f"{path}.mlp", activation, record.adapters))
         for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",

@@ -12,6 +12,14 @@ model; what differs between architectures is data, not code paths:
 | qwen3 | Llama | SiLU | per-head q/k RMSNorm |
 | gemma | Gemma (1 + w) | GELU-tanh | embeddings scaled by sqrt(hidden) |
 | gemma2 | Gemma (1 + w) | GELU-tanh | sandwich norms, attention and final logit softcapping, alternating sliding window |
+| gemma3_text (Gemma3ForCausalLM) | Gemma (1 + w) | GELU-tanh | sandwich norms, Gemma q/k norms, sliding-window layers interleaved with global ones, one RoPE base per layer type |
+| phi3 (Phi-3, Phi-4) | Llama | SiLU | packed ``qkv_proj`` and ``gate_up_proj`` (one LoRA each), sliding window from the config |
+
+Packed projections (Phi-3): peft puts one LoRA on the whole ``qkv_proj`` (A (r, H), B (q+k+v, r)) and
+one on ``gate_up_proj``. That is exactly the fused kernels' three (two) projections sharing one A,
+with B split by rows: the engine passes the same A and row slices of B and W, and autograd sums
+the A gradients. The Llama names in ``lora_target_modules`` map onto the packed ones
+(:func:`peft_target_modules`), so the default seven adapt every projection of a Phi-3 layer.
 
 :func:`fast_path_blocker` names the first reason a run cannot take this path; the engine
 then falls back to the torch engine and logs that reason.
@@ -45,17 +53,55 @@ class ArchitectureSpec:
     qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
     embed_scale: bool = False  # embeddings times sqrt(hidden_size), rounded to their dtype
     final_softcap_key: str | None = None  # config attribute of the final logit softcap
+    packed: bool = False  # q/k/v in one ``qkv_proj``, gate/up in one ``gate_up_proj`` (Phi-3)
+    window_from_config: bool = False  # config.sliding_window applies to every layer (Mistral, Phi-3)
+    rope_per_layer_type: bool = False  # rotary_emb(x, positions, layer_type): one RoPE base per layer type
+
+    @property
+    def lora_targets(self) -> tuple[str, ...]:
+        """The projections the fused kernels adapt, by their names in this architecture."""
+        return peft_target_modules(self, LORA_TARGETS)
 
 
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "llama": ArchitectureSpec("llama"),
-    "mistral": ArchitectureSpec("mistral"),
+    "mistral": ArchitectureSpec("mistral", window_from_config=True),
     "qwen2": ArchitectureSpec("qwen2"),
     "qwen3": ArchitectureSpec("qwen3", qk_norm=True),
     "gemma": ArchitectureSpec("gemma", gemma_norm=True, activation_key="hidden_activation", embed_scale=True),
     "gemma2": ArchitectureSpec("gemma2", gemma_norm=True, activation_key="hidden_activation", embed_scale=True,
                                final_softcap_key="final_logit_softcapping"),
+    "gemma3_text": ArchitectureSpec("gemma3_text", gemma_norm=True, activation_key="hidden_activation",
+                                    qk_norm=True, embed_scale=True, final_softcap_key="final_logit_softcapping",
+                                    rope_per_layer_type=True),
+    "phi3": ArchitectureSpec("phi3", packed=True, window_from_config=True),
 }
+# packed projection -> the Llama projections it holds, in its row order
+PACKED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def peft_target_modules(spec: ArchitectureSpec | None, names: Sequence[str]) -> tuple[str, ...]:
+    """``lora_target_modules`` as peft must name them in this architecture.
+
+    On packed architectures a complete group of Llama names (q_proj, k_proj, v_proj) becomes the
+    packed projection; part of a group cannot be adapted alone and is refused.
+    """
+    if spec is None or not spec.packed:
+        return tuple(names)
+    out = [n for n in names if not any(n in group for group in PACKED_PROJECTIONS.values())]
+    for packed, group in PACKED_PROJECTIONS.items():
+        given = [n for n in group if n in names]
+        if given and len(given) < len(group):
+            raise ValueError(f"lora_target_modules {given}: a {spec.model_type} model holds {list(group)} in one "
+                             f"{packed}, which LoRA adapts as a whole: name all of {list(group)}, or {packed}")
+        if given and packed not in out:
+            out.append(packed)
+    return tuple(out)
+
+
+def model_target_modules(config: Any, names: Sequence[str]) -> list[str]:
+    """:func:`peft_target_modules` for an HF ``config`` (any architecture; unknown ones pass unchanged)."""
+    return list(peft_target_modules(ARCHITECTURES.get(getattr(config, "model_type", None)), names))
 
 
 def mlp_activation(spec: ArchitectureSpec, config: Any) -> str | None:
@@ -75,7 +121,11 @@ def fast_path_blocker(config: Any, *, rl: str | None, lora_dropout: float, lora_
         return "rl: reward (reward modelling trains a score head on the torch engine; dpo, orpo and kto take this path)"
     if lora_dropout > 0:
         return f"lora_dropout {lora_dropout} > 0 (the fused LoRA kernels apply no dropout)"
-    if sorted(lora_target_modules) != sorted(LORA_TARGETS):
+    try:
+        targets = peft_target_modules(spec, lora_target_modules)
+    except ValueError as err:
+        return str(err)
+    if sorted(targets) != sorted(spec.lora_targets):
         return (f"lora_target_modules {list(lora_target_modules)} are not exactly the seven projections "
                 f"{list(LORA_TARGETS)} that the fused QKV/O and MLP kernels adapt together")
     extra = [m for m in lora_modules_to_save if m not in TRAINABLE_FULL_MODULES]
@@ -89,4 +139,19 @@ def fast_path_blocker(config: Any, *, rl: str | None, lora_dropout: float, lora_
         return "bias on the MLP projections (the fused MLP kernel has none)"
     if getattr(config, "attention_dropout", 0.0):
         return f"attention_dropout {config.attention_dropout} > 0"
+    return _architecture_blocker(config)
+
+
+def _architecture_blocker(config: Any) -> str | None:
+    """Settings of the newer architectures that the fused path does not compute."""
+    for key in ("resid_pdrop", "embd_pdrop"):  # Phi-3
+        if getattr(config, key, 0.0):
+            return f"{key} {getattr(config, key)} > 0 (the fused path applies no dropout)"
+    rope = getattr(config, "rope_parameters", None) or {}
+    for params in (rope.values() if all(isinstance(v, dict) for v in rope.values()) and rope else [rope]):
+        factor = (params or {}).get("partial_rotary_factor", 1.0)
+        if factor != 1.0:
+            return f"partial_rotary_factor {factor} (the RoPE kernel rotates whole heads)"
+    if getattr(config, "use_bidirectional_attention", False):
+        return "use_bidirectional_attention (the packed attention is causal)"
     return None

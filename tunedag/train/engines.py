@@ -46,6 +46,7 @@ from tunedag.io import atomic_path
 from tunedag.models.batch_inputs import loss_sum, model_inputs
 from tunedag.models.loading import load_causal_lm
 from tunedag.models.qlora import fake_quantize_
+from tunedag.models.registry import model_target_modules
 from tunedag.models.reward_head import load_reward_model
 from tunedag.train.preference import PreferenceObjective
 from tunedag.train.ranks import DistEnv, choose_device
@@ -79,7 +80,7 @@ class TorchEngine:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.enable_input_require_grads()
         lora = LoraConfig(r=run.lora_r, lora_alpha=run.lora_alpha, lora_dropout=run.lora_dropout,
-                          target_modules=list(run.lora_target_modules), bias="none",
+                          target_modules=model_target_modules(base.config, run.lora_target_modules), bias="none",
                           task_type="SEQ_CLS" if reward else "CAUSAL_LM",  # SEQ_CLS trains `score` in full
                           modules_to_save=list(run.lora_modules_to_save) or None)
         self.model = get_peft_model(base, lora).to(device)

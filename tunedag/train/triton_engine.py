@@ -49,7 +49,7 @@ from tunedag.models.loading import load_causal_lm
 from tunedag.models.packed_attention import PackedSequences
 from tunedag.models.patching import patch_model
 from tunedag.models.qlora import quantize_base_weights
-from tunedag.models.registry import ARCHITECTURES
+from tunedag.models.registry import ARCHITECTURES, model_target_modules
 from tunedag.train.layer_checkpoint import Mode, run_layers
 from tunedag.train.preference import PreferenceObjective
 
@@ -92,7 +92,8 @@ class TritonEngine:
             base = load_causal_lm(model_path, torch.float32, run.trust_remote_code)
         cast_parameters_(base, self.compute_dtype)
         lora = LoraConfig(r=run.lora_r, lora_alpha=run.lora_alpha, lora_dropout=0.0,
-                          target_modules=list(run.lora_target_modules), bias="none", task_type="CAUSAL_LM",
+                          target_modules=model_target_modules(base.config, run.lora_target_modules), bias="none",
+                          task_type="CAUSAL_LM",
                           modules_to_save=list(run.lora_modules_to_save) or None)
         model = get_peft_model(base, lora)
         for p in model.parameters():  # fp32 master copies of everything trained
@@ -142,14 +143,24 @@ class TritonEngine:
         seq = PackedSequences.from_batch(batch["segment_ids"], batch["position_ids"], self.device)
         ids = batch["input_ids"].reshape(-1)[keep][None].to(self.device, non_blocking=True)  # (1, N)
         hidden = self._embed(ids)  # (1, N, H)
-        cos_sin = self.decoder.rotary_emb(hidden, seq.position_ids)
+        cos_sin = self._rotary(hidden, seq.position_ids)
 
         def call(layer, h):
-            out = layer(h, attention_mask=seq, position_ids=seq.position_ids, position_embeddings=cos_sin)
+            out = layer(h, attention_mask=seq, position_ids=seq.position_ids,
+                        position_embeddings=cos_sin[layer.self_attn.layer_idx])
             return out[0] if isinstance(out, tuple) else out
 
         hidden = run_layers(self.decoder.layers, hidden, call, self.checkpointing)
         return self.decoder.norm(hidden)[0]
+
+    def _rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> list:
+        """(cos, sin) for each decoder layer: one pair for all, or one per layer type (Gemma-3's two bases)."""
+        layers = range(len(self.decoder.layers))
+        if not self.spec.rope_per_layer_type:
+            return [self.decoder.rotary_emb(hidden, position_ids)] * len(layers)
+        types = self.causal_lm.config.layer_types
+        by_type = {t: self.decoder.rotary_emb(hidden, position_ids, t) for t in set(types)}
+        return [by_type[types[i]] for i in layers]
 
     def _head(self) -> tuple[torch.Tensor, torch.Tensor | None, float | None]:
         """(weight, bias) of the LM head in the compute dtype, and the final logit softcap."""
