@@ -58,3 +58,15 @@ def missing_modules(model_config: dict[str, Any], names: list[str]) -> list[str]
     if known is None:
         return None
     return [n for n in names if n.rsplit(".", 1)[-1] not in known]
+
+
+# GGUF output types (config key gguf_types). tunedag's own writer makes the first four
+# (tunedag.export.gguf_tensors); the rest are made from a 16-bit GGUF by llama.cpp's quantizer,
+# called through llama-cpp-python. Left out: the i-quants below 4 bits and q2_k_s, which llama.cpp
+# refuses without an importance matrix, and the ternary tq1_0/tq2_0, for ternary-trained models only.
+GGUF_WRITER_TYPES = ("f32", "f16", "bf16", "q8_0")
+GGUF_QUANTIZER_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m",
+                        "q5_k_s", "q5_k_m", "q6_k", "iq4_nl", "iq4_xs")
+GGUF_TYPES = GGUF_WRITER_TYPES + GGUF_QUANTIZER_TYPES
+# The Python package whose llama.cpp build quantizes (and measures the files' perplexity).
+LLAMA_CPP_PACKAGE = "llama-cpp-python"
