@@ -1,9 +1,10 @@
 """LoRA-fused gated MLP: ``y = down(act(gate(x)) * up(x))`` with a hand-written backward.
 
-Each projection is ``p(x) = x @ W.T + s * (x @ A.T) @ B.T`` with W (out, in) frozen (a dense
-bf16/fp16/fp32 tensor or an ``NF4Weight`` dequantised on the fly by the Triton kernel in
+Each projection is ``p(x) = x @ W.T + s * (x @ A.T) @ B.T`` with W (out, in) (a dense
+bf16/fp16/fp32 tensor or a frozen ``NF4Weight`` dequantised on the fly by the Triton kernel in
 ``nf4.py``), A (r, in) and B (out, r) trained, s = lora_alpha / r. ``act`` is SiLU (SwiGLU:
-Llama, Mistral, Qwen) or GELU-tanh (GeGLU: Gemma). No bias, no dropout on this path.
+Llama, Mistral, Qwen) or GELU-tanh (GeGLU: Gemma). No bias, no dropout on this path. Full
+fine-tuning passes no A/B at all: ``p(x) = x @ W.T``.
 
 What is saved for backward (N tokens, H hidden, I intermediate, r rank):
 x (N, H), the gate and up pre-activations g, u (N, I), and the rank-r products x A_g^T,
@@ -19,6 +20,12 @@ Backward, with dY (N, H):
   grad A_d = s (dY B_d)^T h,  grad B_d = s dY^T (h A_d^T)
   grad A_g = s (dg B_g)^T x,  grad B_g = s dg^T (x A_g^T)   (same for up)
   dx = dg W_g + du W_u + s (dg B_g) A_g + s (du B_u) A_u
+  grad W_d = dY^T h,  grad W_g = dg^T x,  grad W_u = du^T x    only for a W that requires grad
+
+A W that requires grad (full fine-tuning, or ``unfrozen_parameters``) gets its gradient in its own
+dtype: an fp32 master weight is cast to x's dtype per call (forward, and again in backward; the
+cast copy is not saved) and its gradient is the bf16 matmul's result cast to fp32, as under
+autocast. Frozen weights cost no gradient work.
 
 The matmuls are cuBLAS (``torch.mm``/``addmm_``) in x's dtype; the LoRA A/B are cast to x's
 dtype once per call (they are tiny) and their gradients returned in their own dtype. The
@@ -102,13 +109,12 @@ def act_mul_backward_(g: torch.Tensor, u: torch.Tensor, dh: torch.Tensor, activa
     return dh, g, u
 
 
-def check_frozen_base(*weights) -> None:
-    for w in weights:
-        if isinstance(w, torch.Tensor) and w.requires_grad and torch.is_grad_enabled():
-            raise ValueError(
-                "the LoRA-fused path trains only the adapters: the base weight must be frozen "
-                "(call weight.requires_grad_(False)) or use the plain torch engine"
-            )
+def check_adapters(*ab) -> None:
+    """LoRA A/B for every projection of one call, or for none (plain projections: full fine-tuning)."""
+    given = [t is not None for t in ab]
+    if any(given) and not all(given):
+        raise ValueError("LoRA A and B must be given for every projection of the call, or for none "
+                         "(plain projections, as in full fine-tuning)")
 
 
 def save_weights(ctx, weights) -> list:
@@ -121,36 +127,40 @@ def restore_weights(ctx, dense) -> list:
     return [q if q is not None else d for q, d in zip(ctx.nf4, dense)]
 
 
+def _project(x, w, a, b, s):
+    """(x W^T + s (x A^T) B^T, x A^T) in x's dtype; (x W^T, None) without an adapter."""
+    y = x @ maybe_dequantize(w, x.dtype).t()
+    if a is None:
+        return y, None
+    xa = x @ a.t()  # (N, r)
+    y.addmm_(xa, b.t(), alpha=s)
+    return y, xa
+
+
 class TunedagLoRAMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gate_w, gate_a, gate_b, up_w, up_a, up_b, down_w, down_a, down_b,
                 scaling, activation):
         dt = x.dtype
         s = float(scaling)
-        ag, bg, au, bu, ad, bd = (t.to(dt) for t in (gate_a, gate_b, up_a, up_b, down_a, down_b))
+        adapters = gate_a is not None
+        ab = (gate_a, gate_b, up_a, up_b, down_a, down_b)
+        ag, bg, au, bu, ad, bd = (t.to(dt) for t in ab) if adapters else ab
 
-        w = maybe_dequantize(gate_w, dt)
-        xag = x @ ag.t()  # (N, r)
-        g = x @ w.t()  # (N, I)
-        g.addmm_(xag, bg.t(), alpha=s)
-        w = maybe_dequantize(up_w, dt)
-        xau = x @ au.t()
-        u = x @ w.t()
-        u.addmm_(xau, bu.t(), alpha=s)
-        del w
-
+        g, xag = _project(x, gate_w, ag, bg, s)  # (N, I), (N, r)
+        u, xau = _project(x, up_w, au, bu, s)
         h = act_mul(g, u, activation)  # (N, I)
-        w = maybe_dequantize(down_w, dt)
-        hd = h @ ad.t()  # (N, r)
-        y = h @ w.t()  # (N, H)
-        y.addmm_(hd, bd.t(), alpha=s)
-        del h, w
+        y, hd = _project(h, down_w, ad, bd, s)  # (N, H), (N, r)
+        del h
 
         dense = save_weights(ctx, (gate_w, up_w, down_w))
-        ctx.save_for_backward(x, g, u, xag, xau, hd, ag, bg, au, bu, ad, bd, *dense)
+        lora = (xag, xau, hd, ag, bg, au, bu, ad, bd) if adapters else ()
+        ctx.save_for_backward(x, g, u, *dense, *lora)
         ctx.scaling = s
         ctx.activation = activation
-        ctx.ab_dtypes = [t.dtype for t in (gate_a, gate_b, up_a, up_b, down_a, down_b)]
+        ctx.adapters = adapters
+        ctx.need_w = [ctx.needs_input_grad[i] for i in (1, 4, 7)]
+        ctx.ab_dtypes = [t.dtype for t in ab] if adapters else None
         ctx.done = False
         return y
 
@@ -160,28 +170,39 @@ class TunedagLoRAMLPFunction(torch.autograd.Function):
             raise RuntimeError("TunedagLoRAMLPFunction's backward overwrites its saved "
                                "activations and can run only once (no retain_graph)")
         ctx.done = True
-        x, g, u, xag, xau, hd, ag, bg, au, bu, ad, bd, *dense = ctx.saved_tensors
-        gate_w, up_w, down_w = restore_weights(ctx, dense)
+        x, g, u, *rest = ctx.saved_tensors
+        gate_w, up_w, down_w = restore_weights(ctx, rest[:3])
+        need_gw, need_uw, need_dw = ctx.need_w
         s = ctx.scaling
         dt = x.dtype
         dy = dy.contiguous().to(dt)
+        if ctx.adapters:
+            xag, xau, hd, ag, bg, au, bu, ad, bd = rest[3:]
 
         w = maybe_dequantize(down_w, dt)
-        dyb = dy @ bd  # (N, r)
         dh = dy @ w  # (N, I)
-        dh.addmm_(dyb, ad, alpha=s)
         del w
+        if ctx.adapters:
+            dyb = dy @ bd  # (N, r)
+            dh.addmm_(dyb, ad, alpha=s)
         h, dg, du = act_mul_backward_(g, u, dh, ctx.activation)
 
-        grad_ad = (dyb.t() @ h).mul_(s)  # (r, I)
-        grad_bd = (dy.t() @ hd).mul_(s)  # (H, r)
+        grad_dw = (dy.t() @ h).to(down_w.dtype) if need_dw else None  # (H, I)
+        grad_gw = (dg.t() @ x).to(gate_w.dtype) if need_gw else None  # (I, H)
+        grad_uw = (du.t() @ x).to(up_w.dtype) if need_uw else None
+        grads = [None] * 6
+        if ctx.adapters:
+            grad_ad = (dyb.t() @ h).mul_(s)  # (r, I)
+            grad_bd = (dy.t() @ hd).mul_(s)  # (H, r)
+            dgb = dg @ bg  # (N, r)
+            dub = du @ bu
+            grad_ag = (dgb.t() @ x).mul_(s)
+            grad_bg = (dg.t() @ xag).mul_(s)
+            grad_au = (dub.t() @ x).mul_(s)
+            grad_bu = (du.t() @ xau).mul_(s)
+            grads = [t.to(d) for t, d in zip(
+                (grad_ag, grad_bg, grad_au, grad_bu, grad_ad, grad_bd), ctx.ab_dtypes)]
         del h
-        dgb = dg @ bg  # (N, r)
-        dub = du @ bu
-        grad_ag = (dgb.t() @ x).mul_(s)
-        grad_bg = (dg.t() @ xag).mul_(s)
-        grad_au = (dub.t() @ x).mul_(s)
-        grad_bu = (du.t() @ xau).mul_(s)
 
         dx = None
         if ctx.needs_input_grad[0]:
@@ -190,25 +211,25 @@ class TunedagLoRAMLPFunction(torch.autograd.Function):
             w = maybe_dequantize(up_w, dt)
             dx.addmm_(du, w)
             del w
-            dx.addmm_(dgb, ag, alpha=s)
-            dx.addmm_(dub, au, alpha=s)
+            if ctx.adapters:
+                dx.addmm_(dgb, ag, alpha=s)
+                dx.addmm_(dub, au, alpha=s)
 
-        grads = [t.to(d) for t, d in zip(
-            (grad_ag, grad_bg, grad_au, grad_bu, grad_ad, grad_bd), ctx.ab_dtypes)]
-        return (dx, None, grads[0], grads[1], None, grads[2], grads[3], None, grads[4],
+        return (dx, grad_gw, grads[0], grads[1], grad_uw, grads[2], grads[3], grad_dw, grads[4],
                 grads[5], None, None)
 
 
 def lora_mlp(
     x: torch.Tensor,
-    gate_w: torch.Tensor | NF4Weight, gate_a: torch.Tensor, gate_b: torch.Tensor,
-    up_w: torch.Tensor | NF4Weight, up_a: torch.Tensor, up_b: torch.Tensor,
-    down_w: torch.Tensor | NF4Weight, down_a: torch.Tensor, down_b: torch.Tensor,
+    gate_w: torch.Tensor | NF4Weight, gate_a: torch.Tensor | None, gate_b: torch.Tensor | None,
+    up_w: torch.Tensor | NF4Weight, up_a: torch.Tensor | None, up_b: torch.Tensor | None,
+    down_w: torch.Tensor | NF4Weight, down_a: torch.Tensor | None, down_b: torch.Tensor | None,
     scaling: float, activation: str = "silu",
 ) -> torch.Tensor:
-    """Gated MLP with LoRA on gate/up/down. x (..., H) -> (..., H); grads for x and A/B only."""
+    """Gated MLP with LoRA on gate/up/down (or none: every A/B None). x (..., H) -> (..., H);
+    grads for x, the A/B, and each dense W that requires grad."""
     _act_id(activation)
-    check_frozen_base(gate_w, up_w, down_w)
+    check_adapters(gate_a, gate_b, up_a, up_b, down_a, down_b)
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).contiguous()
     y = TunedagLoRAMLPFunction.apply(
@@ -218,10 +239,13 @@ def lora_mlp(
 
 
 def lora_linear_reference(x, w, a, b, scaling):
-    """peft's LoRA Linear: base in x's dtype, LoRA path in the adapter's dtype, cast back."""
+    """peft's LoRA Linear: base in x's dtype, LoRA path in the adapter's dtype, cast back; a plain
+    Linear in x's dtype when a and b are None."""
     if isinstance(w, NF4Weight):
         w = dequantize_nf4_reference(w, x.dtype)
     base = F.linear(x, w.to(x.dtype))
+    if a is None:
+        return base
     xl = x.to(a.dtype)
     return base + (F.linear(F.linear(xl, a), b) * scaling).to(x.dtype)
 

@@ -113,11 +113,48 @@ def test_o_projection(dtype, nf4):
         assert rel(gk.float(), gr) < tol
 
 
-def test_trainable_base_weight_is_refused():
+def _masters(ws, trained):
+    """fp32 master copies of the base weights; those in ``trained`` require grad."""
+    return [w.detach().float().requires_grad_(i in trained) for i, w in enumerate(ws)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("adapters", [False, True], ids=["full", "lora"])
+def test_trained_base_weights_get_their_gradients(dtype, adapters):
+    """Q and V weights trained, K frozen (as unfrozen_parameters may leave it), fp32 masters under
+    x in ``dtype``; with no adapters (full fine-tuning) or with LoRA beside them. Then O alone."""
+    from tunedag.kernels.lora_qkv import lora_o, lora_o_reference, lora_qkv, lora_qkv_reference
+
+    x, ws, ab = make(11, 24, (24, 8, 8), 2, dtype, ab_dtype=torch.float32, seed=7)
+    ab = ab if adapters else [None] * 6
+    masters = _masters(ws, trained=(0, 2))
+    x32, ws32 = leaf32(x), [leaf32(m) if m.requires_grad else m.detach() for m in masters]
+    outs = lora_qkv(*qkv_args(x, masters, ab), 2.0)
+    refs = lora_qkv_reference(*qkv_args(x32, ws32, [leaf32(t) for t in ab]), 2.0)
+    g = torch.Generator().manual_seed(8)
+    dys = [torch.randn(o.shape, generator=g).to(DEV) for o in refs]
+    torch.autograd.backward(outs, [d.to(dtype) for d in dys])
+    torch.autograd.backward(refs, dys)
+    # fp32: summation order only; bf16: one rounded projection (as in the bf16 QKV test above)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert masters[1].grad is None  # the frozen K weight: no gradient work
+    for i in (0, 2):
+        assert masters[i].grad.dtype == torch.float32
+        assert rel(masters[i].grad, ws32[i].grad) < tol, i
+    assert rel(x.grad.float(), x32.grad) < tol
+
+    o_w = _masters(ws[:1], trained=(0,))[0]
+    o_ref = leaf32(o_w)
+    lora_o(x.detach(), o_w, *ab[:2], 0.5).backward(dys[0].to(dtype))
+    lora_o_reference(x32.detach(), o_ref, *(leaf32(t) for t in ab[:2]), 0.5).backward(dys[0])
+    assert rel(o_w.grad, o_ref.grad) < tol
+
+
+def test_adapters_for_some_projections_only_are_refused():
     from tunedag.kernels.lora_qkv import lora_o, lora_qkv
 
     x, ws, ab = make(4, 16, (16, 8, 8), 2, torch.float32)
-    with pytest.raises(ValueError, match="frozen"):
-        lora_qkv(*qkv_args(x, [ws[0], ws[1].requires_grad_(), ws[2]], ab), 1.0)
-    with pytest.raises(ValueError, match="frozen"):
-        lora_o(x, ws[1], ab[0], ab[1], 1.0)
+    with pytest.raises(ValueError, match="every projection of the call, or for none"):
+        lora_qkv(*qkv_args(x, ws, [ab[0], ab[1], None, None, ab[4], ab[5]]), 1.0)
+    with pytest.raises(ValueError, match="or for none"):
+        lora_o(x, ws[1], ab[0], None, 1.0)
