@@ -34,6 +34,6 @@ def exported(tiny_model: Callable[[str], Path], tmp_path_factory: pytest.TempPat
 
     def get(name: str, outtype: str) -> Path:
         if (name, outtype) not in done:
-            done[name, outtype] = export_gguf(tiny_model(name), root / f"{name}-{outtype}.gguf", outtype)
+            done[name, outtype] = export_gguf(tiny_model(name), root / f"{name}-{outtype}.gguf", outtype).path
         return done[name, outtype]
     return get

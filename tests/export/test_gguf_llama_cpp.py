@@ -9,9 +9,6 @@ without any f16 rounding on llama.cpp's side.
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
-import sys
 from functools import lru_cache
 from pathlib import Path
 from unittest import mock
@@ -142,7 +139,7 @@ def test_a_missing_permutation_would_be_caught(tiny_model, tmp_path, monkeypatch
     """Sensitivity check: exporting Llama without the Q/K permutation must fail the comparison above."""
     spec = gguf_arch.ARCHITECTURES["llama"]
     monkeypatch.setitem(gguf_arch.ARCHITECTURES, "llama", dataclasses.replace(spec, permute_qk=False))
-    wrong = export_gguf(tiny_model("llama"), tmp_path / "unpermuted.gguf", "f32")
+    wrong = export_gguf(tiny_model("llama"), tmp_path / "unpermuted.gguf", "f32").path
     r = compare(wrong, tiny_model("llama"))
     print(f"llama f32 without permutation: max |Δlogit| = {r['max_abs']:.3g}, rms(Δ)/std = {r['rel_rms']:.3g}")
     assert r["max_abs"] > 1.0 and r["rel_rms"] > 2 * REL_RMS["q8_0"]
@@ -198,28 +195,9 @@ def test_greedy_generation_matches(name, tiny_model, exported):
     llm.close()
 
 
-# llama-quantize is a thin command line around libllama's llama_model_quantize; when the
-# binary is not on PATH, this stand-in calls that same function through llama-cpp-python.
-LIBLLAMA_QUANTIZE = """#!{python}
-import sys
-import llama_cpp
-src, dst, qtype = sys.argv[1:]
-params = llama_cpp.llama_model_quantize_default_params()
-params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_" + qtype)
-params.nthread = 2
-sys.exit(llama_cpp.llama_model_quantize(src.encode(), dst.encode(), params))
-"""
-
-
 @pytest.mark.parametrize("outtype,qtype", [("q4_k_m", "Q4_K"), ("q6_k", "Q6_K")])
-def test_kquant_file_runs_in_llama_cpp(outtype, qtype, tiny_model, tmp_path, monkeypatch):
-    if shutil.which("llama-quantize") is None:
-        fake = tmp_path / "bin" / "llama-quantize"
-        fake.parent.mkdir()
-        fake.write_text(LIBLLAMA_QUANTIZE.replace("{python}", sys.executable))
-        fake.chmod(0o755)
-        monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
-    out = export_gguf(tiny_model("llama_wide"), tmp_path / f"m-{outtype}.gguf", outtype)
+def test_kquant_file_runs_in_llama_cpp(outtype, qtype, tiny_model, tmp_path):
+    out = export_gguf(tiny_model("llama_wide"), tmp_path / f"m-{outtype}.gguf", outtype).path
     assert qtype in {t.tensor_type.name for t in gguf.GGUFReader(out).tensors}  # real k-quant blocks
     r = compare(out, tiny_model("llama_wide"))
     print(f"llama_wide {outtype}: max |Δlogit| = {r['max_abs']:.3g}, rms(Δ)/std = {r['rel_rms']:.3g}")

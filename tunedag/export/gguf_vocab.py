@@ -10,7 +10,7 @@
   unknown names at load and silently tokenizes differently under a wrong one, so
   anything else is refused here.
 
-Special token ids, add_bos/add_eos, merges and the chat template (from
+Special token ids, add_bos/add_eos, merges and the chat template (the run's, else the one in
 tokenizer_config.json or chat_template.jinja) go through `gguf.SpecialVocab`.
 Ids between the tokenizer's size and config.vocab_size (padded embeddings) become
 ``[PAD{i}]`` tokens of type UNUSED, so token ids and embedding rows stay aligned.
@@ -141,8 +141,9 @@ def _sentencepiece_vocab(model_dir: Path, n_vocab: int) -> tuple[list[bytes], li
     return tokens, scores, toktypes, add_space_prefix, sp
 
 
-def add_vocab(writer: gguf.GGUFWriter, model_dir: Path, n_vocab: int) -> str:
-    """Write tokenizer.ggml.* keys; returns the tokenizer kind ("llama" or "gpt2")."""
+def add_vocab(writer: gguf.GGUFWriter, model_dir: Path, n_vocab: int, chat_template: str | None = None) -> str:
+    """Write tokenizer.ggml.* keys and tokenizer.chat_template (``chat_template``, else the folder's own);
+    returns the tokenizer kind ("llama" or "gpt2")."""
     if (model_dir / "tokenizer.model").is_file():
         tokens, scores, toktypes, space_prefix, sp = _sentencepiece_vocab(model_dir, n_vocab)
         writer.add_tokenizer_model("llama")
@@ -177,5 +178,7 @@ def add_vocab(writer: gguf.GGUFWriter, model_dir: Path, n_vocab: int) -> str:
     special.add_special_token.setdefault("eos", False)
     # llama.cpp reads only add_bos/add_eos; SpecialVocab may also parse sep from the template.
     special.add_special_token = {k: v for k, v in special.add_special_token.items() if k in ("bos", "eos")}
+    if chat_template is not None:
+        special.chat_template = chat_template
     special.add_to_gguf(writer, quiet=True)
     return kind

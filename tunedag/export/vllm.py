@@ -3,7 +3,9 @@
 ``model/`` is the merged HF folder (config.json with ``architectures``, safetensors, tokenizer,
 generation_config); ``adapter/`` is the PEFT adapter for vLLM's LoRA serving
 (adapter_config.json + adapter_model.safetensors). Both are checked before the folder is renamed
-into place, and ``serve.json`` records the command lines that serve them. A reward model
+into place, and ``serve.json`` records the command lines that serve them. The chat template the
+run trained with (when the caller passes it) replaces the folder's: ``chat_template.jinja``, which
+transformers and so vLLM read first, and tokenizer_config.json's ``chat_template`` where it has one. A reward model
 (``rl: reward``) is a ``*ForSequenceClassification`` folder that vLLM serves as a pooling model;
 its adapter is copied too, but only the merged folder is served.
 """
@@ -78,8 +80,17 @@ def _copy_files(src: Path, dest: Path, names: list[str]) -> None:
         shutil.copy2(src / name, dest / name)
 
 
-def export_vllm(merged_dir: Path, adapter_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """Write ``out_dir``/model, ``out_dir``/adapter and ``out_dir``/serve.json."""
+def _write_chat_template(model_dir: Path, template: str) -> None:
+    (model_dir / "chat_template.jinja").write_text(template, encoding="utf-8")
+    config_path = model_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if "chat_template" in config:
+        config["chat_template"] = template
+        config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def export_vllm(merged_dir: Path, adapter_dir: Path, out_dir: Path, chat_template: str | None = None) -> dict[str, Any]:
+    """Write ``out_dir``/model, ``out_dir``/adapter and ``out_dir``/serve.json (``chat_template``: the run's)."""
     model_config = check_model_dir(merged_dir)
     adapter_config = check_adapter_dir(adapter_dir)
     model_files = sorted({p.name for p in merged_dir.glob("*.safetensors")}
@@ -96,6 +107,8 @@ def export_vllm(merged_dir: Path, adapter_dir: Path, out_dir: Path) -> dict[str,
                                           "serving does not load: serve the merged model")
     with atomic_path(out_dir) as tmp:
         _copy_files(merged_dir, tmp / "model", model_files)
+        if chat_template is not None:
+            _write_chat_template(tmp / "model", chat_template)
         _copy_files(adapter_dir, tmp / "adapter", ["adapter_config.json", "adapter_model.safetensors"])
         (tmp / "serve.json").write_text(json.dumps(serve, indent=2) + "\n")
     return serve
