@@ -2,7 +2,8 @@
 import pytest
 
 from tunedag.data import chat
-from tunedag.data.formats import PLANNERS, FormatSpec, RowFormatError, TextTokenizer, encode_plans
+from tunedag.data.formats import (ALPACA_PREAMBLE, ALPACA_PREAMBLE_NO_INPUT, PLANNERS, FormatSpec, RowFormatError,
+                                  TextTokenizer, encode_plans)
 from tunedag.models.builtin import _CHAT_TEMPLATE
 from tests.data.wordtok import ids, word_tokenizer
 
@@ -32,13 +33,15 @@ def one(type_, row, **kw):
 
 
 ALPACA = {"instruction": "hi", "input": "x y", "output": "ok"}
-ALPACA_PROMPT = ids("<s> ### Instruction : hi ### Input : x y ### Response :")
+PREAMBLE_IDS = {text: word_tokenizer()(text, add_special_tokens=False)["input_ids"]  # mostly [UNK]
+                for text in (ALPACA_PREAMBLE, ALPACA_PREAMBLE_NO_INPUT)}
+ALPACA_PROMPT = ids("<s>") + PREAMBLE_IDS[ALPACA_PREAMBLE] + ids("### Instruction : hi ### Input : x y ### Response :")
 
 
 def test_alpaca_masks_the_prompt_and_trains_answer_and_eos():
     s = one("alpaca", ALPACA)
     assert s.input_ids == ALPACA_PROMPT + ids("ok </s>")
-    assert s.labels == [M] * 13 + ids("ok </s>")
+    assert s.labels == [M] * len(ALPACA_PROMPT) + ids("ok </s>")
 
 
 def test_alpaca_train_on_inputs_trains_all_but_the_first_token():
@@ -48,8 +51,9 @@ def test_alpaca_train_on_inputs_trains_all_but_the_first_token():
 
 def test_alpaca_without_eos_training_and_with_renamed_fields():
     s = one("alpaca", {"q": "hi", "a": "ok"}, overrides={"instruction": "q", "output": "a"}, train_on_eos="none")
-    assert s.input_ids == ids("<s> ### Instruction : hi ### Response : ok </s>")
-    assert s.labels == [M] * 8 + ids("ok") + [M]
+    prompt = ids("<s>") + PREAMBLE_IDS[ALPACA_PREAMBLE_NO_INPUT] + ids("### Instruction : hi ### Response :")
+    assert s.input_ids == prompt + ids("ok </s>")
+    assert s.labels == [M] * len(prompt) + ids("ok") + [M]
 
 
 def test_alpaca_prompt_tokenized_like_transformers():
@@ -160,7 +164,8 @@ def test_qwen_adds_its_default_system_turn_untrained():
     ("alpaca", {"output": "b"}, "missing field 'instruction'"),
     ("alpaca", {"instruction": "a", "output": 3}, "field 'output' must be a string, got int"),
     ("chat_template", {"messages": []}, "field 'messages' is an empty conversation"),
-    ("chat_template", {"messages": "hi"}, "field 'messages' must be a list of messages, got str"),
+    ("chat_template", {"messages": "hi"}, "field 'messages' is a string but not JSON"),
+    ("chat_template", {"messages": "3"}, "field 'messages' must be a list of messages, got int"),
     ("chat_template", {"messages": [{"role": "bot", "content": "hi"}]}, r"field 'messages\[0\].role': unknown role 'bot'"),
     ("chat_template", {"messages": [{"role": "user", "content": 1}]}, r"field 'messages\[0\].content' must be a string"),
     ("sharegpt", {"conversations": [{"from": "human", "value": "hi"}, {"from": "robot", "value": "x"}]},

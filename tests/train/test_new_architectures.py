@@ -1,4 +1,4 @@
-"""Phi-3 and Gemma-3 (text) on the triton engine: loss and gradients equal to the torch engine.
+"""Phi-3, Gemma-3 (text), Mixtral and Qwen3-MoE on the triton engine: loss and gradients equal to the torch engine.
 
 Tiny random models from the HF configs, fp32 on the CPU, kernels interpreted (TRITON_INTERPRET=1).
 """
@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import Gemma3TextConfig, Phi3Config
+from transformers import Gemma3TextConfig, MixtralConfig, Phi3Config, Qwen3MoeConfig
 
 from tests.train.test_triton_engine import FP32_REL, _assert_same_step, _engines
 from tests.train.triton_models import COMMON, packed_batch, tiny_model
 from tunedag.models.batch_inputs import loss_sum
-from tunedag.models.registry import ARCHITECTURES, fast_path_blocker, peft_target_modules
+from tunedag.kernels.grouped_gemm import grouped_mm, grouped_mm_reference
+from tunedag.models.moe import load_balancing_loss
+from tunedag.models.registry import ARCHITECTURES, fast_path_blocker, peft_targets
 
 NEW_CONFIGS = {
     # window wider than any test document (the torch engine's packed mask has none); the window
@@ -24,7 +26,13 @@ NEW_CONFIGS = {
                                                                                    "rope_theta": 10.0},
                                                              "full_attention": {"rope_type": "default",
                                                                                 "rope_theta": 10000.0}}),
+    # 4 experts, top-2: LoRA on attention and on every expert's gate_up and down
+    "mixtral": lambda: MixtralConfig(**dict(COMMON, intermediate_size=16), num_local_experts=4, num_experts_per_tok=2,
+                                     sliding_window=None, tie_word_embeddings=False),
+    "qwen3_moe": lambda: Qwen3MoeConfig(**COMMON, head_dim=8, moe_intermediate_size=16, num_experts=4,
+                                        num_experts_per_tok=2, norm_topk_prob=False, tie_word_embeddings=False),
 }
+MOE = ("mixtral", "qwen3_moe")
 
 
 @pytest.fixture(autouse=True)
@@ -43,10 +51,52 @@ def test_loss_and_gradients_match_the_torch_engine(arch, tmp_path):
     ref, fast = _engines(_model(arch, tmp_path))
     record = fast.model.tunedag_patches
     assert record.architecture == arch
-    assert sum(new == "FusedLoRAMLP" for _, new in record.modules.values()) == 2
+    mlp = "FusedLoRAMoE" if arch in MOE else "FusedLoRAMLP"
+    assert sum(new == mlp for _, new in record.modules.values()) == 2
     adapted = {n.split(".")[-4] for n in dict(fast.model.named_parameters()) if "lora_A" in n}
-    assert adapted == set(ARCHITECTURES[arch].lora_targets)
+    expected = set(ARCHITECTURES[arch].lora_targets)
+    if arch in MOE:  # gate_up_proj's wrapper sits inside down_proj's: experts.base_layer.lora_A
+        expected = {n for n in expected if not n.startswith("experts.")} | {"experts", "base_layer"}
+    assert adapted == expected
     _assert_same_step(ref, fast, packed_batch())
+
+
+@pytest.mark.parametrize("arch", MOE)
+def test_router_loss_matches_the_torch_engine(arch, tmp_path):
+    """output_router_logits on: both engines add router_aux_loss_coef x the load-balancing loss."""
+    ref, fast = _engines(_model(arch, tmp_path, output_router_logits=True, router_aux_loss_coef=0.5))
+    batch = packed_batch()
+    config = fast.causal_lm.config
+    with torch.no_grad():
+        config.output_router_logits = False
+        plain = fast.loss_sum(batch)
+        config.output_router_logits = True
+        assert float(fast.loss_sum(batch)) - float(plain) > 1e-3  # the aux term is there
+    _assert_same_step(ref, fast, batch)
+
+
+def test_load_balancing_loss_is_transformers_own():
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    gen = torch.Generator().manual_seed(0)
+    logits = [torch.randn(7, 5, generator=gen) for _ in range(3)]
+    torch.testing.assert_close(load_balancing_loss(logits, 5, 2), load_balancing_loss_func(tuple(logits), 5, 2))
+
+
+def test_grouped_mm_matches_one_matmul_per_expert():
+    """Padded-bmm path, forward and backward, with an empty expert and uneven groups."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(9, 6, generator=gen, requires_grad=True)
+    w = torch.randn(4, 5, 6, generator=gen).transpose(1, 2).requires_grad_()  # (E, K, N) as a transposed view
+    offs = torch.tensor([2, 2, 7, 9], dtype=torch.int32)
+    dy = torch.randn(9, 5, generator=gen)
+    got = grouped_mm(x, w, offs)
+    grads = torch.autograd.grad(got, (x, w), dy)
+    want = grouped_mm_reference(x, w, offs)
+    ref_grads = torch.autograd.grad(want, (x, w), dy)
+    torch.testing.assert_close(got, want)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
 
 
 @pytest.mark.parametrize("arch", list(NEW_CONFIGS))
@@ -62,9 +112,11 @@ def test_sliding_window_matches_transformers_own_mask(arch, tmp_path):
 def test_phi3_llama_names_map_onto_the_packed_projections():
     spec = ARCHITECTURES["phi3"]
     assert sorted(spec.lora_targets) == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
-    assert peft_target_modules(spec, ["q_proj", "k_proj", "v_proj"]) == ("qkv_proj",)
+    assert peft_targets(spec, ["q_proj", "k_proj", "v_proj"]) == (("qkv_proj",), ())
     with pytest.raises(ValueError, match="qkv_proj"):
-        peft_target_modules(spec, ["q_proj", "v_proj"])
+        peft_targets(spec, ["q_proj", "v_proj"])
+    assert peft_targets(ARCHITECTURES["mixtral"], ["q_proj", "gate_proj", "up_proj", "down_proj"]) == (
+        ("q_proj",), ("experts.gate_up_proj", "experts.down_proj"))
     why = fast_path_blocker(NEW_CONFIGS["phi3"](), rl=None, lora_dropout=0.0, lora_target_modules=["q_proj", "v_proj"],
                             lora_modules_to_save=[])
     assert "adapts as a whole" in why

@@ -75,6 +75,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
         (inner,) = typing.get_args(tp)
         return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:  # string keys
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+        value_tp = typing.get_args(tp)[1]
+        return {_coerce(k, str, where): _coerce(v, value_tp, f"{where}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, where)
     ok = {
@@ -205,6 +210,8 @@ def _schema_of(tp: Any) -> dict[str, Any]:
         return {"enum": list(typing.get_args(tp))}
     if origin is list:
         return {"type": "array", "items": _schema_of(typing.get_args(tp)[0])}
+    if origin is dict:
+        return {"type": "object", "additionalProperties": _schema_of(typing.get_args(tp)[1])}
     if dataclasses.is_dataclass(tp):
         return _object_schema(tp)
     return {"type": {int: "integer", float: "number", bool: "boolean", str: "string"}[tp]}

@@ -60,14 +60,52 @@ def _field(default: Any = dataclasses.MISSING, *, stages: tuple[str, ...], doc: 
     return field(default=default, metadata=meta)
 
 
+# chat_template names: the template file in tunedag/data/templates/ and the settings it renders with;
+# names that share a file differ only in a setting (Axolotl's names where the format is the same).
+CHAT_TEMPLATE_FILES: dict[str, tuple[str, dict[str, Any]]] = {
+    "chatml": ("chatml", {}),
+    "llama3": ("llama3", {}),
+    "llama3_2_vision": ("llama3_2_vision", {}),
+    "mistral": ("mistral", {}),
+    "mistral_v1": ("mistral_inst", {"inst": " [INST] ", "close": " [/INST]", "reply": " "}),
+    "mistral_v2v3": ("mistral_inst", {"inst": "[INST] ", "close": "[/INST]", "reply": " "}),
+    "mistral_v3_tekken": ("mistral_inst", {"inst": "[INST]", "close": "[/INST]", "reply": ""}),
+    "gemma": ("gemma", {}),
+    "gemma3": ("gemma", {}),
+    "qwen": ("qwen", {"default_system": "You are a helpful assistant."}),
+    "qwen_25": ("qwen", {"default_system": "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."}),
+    "qwen3": ("qwen3", {}),
+    "phi_3": ("phi_3", {"add_bos": True}),
+    "phi_35": ("phi_3", {"add_bos": False}),
+}
+ChatTemplateName = Literal[("tokenizer_default", "jinja", *CHAT_TEMPLATE_FILES,
+                            *(f"tokenizer_default_fallback_{name}" for name in CHAT_TEMPLATE_FILES))]
+FORMATS = ("alpaca", "sharegpt", "chat_template", "completion", "input_output", "dpo", "kto")
+# Axolotl's dataset types that are a tunedag format with some keys set (a key the entry sets wins):
+# its DPO strategies (chatml.*/llama3.* render with that fixed template) and its reward-model pairs.
+AXOLOTL_TYPES: dict[str, dict[str, str]] = {
+    "chat_template.default": {"type": "dpo", "field_prompt": "messages"},
+    "chat_template.argilla_chat": {"type": "dpo"},
+    "bradley_terry.chat_template": {"type": "dpo", "field_prompt": "input"},
+    **{f"{template}.{name}": {"type": "dpo", "chat_template": template, **keys}
+       for template in ("chatml", "llama3")
+       for name, keys in {"prompt_pairs": {}, "ultra": {}, "argilla_chat": {},
+                          "intel": {"field_prompt": "question"}, "icr": {"field_prompt": "input"},
+                          "argilla": {"field_prompt": "instruction", "field_chosen": "chosen_response",
+                                      "field_rejected": "rejected_response"}}.items()},
+}
+
+
 @dataclass(frozen=True)
 class DatasetConfig:
-    """One entry of ``datasets``: where the rows come from and how they are formatted."""
+    """One entry of ``datasets``: where the rows come from and how they are formatted. An Axolotl
+    type spelling (``AXOLOTL_TYPES``) becomes the tunedag format it means here, once."""
 
     path: str = _field(stages=("download", "tokenize"),
                        doc="local file (jsonl/json/csv/parquet), https:// URL, or hf:org/name[:config][@split]")
-    type: Literal["alpaca", "sharegpt", "chat_template", "completion", "input_output", "dpo", "kto"] = _field(
-        "alpaca", stages=("tokenize",), doc="row format (see tunedag/data/formats.py)")
+    type: Literal[(*FORMATS, *AXOLOTL_TYPES)] = _field(
+        "alpaca", stages=("tokenize",), doc="row format (see tunedag/data/formats.py); Axolotl's DPO and reward "
+                                            "spellings (chat_template.default, chatml.intel, …) become dpo")
     name: Optional[str] = _field(None, stages=("download", "tokenize"),
                                  doc="name of data/raw/{name}/ (default: derived from path)")
     sha256: Optional[str] = _field(None, stages=("download",), doc="required for https:// sources")
@@ -81,18 +119,36 @@ class DatasetConfig:
                                        factory=lambda: ["assistant"])
     train_on_eos: Literal["turn", "all", "none", "last"] = _field(
         "turn", stages=("tokenize",), doc="end-of-turn tokens trained: of trained turns, all, none, or the last")
+    chat_template: Optional[ChatTemplateName] = _field(
+        None, stages=("tokenize",), doc="this dataset's chat template (default: the run's chat_template)")
+    chat_template_jinja: Optional[str] = _field(
+        None, stages=("tokenize",), doc="chat_template: jinja: the template text (jinja)")
+    roles: Optional[dict[str, list[str]]] = _field(
+        None, stages=("tokenize",), doc="chat roles as {role: [names in the data]} (default: user: [human, user], "
+                                        "assistant: [gpt, assistant], system, tool)")
+    message_property_mappings: Optional[dict[str, str]] = _field(
+        None, stages=("tokenize",), doc="message keys as {template key: key in the data}, e.g. {role: from, "
+                                        "content: value}; other keys (tool_calls, reasoning_content) pass as they are")
     field: Optional[str] = _field(None, stages=("tokenize",), doc="text field (completion; segments for input_output)")
     field_instruction: Optional[str] = _field(None, stages=("tokenize",), doc="alpaca instruction field")
     field_input: Optional[str] = _field(None, stages=("tokenize",), doc="alpaca input field")
     field_output: Optional[str] = _field(None, stages=("tokenize",), doc="alpaca output field")
-    field_system: Optional[str] = _field(None, stages=("tokenize",), doc="alpaca/dpo system field")
-    field_messages: Optional[str] = _field(None, stages=("tokenize",), doc="sharegpt/chat_template/kto messages field")
+    field_system: Optional[str] = _field(None, stages=("tokenize",), doc="alpaca/chat/dpo/kto system field")
+    field_messages: Optional[str] = _field(None, stages=("tokenize",),
+                                           doc="sharegpt/chat_template/kto messages field (dpo: the prompt field)")
+    field_tools: Optional[str] = _field(None, stages=("tokenize",), doc="chat tools field (default tools)")
     message_field_role: Optional[str] = _field(None, stages=("tokenize",), doc="role key inside a message")
     message_field_content: Optional[str] = _field(None, stages=("tokenize",), doc="content key inside a message")
-    field_prompt: Optional[str] = _field(None, stages=("tokenize",), doc="dpo prompt field")
+    field_prompt: Optional[str] = _field(None, stages=("tokenize",), doc="dpo/kto prompt field")
     field_chosen: Optional[str] = _field(None, stages=("tokenize",), doc="dpo chosen field")
     field_rejected: Optional[str] = _field(None, stages=("tokenize",), doc="dpo rejected field")
+    field_completion: Optional[str] = _field(None, stages=("tokenize",), doc="kto completion field")
     field_label: Optional[str] = _field(None, stages=("tokenize",), doc="kto label field (true = desirable)")
+
+    def __post_init__(self) -> None:
+        for key, value in AXOLOTL_TYPES.get(self.type, {}).items():
+            if key == "type" or getattr(self, key) is None:
+                object.__setattr__(self, key, value)
 
     @property
     def dataset_name(self) -> str:
@@ -121,8 +177,11 @@ class RunConfig:
     val_set_size: float = _field(0.05, stages=("tokenize",),
                                  doc="held-out share of rows (<1) or number of rows (>=1)")
     train_on_inputs: bool = _field(False, stages=("tokenize",), doc="also train on prompt tokens")
-    chat_template: Literal["tokenizer_default", "llama3", "chatml", "mistral", "gemma", "qwen"] = _field(
-        "tokenizer_default", stages=("tokenize",), doc="template for chat and preference formats")
+    chat_template: ChatTemplateName = _field(
+        "tokenizer_default", stages=("tokenize",),
+        doc="template for chat and preference formats (Axolotl's names; see tunedag/data/templates/)")
+    chat_template_jinja: Optional[str] = _field(
+        None, stages=("tokenize",), doc="chat_template: jinja: the template text (jinja)")
     excess_length_strategy: Literal["drop", "truncate", "raise"] = _field(
         "drop", stages=("tokenize",), doc="samples longer than sequence_len: drop, truncate or raise")
     on_bad_rows: Literal["raise", "skip"] = _field("raise", stages=("tokenize",),

@@ -1,15 +1,20 @@
 """Chat templates: the named ones tunedag ships, and rendering with each turn's character span.
 
-A conversation is rendered once per turn prefix (``messages[:1]``, ``messages[:2]``, …); every
-rendering must extend the previous one, so turn ``i`` owns the text between them. Inside that
-span the turn's content is found verbatim (after the template's own ``trim``): what precedes
-it is the role header, what follows is the end-of-turn text. Masking then works on character
-ranges, mapped to tokens through the tokenizer's offsets, so it is exact for any template that
-renders turns in order, whatever its markup. A template that rewrites earlier turns when a
-later one is added (not prefix-stable) is refused with the turn it broke at.
+A conversation is rendered whole, and once per turn prefix (``messages[:1]``, ``messages[:2]``,
+…); turn ``i`` owns the text from the end of turn ``i - 1`` to where the rendering of
+``messages[:i + 1]`` stops agreeing with the whole one (all of it, for a template that renders
+turns in order; a template that closes a group of turns only after the last, as Qwen's does
+with consecutive tool results, agrees up to the group's next member). Inside its span a
+turn's *payload* (content, reasoning, tool calls: whatever the message carries) is what
+differs from the same turn rendered with empty content and nothing else: before it is the
+role header, after it the end-of-turn text. An assistant turn's payload starts where the
+template's generation prompt ends (Qwen3's ``<think>`` is generated, so trained). A template
+that rewrites a turn's payload once later turns are added is refused, naming the turn.
+Masking then works on character ranges, mapped to tokens through the tokenizer's offsets.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -18,10 +23,13 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from tunedag.config.fields import CHAT_TEMPLATE_FILES
 from tunedag.errors import TunedagError
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
-NAMED_TEMPLATES = ("llama3", "chatml", "mistral", "gemma", "qwen")
+NAMED_TEMPLATES = tuple(CHAT_TEMPLATE_FILES)
+FALLBACK = "tokenizer_default_fallback_"
+PLACEHOLDER = "\x00"
 
 
 class ChatTemplateError(TunedagError, ValueError):
@@ -29,21 +37,48 @@ class ChatTemplateError(TunedagError, ValueError):
 
 
 def named_template(name: str) -> str:
-    """The source of a template shipped with tunedag (tunedag/data/templates/{name}.jinja)."""
-    if name not in NAMED_TEMPLATES:
+    """The source of a template shipped with tunedag: its file in tunedag/data/templates/, after
+    the variables that name sets (one file serves the names that differ in a setting)."""
+    if name not in CHAT_TEMPLATE_FILES:
         raise ChatTemplateError(f"unknown chat_template {name!r}; named templates are {', '.join(NAMED_TEMPLATES)}")
-    return (TEMPLATE_DIR / f"{name}.jinja").read_text().rstrip("\n")
+    stem, settings = CHAT_TEMPLATE_FILES[name]
+    head = "".join(f"{{% set {k} = {json.dumps(v)} %}}" for k, v in settings.items())
+    return head + (TEMPLATE_DIR / f"{stem}.jinja").read_text().rstrip("\n")
+
+
+def resolve_template(choice: str, jinja: str | None, tokenizer_template: str | None) -> str | None:
+    """The template source a ``chat_template`` choice means: a named one; ``jinja`` (the
+    ``chat_template_jinja`` text); the tokenizer's; or ``tokenizer_default_fallback_<name>``: the
+    tokenizer's, else the named one. None when the tokenizer has none and nothing else applies
+    (the caller says which dataset needs one)."""
+    if choice == "jinja":
+        if not jinja or "{" not in jinja:
+            raise ChatTemplateError("chat_template: jinja needs chat_template_jinja to hold the template text "
+                                    f"(got {jinja!r}); a file's path is not taken, as its content would escape "
+                                    "the tokenize stage's config hash")
+        return jinja
+    if choice == "tokenizer_default":
+        return tokenizer_template
+    if choice.startswith(FALLBACK):
+        return tokenizer_template or named_template(choice.removeprefix(FALLBACK))
+    return named_template(choice)
 
 
 def _raise(message: str) -> None:
     raise ChatTemplateError(message)
 
 
+def _tojson(value: Any, indent: int | None = None, separators: Any = None, sort_keys: bool = False) -> str:
+    """transformers' tojson: plain json.dumps (Jinja's own escapes <, > and & for HTML)."""
+    return json.dumps(value, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
 @lru_cache(maxsize=16)
 def compile_template(source: str) -> jinja2.Template:
-    """Compile like transformers does (sandboxed, trim_blocks, lstrip_blocks)."""
+    """Compile like transformers does (sandboxed, trim_blocks, lstrip_blocks, its tojson)."""
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: "2026-01-01"  # fixed: a date must not change the shards
     try:
@@ -55,13 +90,31 @@ def compile_template(source: str) -> jinja2.Template:
 @dataclass(frozen=True)
 class Turn:
     """Character offsets of one message in the rendered text: [start, content_start) is its
-    header, [content_start, content_end) its content, [content_end, end) its end-of-turn text."""
+    header, [content_start, content_end) its payload, [content_end, end) its end-of-turn text."""
 
     role: str
     start: int
     content_start: int
     content_end: int
     end: int
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if a[:mid] == b[:mid] else (lo, mid)
+    return lo
+
+
+def _common_suffix(a: str, b: str, limit: int) -> int:
+    n = 0
+    while n < limit and a[len(a) - 1 - n] == b[len(b) - 1 - n]:
+        n += 1
+    return n
 
 
 class ChatRenderer:
@@ -79,32 +132,62 @@ class ChatRenderer:
         self.source, self.variables = state["source"], state["variables"]
         self.template = compile_template(self.source)
 
-    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
+               tools: list[dict[str, Any]] | None = None) -> str:
         try:
             return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                        **self.variables)
+                                        tools=tools, **self.variables)
         except ChatTemplateError:
             raise
-        except jinja2.TemplateError as err:
+        except (jinja2.TemplateError, TypeError, KeyError, IndexError) as err:
             raise ChatTemplateError(f"chat template failed: {err}") from err
 
-    def render_turns(self, messages: list[dict[str, Any]]) -> tuple[str, list[Turn]]:
+    def render_turns(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+                     ) -> tuple[str, list[Turn]]:
         """The full rendering and each message's span (see the module docstring)."""
-        turns, prev = [], ""
+        full = self.render(messages, tools=tools)
+        spans, done = [], 0
         for i, message in enumerate(messages):
-            text = self.render(messages[: i + 1])
-            if not text.startswith(prev):
-                raise ChatTemplateError(f"the chat template renders messages[:{i}] differently once message {i} "
-                                        "is added (not prefix-stable), so turns cannot be masked")
-            content = message["content"].strip()
-            at = text.find(content, len(prev)) if content else len(text)
+            begin, stop = self._payload(full, messages, i, done, tools)
+            spans.append((done, begin, stop))
+            done = stop
+        ends = [begin for _, begin, stop in spans[1:]] + [len(full)]
+        turns = [Turn(m["role"], start, begin, stop, end if stop > begin else stop)
+                 for m, (start, begin, stop), end in zip(messages, spans, ends)]
+        return full, turns
+
+    def _payload(self, full: str, messages: list[dict[str, Any]], i: int, done: int,
+                 tools: list[dict[str, Any]] | None) -> tuple[int, int]:
+        """[begin, stop) of message ``i``'s payload in ``full``, at or after ``done`` (where the
+        previous payload ends): what changes when the message is emptied of everything but its role
+        (its content a placeholder, so that templates that skip empty messages still render it)."""
+        message = messages[i]
+        content = str(message.get("content") or "").strip()
+        bare_message = {"role": message["role"], "content": PLACEHOLDER}
+        try:
+            bare = self.render(messages[:i] + [bare_message] + messages[i + 1:], tools=tools)
+        except ChatTemplateError:
+            bare = None
+        if bare == full:  # the template leaves this message out (e.g. no system slot)
+            return done, done
+        begin = stop = -1
+        if bare is not None:
+            tail = _common_suffix(full, bare, min(len(full), len(bare)))  # the end-of-turn text is never cut
+            begin = _common_prefix(full[:len(full) - tail], bare[:len(bare) - tail])
+            stop = len(full) - tail
+            if begin < done or (content and not 0 <= full.find(content, begin) <= stop - len(content)):
+                begin = -1
+        if begin < 0:  # the emptied conversation is not comparable: find the content itself
+            at = full.find(content, done) if content else -1
             if at < 0:
-                if text == prev:  # the template leaves this message out (e.g. no system slot)
-                    at = len(text)
-                    content = ""
-                else:
-                    raise ChatTemplateError(f"the chat template changes the content of message {i} "
-                                            f"(role {message['role']!r}), so it cannot be located for masking")
-            turns.append(Turn(message["role"], len(prev), at, at + len(content), len(text)))
-            prev = text
-        return prev, turns
+                raise ChatTemplateError(f"the chat template changes the content of message {i} "
+                                        f"(role {message['role']!r}), so it cannot be located for masking")
+            begin, stop = at, at + len(content)
+        if message["role"] == "assistant" and i > 0:
+            try:
+                prompt = self.render(messages[:i], add_generation_prompt=True, tools=tools)
+            except ChatTemplateError:
+                prompt = ""
+            if done <= len(prompt) <= begin and full.startswith(prompt):
+                begin = len(prompt)  # what the model generates after the generation prompt is trained
+        return begin, stop

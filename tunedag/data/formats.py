@@ -12,44 +12,57 @@ row's loss from reaching across a sample boundary after the shift.
 
 | type | fields (override with ``field_*``) | what is trained |
 | --- | --- | --- |
-| alpaca | instruction, input, output, system | output + EOS |
-| sharegpt | conversations: [{from, value}] (human/gpt/system/tool) | roles_to_train turns + end-of-turn |
-| chat_template | messages: [{role, content}] | roles_to_train turns + end-of-turn |
+| alpaca | instruction, input, output (Axolotl's prompt; ``field_system`` replaces its preamble) | output + EOS |
+| sharegpt | conversations: [{from, value}], system, tools | roles_to_train turns + end-of-turn |
+| chat_template | messages: [{role, content}], system, tools | roles_to_train turns + end-of-turn |
 | completion | text | everything; long documents split into ``sequence_len`` pieces |
 | input_output | segments: [{text, label}] | segments with label true (no BOS/EOS added) |
-| dpo | prompt (text or messages), chosen, rejected (text or messages), system | the final turn of each |
-| kto | messages, label (bool) | the final turn |
+| dpo | prompt (text or messages), chosen, rejected (text, message or messages), system | the final turn of each |
+| kto | messages, or prompt and completion; label (bool); system | the final turn |
+
+Chat messages are Axolotl's: roles ``human``/``gpt`` (or ``roles``) map to user/assistant;
+``message_property_mappings`` names the keys; every other key of a message (``tool_calls``,
+``reasoning_content``, ``name``, …) and the row's ``tools`` go to the template as they are
+(JSON-string tool arguments and parameters parsed, as Axolotl does). With a prompt, a dpo or
+kto response given as messages contributes its last message (Axolotl's ``chosen[-1]``);
+without one, chosen and rejected are whole conversations.
 
 Preference samples (dpo: chosen then rejected; kto: one completion) carry a label per
 segment: 1 for chosen/desirable, 0 for rejected/undesirable.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from typing import Any, Callable, Union
 
 import numpy as np
 import tokenizers
 
+from tunedag.config import DatasetConfig
 from tunedag.data.chat import ChatRenderer
 from tunedag.errors import TunedagError
 
 IGNORE_INDEX = -100
 CHAT_TYPES = ("sharegpt", "chat_template", "dpo", "kto")
 PREFERENCE_TYPES = ("dpo", "kto")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system", "tool": "tool"}
-CHAT_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
-DEFAULT_FIELDS: dict[str, dict[str, str]] = {
-    "alpaca": {"instruction": "instruction", "input": "input", "output": "output", "system": "system"},
-    "sharegpt": {"messages": "conversations", "role": "from", "content": "value"},
-    "chat_template": {"messages": "messages", "role": "role", "content": "content"},
+STANDARD_ROLES = ("system", "user", "assistant", "tool")
+DEFAULT_ROLES = {"human": "user", "gpt": "assistant", **{r: r for r in STANDARD_ROLES}}
+CHAT_FIELDS = {"system": "system", "tools": "tools", "role": "role", "content": "content"}
+DEFAULT_FIELDS: dict[str, dict[str, str | None]] = {
+    "alpaca": {"instruction": "instruction", "input": "input", "output": "output", "system": None},
+    "sharegpt": {**CHAT_FIELDS, "messages": "conversations", "role": "from", "content": "value"},
+    "chat_template": {**CHAT_FIELDS, "messages": "messages"},
     "completion": {"text": "text"},
     "input_output": {"segments": "segments"},
-    "dpo": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "system": "system",
-            "role": "role", "content": "content"},
-    "kto": {"messages": "messages", "label": "label", "role": "role", "content": "content"},
+    "dpo": {**CHAT_FIELDS, "prompt": "prompt", "chosen": "chosen", "rejected": "rejected"},
+    "kto": {**CHAT_FIELDS, "messages": "messages", "prompt": "prompt", "completion": "completion",
+            "label": "label"},
 }
+ALPACA_PREAMBLE = ("Below is an instruction that describes a task, paired with an input that provides further "
+                   "context. Write a response that appropriately completes the request.")
+ALPACA_PREAMBLE_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately "
+                            "completes the request.")
 
 
 class RowFormatError(TunedagError, ValueError):
@@ -155,21 +168,42 @@ class FormatSpec:
     """How one dataset's rows are formatted (built once per dataset from the config)."""
 
     type: str
-    fields: dict[str, str]
+    fields: dict[str, str | None]
     train_on_inputs: bool = False
     roles_to_train: frozenset[str] = frozenset({"assistant"})
     train_on_eos: str = "turn"
     chat: ChatRenderer | None = None
     split_len: int | None = None  # completion: split documents into pieces of this many tokens
+    roles: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_ROLES))  # name in the data -> role
+    mappings: dict[str, str] = field(default_factory=dict)  # message key for the template -> key in the data
 
     @classmethod
     def build(cls, type: str, overrides: dict[str, str | None], tok: TextTokenizer, chat_source: str | None,
               sequence_len: int, train_on_inputs: bool = False, roles_to_train: tuple[str, ...] = ("assistant",),
-              train_on_eos: str = "turn") -> "FormatSpec":
+              train_on_eos: str = "turn", roles: dict[str, list[str]] | None = None,
+              mappings: dict[str, str] | None = None) -> "FormatSpec":
         fields = {k: (overrides.get(k) or v) for k, v in DEFAULT_FIELDS[type].items()}
+        mappings = dict(mappings or {})
+        for key in ("role", "content"):  # message_property_mappings wins over message_field_*
+            fields[key] = mappings.pop(key, None) or fields.get(key)
+        role_map = ({**{r: r for r in STANDARD_ROLES}, **{s: t for t, sources in roles.items() for s in sources}}
+                    if roles else dict(DEFAULT_ROLES))
         chat = ChatRenderer(chat_source, tok.bos_token, tok.eos_token) if type in CHAT_TYPES else None
-        return cls(type, fields, train_on_inputs, frozenset(roles_to_train), train_on_eos, chat,
-                   sequence_len if type == "completion" else None)
+        return cls(type, fields, train_on_inputs, frozenset(role_map.get(r, r) for r in roles_to_train), train_on_eos,
+                   chat, sequence_len if type == "completion" else None, role_map, mappings)
+
+    @classmethod
+    def from_dataset(cls, ds: DatasetConfig, tok: TextTokenizer, chat_source: str | None, sequence_len: int,
+                     train_on_inputs: bool) -> "FormatSpec":
+        by_type = {"completion": "text", "input_output": "segments"}
+        overrides = {"instruction": ds.field_instruction, "input": ds.field_input, "output": ds.field_output,
+                     "system": ds.field_system, "messages": ds.field_messages, "tools": ds.field_tools,
+                     "role": ds.message_field_role, "content": ds.message_field_content,
+                     "prompt": ds.field_prompt or (ds.field_messages if ds.type == "dpo" else None),
+                     "chosen": ds.field_chosen, "rejected": ds.field_rejected, "completion": ds.field_completion,
+                     "label": ds.field_label, by_type.get(ds.type, "_"): ds.field}
+        return cls.build(ds.type, overrides, tok, chat_source, sequence_len, train_on_inputs,
+                         tuple(ds.roles_to_train), ds.train_on_eos, ds.roles, ds.message_property_mappings)
 
 
 def _value(row: dict[str, Any], key: str, kind: type | tuple[type, ...], required: bool = True,
@@ -193,22 +227,80 @@ def _absent(row: dict[str, Any], key: str, name: str) -> str:
     return f"field {name!r} is null" if key in row else f"missing field {name!r}"
 
 
-def _messages(value: Any, spec: FormatSpec, name: str, roles: dict[str, str]) -> list[dict[str, str]]:
+def _json(value: Any, where: str) -> Any:
+    """A JSON string's value (Axolotl's rows keep tool arguments, tools and messages as strings)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as err:
+        raise RowFormatError(f"field {where!r} is a string but not JSON ({err.msg} at character {err.pos})") from None
+
+
+def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        raise RowFormatError(f"field {where!r} must be a list of tool calls, got {type(value).__name__}")
+    calls = []
+    for k, call in enumerate(value):
+        if not isinstance(call, dict):
+            raise RowFormatError(f"field '{where}[{k}]' must be an object, got {type(call).__name__}")
+        function = call.get("function")
+        if isinstance(function, dict) and "arguments" in function:
+            args = _json(function["arguments"], f"{where}[{k}].function.arguments")
+            call = {**call, "function": {**function, "arguments": args}}
+        calls.append(call)
+    return calls
+
+
+def _message(message: Any, spec: FormatSpec, where: str) -> dict[str, Any]:
+    """One message as the template reads it: role mapped, keys renamed, other keys kept."""
+    if not isinstance(message, dict):
+        raise RowFormatError(f"field {where!r} must be an object, got {type(message).__name__}")
+    role_key, content_key = spec.fields["role"], spec.fields["content"]
+    role = _value(message, role_key, str, where=f"{where}.{role_key}")
+    if role not in spec.roles:
+        raise RowFormatError(f"field '{where}.{role_key}': unknown role {role!r} "
+                             f"(expected one of {', '.join(sorted(spec.roles))}; map others with roles:)")
+    renamed = {role_key, content_key, *spec.mappings.values()}
+    out = {k: v for k, v in message.items() if k not in renamed and v is not None}
+    out.update({k: message[v] for k, v in spec.mappings.items() if message.get(v) is not None})
+    if out.get("tool_calls") is not None:
+        out["tool_calls"] = _tool_calls(out["tool_calls"], f"{where}.tool_calls")
+    content = _value(message, content_key, str, required=not out.get("tool_calls"), where=f"{where}.{content_key}")
+    return {**out, "role": spec.roles[role], "content": content or ""}
+
+
+def _messages(value: Any, spec: FormatSpec, name: str) -> list[dict[str, Any]]:
+    value = _json(value, name)
     if not isinstance(value, list):
         raise RowFormatError(f"field {name!r} must be a list of messages, got {type(value).__name__}")
     if not value:
         raise RowFormatError(f"field {name!r} is an empty conversation")
+    return [_message(m, spec, f"{name}[{i}]") for i, m in enumerate(value)]
+
+
+def _with_system(messages: list[dict[str, Any]], row: dict[str, Any], spec: FormatSpec) -> list[dict[str, Any]]:
+    """The row's system field as a first turn, unless the conversation has one (Axolotl's rule)."""
+    system = _value(row, spec.fields["system"], str, required=False)
+    if system and (not messages or messages[0]["role"] != "system"):
+        return [{"role": "system", "content": system}] + messages
+    return messages
+
+
+def _tools(row: dict[str, Any], spec: FormatSpec) -> list[dict[str, Any]] | None:
+    name = spec.fields["tools"]
+    tools = _json(row.get(name), name)
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise RowFormatError(f"field {name!r} must be a list of tool objects, got {type(tools).__name__}")
     out = []
-    for i, message in enumerate(value):
-        where = f"{name}[{i}]"
-        if not isinstance(message, dict):
-            raise RowFormatError(f"field {where!r} must be an object, got {type(message).__name__}")
-        role = _value(message, spec.fields["role"], str, where=f"{where}.{spec.fields['role']}")
-        if role not in roles:
-            raise RowFormatError(f"field '{where}.{spec.fields['role']}': unknown role {role!r} "
-                                 f"(expected one of {', '.join(sorted(roles))})")
-        content = _value(message, spec.fields["content"], str, where=f"{where}.{spec.fields['content']}")
-        out.append({"role": roles[role], "content": content})
+    for k, tool in enumerate(tools):
+        function = tool.get("function")
+        if isinstance(function, dict) and "parameters" in function:
+            params = _json(function["parameters"], f"{name}[{k}].function.parameters")
+            tool = {**tool, "function": {**function, "parameters": params}}
+        out.append(tool)
     return out
 
 
@@ -216,12 +308,13 @@ def _strip_bos(text: str, tok: TextTokenizer) -> str:
     return text[len(tok.bos_token):] if tok.bos_token and text.startswith(tok.bos_token) else text
 
 
-def alpaca_prompt(row: dict[str, Any], fields: dict[str, str] = DEFAULT_FIELDS["alpaca"]) -> Prompt:
-    """The Alpaca layout: optional system line, instruction, optional input, response header."""
+def alpaca_prompt(row: dict[str, Any], fields: dict[str, str | None] = DEFAULT_FIELDS["alpaca"]) -> Prompt:
+    """Axolotl's Alpaca layout: its preamble (or the row's system text, with ``field_system``),
+    instruction, optional input, response header."""
     instruction = _value(row, fields["instruction"], str)
     extra = _value(row, fields["input"], str, required=False)
-    system = _value(row, fields["system"], str, required=False)
-    text = f"{system}\n\n" if system else ""
+    system = _value(row, fields["system"], str, required=False) if fields["system"] else None
+    text = f"{system or (ALPACA_PREAMBLE if extra else ALPACA_PREAMBLE_NO_INPUT)}\n\n"
     text += f"### Instruction:\n{instruction}\n\n"
     if extra:
         text += f"### Input:\n{extra}\n\n"
@@ -256,8 +349,9 @@ def plan_input_output(row: dict[str, Any], spec: FormatSpec, tok: TextTokenizer)
     return Plan([pieces])
 
 
-def _conversation(messages: list[dict[str, str]], spec: FormatSpec, last_only: bool = False) -> Rendered:
-    text, turns = spec.chat.render_turns(messages)
+def _conversation(messages: list[dict[str, Any]], spec: FormatSpec, tools: list[dict[str, Any]] | None = None,
+                  last_only: bool = False) -> Rendered:
+    text, turns = spec.chat.render_turns(messages, tools)
     if last_only:
         train = [k == len(turns) - 1 for k in range(len(turns))]
     else:
@@ -272,45 +366,52 @@ def _conversation(messages: list[dict[str, str]], spec: FormatSpec, last_only: b
     return Rendered(text, trained, eos)
 
 
-def _chat_prompt(messages: list[dict[str, str]], spec: FormatSpec, tok: TextTokenizer) -> Prompt | None:
+def _chat_prompt(messages: list[dict[str, Any]], spec: FormatSpec, tok: TextTokenizer,
+                 tools: list[dict[str, Any]] | None = None) -> Prompt | None:
     if len(messages) < 2 or messages[-1]["role"] != "assistant":
         return None
-    text = spec.chat.render(messages[:-1], add_generation_prompt=True)
+    text = spec.chat.render(messages[:-1], add_generation_prompt=True, tools=tools)
     return Prompt(_strip_bos(text, tok), messages[-1]["content"])
 
 
 def plan_chat(row: dict[str, Any], spec: FormatSpec, tok: TextTokenizer) -> Plan:
-    roles = SHAREGPT_ROLES if spec.type == "sharegpt" else CHAT_ROLES
     name = spec.fields["messages"]
     if row.get(name) is None:
         raise RowFormatError(_absent(row, name, name))
-    messages = _messages(row[name], spec, name, roles)
-    return Plan([[_conversation(messages, spec)]], prompt=_chat_prompt(messages, spec, tok))
+    messages = _with_system(_messages(row[name], spec, name), row, spec)
+    tools = _tools(row, spec)
+    return Plan([[_conversation(messages, spec, tools)]], prompt=_chat_prompt(messages, spec, tok, tools))
 
 
-def _turns(row: dict[str, Any], key: str, spec: FormatSpec, role: str) -> list[dict[str, str]]:
-    value = _value(row, key, (str, list))
+def _turns(row: dict[str, Any], key: str, spec: FormatSpec, role: str, reply: bool) -> list[dict[str, Any]]:
+    """Text (one ``role`` message), a message, or messages; a ``reply`` keeps only the last message."""
+    value = _value(row, key, (str, list, dict))
     if isinstance(value, str):
         return [{"role": role, "content": value}]
-    return _messages(value, spec, key, CHAT_ROLES)
+    if isinstance(value, dict):
+        return [_message(value, spec, key)]
+    messages = _messages(value, spec, key)
+    return messages[-1:] if reply else messages
 
 
-def _final_assistant(messages: list[dict[str, str]], name: str) -> None:
+def _final_assistant(messages: list[dict[str, Any]], name: str) -> None:
     if messages[-1]["role"] != "assistant":
         raise RowFormatError(f"field {name!r}: the last message must be the assistant's, "
                              f"got role {messages[-1]['role']!r}")
 
 
+def _prompt(row: dict[str, Any], spec: FormatSpec) -> list[dict[str, Any]]:
+    """A preference row's prompt turns (with its system field), or [] when it has no prompt."""
+    if row.get(spec.fields["prompt"]) is None:
+        return []
+    return _with_system(_turns(row, spec.fields["prompt"], spec, "user", reply=False), row, spec)
+
+
 def plan_dpo(row: dict[str, Any], spec: FormatSpec, tok: TextTokenizer) -> Plan:
     f = spec.fields
-    prompt: list[dict[str, str]] = []
-    if row.get(f["prompt"]) is not None:
-        prompt = _turns(row, f["prompt"], spec, "user")
-        system = _value(row, f["system"], str, required=False)
-        if system:
-            prompt = [{"role": "system", "content": system}] + prompt
-    chosen = _turns(row, f["chosen"], spec, "assistant")
-    rejected = _turns(row, f["rejected"], spec, "assistant")
+    prompt = _prompt(row, spec)
+    chosen = _turns(row, f["chosen"], spec, "assistant", reply=bool(prompt))
+    rejected = _turns(row, f["rejected"], spec, "assistant", reply=bool(prompt))
     for key, turns in ((f["chosen"], chosen), (f["rejected"], rejected)):
         _final_assistant(turns, key)
     if not prompt and (len(chosen) < 2 or len(rejected) < 2):
@@ -322,12 +423,20 @@ def plan_dpo(row: dict[str, Any], spec: FormatSpec, tok: TextTokenizer) -> Plan:
 
 
 def plan_kto(row: dict[str, Any], spec: FormatSpec, tok: TextTokenizer) -> Plan:
-    name = spec.fields["messages"]
-    messages = _messages(_value(row, name, list), spec, name, CHAT_ROLES)
+    f = spec.fields
+    if row.get(f["messages"]) is not None:
+        messages = _with_system(_messages(row[f["messages"]], spec, f["messages"]), row, spec)
+        name = f["messages"]
+    else:
+        prompt = _prompt(row, spec)
+        completion = _turns(row, f["completion"], spec, "assistant", reply=bool(prompt))
+        if not prompt and len(completion) < 2:
+            raise RowFormatError(f"missing field {f['messages']!r} (or {f['prompt']!r} and {f['completion']!r})")
+        messages, name = prompt + completion, f["completion"]
     _final_assistant(messages, name)
-    label = _value(row, spec.fields["label"], bool)
-    prompt = _chat_prompt(messages, spec, tok) if label else None
-    return Plan([[_conversation(messages, spec, last_only=True)]], segment_labels=(int(label),), prompt=prompt)
+    label = _value(row, f["label"], bool)
+    prompt_ = _chat_prompt(messages, spec, tok) if label else None
+    return Plan([[_conversation(messages, spec, last_only=True)]], segment_labels=(int(label),), prompt=prompt_)
 
 
 PLANNERS: dict[str, Callable[[dict[str, Any], FormatSpec, TextTokenizer], Plan]] = {

@@ -334,17 +334,17 @@ def _text_tokenizer(tok: Any, model_path: Path) -> TextTokenizer:
     return TextTokenizer.from_hf(tok)
 
 
-def _chat_source(run: RunConfig, tok: TextTokenizer, model_path: Path) -> str | None:
-    chat_types = [ds for ds in run.datasets if ds.type in CHAT_TYPES]
-    if not chat_types:
+def _chat_source(run: RunConfig, ds: DatasetConfig, tok: TextTokenizer, model_path: Path) -> str | None:
+    """The template ``ds`` renders with: its own chat_template, else the run's."""
+    if ds.type not in CHAT_TYPES:
         return None
-    if run.chat_template != "tokenizer_default":
-        return chat.named_template(run.chat_template)
-    if not tok.chat_template:
-        ds = chat_types[0]
+    choice, jinja = ((ds.chat_template, ds.chat_template_jinja) if ds.chat_template
+                     else (run.chat_template, run.chat_template_jinja))
+    source = chat.resolve_template(choice, jinja, tok.chat_template)
+    if source is None:
         raise TokenizeError(f"{model_path}: the tokenizer has no chat template, which dataset {ds.dataset_name!r} "
                             f"(type {ds.type}) needs; set chat_template: to one of {', '.join(chat.NAMED_TEMPLATES)}")
-    return tok.chat_template
+    return source
 
 
 def _objective(run: RunConfig) -> str:
@@ -355,7 +355,7 @@ def _objective(run: RunConfig) -> str:
     return kinds.pop()
 
 
-def _jobs(run: RunConfig, raw_dirs: list[Path], tok: TextTokenizer, chat_source: str | None
+def _jobs(run: RunConfig, raw_dirs: list[Path], tok: TextTokenizer, model_path: Path
           ) -> tuple[list[DatasetJob], list[Unit], list[dict[str, Any]]]:
     jobs, units, records = [], [], []
     for index, (ds, raw_dir) in enumerate(zip(run.datasets, raw_dirs)):
@@ -371,8 +371,8 @@ def _jobs(run: RunConfig, raw_dirs: list[Path], tok: TextTokenizer, chat_source:
         if n_rows == 0:
             skipped = f" ({len(bad)} bad rows skipped)" if bad else ""
             raise TokenizeError(f"{parquet} (source {ds.path}): dataset {ds.dataset_name!r} has no rows{skipped}")
-        spec = FormatSpec.build(ds.type, _overrides(ds), tok, chat_source, run.sequence_len, run.train_on_inputs,
-                                tuple(ds.roles_to_train), ds.train_on_eos)
+        spec = FormatSpec.from_dataset(ds, tok, _chat_source(run, ds, tok, model_path), run.sequence_len,
+                                       run.train_on_inputs)
         source = _read_source(Path(raw_dir))
         job = DatasetJob(index, ds.dataset_name, ds.path, parquet, spec, ds.weight, source.get("gaps", []),
                          source.get("numbering", "row"),
@@ -382,14 +382,6 @@ def _jobs(run: RunConfig, raw_dirs: list[Path], tok: TextTokenizer, chat_source:
         units += _units(job, n_rows, n_val, run.seed)
         records.append({"name": ds.dataset_name, "type": ds.type, "weight": ds.weight, "bad_rows": len(bad)})
     return jobs, units, records
-
-
-def _overrides(ds: DatasetConfig) -> dict[str, str | None]:
-    by_type = {"completion": "text", "input_output": "segments"}
-    return {"instruction": ds.field_instruction, "input": ds.field_input, "output": ds.field_output,
-            "system": ds.field_system, "messages": ds.field_messages, "role": ds.message_field_role,
-            "content": ds.message_field_content, "prompt": ds.field_prompt, "chosen": ds.field_chosen,
-            "rejected": ds.field_rejected, "label": ds.field_label, by_type.get(ds.type, "_"): ds.field}
 
 
 def _run_units(units: list[Unit], processes: int, init_args: tuple) -> Iterator[dict[str, Any]]:
@@ -427,7 +419,7 @@ def tokenize_run(run: RunConfig, raw_dirs: list[Path], model_path: Path, tokeniz
     model_path, out_dir = Path(model_path), Path(out_dir)
     tok = _text_tokenizer(tokenizer, model_path)
     objective = _objective(run)
-    jobs, units, ds_records = _jobs(run, [Path(d) for d in raw_dirs], tok, _chat_source(run, tok, model_path))
+    jobs, units, ds_records = _jobs(run, [Path(d) for d in raw_dirs], tok, model_path)
     settings = Settings(run.sequence_len, run.sample_packing, run.excess_length_strategy, run.on_bad_rows,
                         run.seed, objective != "sft")
     totals = {k: 0 for k in (*COUNT_KEYS, "train_samples", "val_samples", "train_rows", "val_rows")}

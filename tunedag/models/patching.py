@@ -13,6 +13,7 @@ from torch import nn
 
 from tunedag.kernels.nf4 import NF4Weight
 from tunedag.models.fused_modules import AdapterSwitch, FusedLoRAAttention, FusedLoRAMLP, FusedRMSNorm
+from tunedag.models.moe import FusedLoRAMoE, RouterLogits
 from tunedag.models.registry import ARCHITECTURES, REPLACED, mlp_activation
 
 
@@ -25,6 +26,7 @@ class PatchRecord:
     modules: dict[str, tuple[str, str]] = field(default_factory=dict)  # path -> (old class, new class)
     nf4_weights: list[str] = field(default_factory=list)  # projections held in NF4 (QLoRA)
     adapters: AdapterSwitch = field(default_factory=AdapterSwitch)  # read by every fused LoRA module
+    router_logits: RouterLogits = field(default_factory=RouterLogits)  # MoE blocks' logits of one forward
 
     def summary(self) -> str:
         counts: dict[str, int] = {}
@@ -70,7 +72,9 @@ def patch_model(peft_model: nn.Module, nf4: dict[str, NF4Weight] | None = None) 
         _replace(record, layer, path, "self_attn", FusedLoRAAttention(
             attn, config, nf4, f"{path}.self_attn", spec.qk_norm, spec.gemma_norm, _sliding_window(attn, config, spec),
             record.adapters))
-        _replace(record, layer, path, "mlp", FusedLoRAMLP(layer.mlp, nf4, f"{path}.mlp", activation, record.adapters))
+        mlp = (FusedLoRAMoE(layer.mlp, config, activation, record.router_logits, record.adapters) if spec.moe
+               else FusedLoRAMLP(layer.mlp, nf4, f"{path}.mlp", activation, record.adapters))
+        _replace(record, layer, path, "mlp", mlp)
         for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                      "post_feedforward_layernorm"):
             if hasattr(layer, name):

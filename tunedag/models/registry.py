@@ -56,11 +56,13 @@ class ArchitectureSpec:
     packed: bool = False  # q/k/v in one ``qkv_proj``, gate/up in one ``gate_up_proj`` (Phi-3)
     window_from_config: bool = False  # config.sliding_window applies to every layer (Mistral, Phi-3)
     rope_per_layer_type: bool = False  # rotary_emb(x, positions, layer_type): one RoPE base per layer type
+    moe: bool = False  # sparse MoE blocks: experts as 3-D parameters, LoRA through peft's target_parameters
 
     @property
     def lora_targets(self) -> tuple[str, ...]:
-        """The projections the fused kernels adapt, by their names in this architecture."""
-        return peft_target_modules(self, LORA_TARGETS)
+        """The projections (and expert parameters) the fused path adapts, by their names in this architecture."""
+        modules, params = peft_targets(self, LORA_TARGETS)
+        return modules + params
 
 
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
@@ -75,33 +77,49 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
                                     qk_norm=True, embed_scale=True, final_softcap_key="final_logit_softcapping",
                                     rope_per_layer_type=True),
     "phi3": ArchitectureSpec("phi3", packed=True, window_from_config=True),
+    "mixtral": ArchitectureSpec("mixtral", window_from_config=True, moe=True),
+    "qwen3_moe": ArchitectureSpec("qwen3_moe", qk_norm=True, moe=True),
 }
 # packed projection -> the Llama projections it holds, in its row order
 PACKED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+# MoE: the experts' 3-D parameters peft adapts (target_parameters), for the Llama MLP names
+EXPERT_PARAMETERS = {"experts.gate_up_proj": ("gate_proj", "up_proj"), "experts.down_proj": ("down_proj",)}
+MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 
-def peft_target_modules(spec: ArchitectureSpec | None, names: Sequence[str]) -> tuple[str, ...]:
-    """``lora_target_modules`` as peft must name them in this architecture.
-
-    On packed architectures a complete group of Llama names (q_proj, k_proj, v_proj) becomes the
-    packed projection; part of a group cannot be adapted alone and is refused.
-    """
-    if spec is None or not spec.packed:
-        return tuple(names)
-    out = [n for n in names if not any(n in group for group in PACKED_PROJECTIONS.values())]
-    for packed, group in PACKED_PROJECTIONS.items():
+def _grouped(spec: ArchitectureSpec, names: Sequence[str], groups: dict[str, tuple[str, ...]]) -> list[str]:
+    """Each complete group of ``names`` as its one target; part of a group is refused."""
+    out = []
+    for target, group in groups.items():
         given = [n for n in group if n in names]
         if given and len(given) < len(group):
             raise ValueError(f"lora_target_modules {given}: a {spec.model_type} model holds {list(group)} in one "
-                             f"{packed}, which LoRA adapts as a whole: name all of {list(group)}, or {packed}")
-        if given and packed not in out:
-            out.append(packed)
-    return tuple(out)
+                             f"{target}, which LoRA adapts as a whole: name all of {list(group)}, or {target}")
+        if given or target in names:
+            out.append(target)
+    return out
 
 
-def model_target_modules(config: Any, names: Sequence[str]) -> list[str]:
-    """:func:`peft_target_modules` for an HF ``config`` (any architecture; unknown ones pass unchanged)."""
-    return list(peft_target_modules(ARCHITECTURES.get(getattr(config, "model_type", None)), names))
+def peft_targets(spec: ArchitectureSpec | None, names: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(target_modules, target_parameters) for peft from ``lora_target_modules`` in this architecture.
+
+    Packed architectures: a complete group of Llama names (q_proj, k_proj, v_proj) becomes the packed
+    projection. MoE: gate_proj, up_proj and down_proj become the experts' 3-D parameters.
+    """
+    if spec is None or not (spec.packed or spec.moe):
+        return tuple(names), ()
+    if spec.packed:
+        rest = [n for n in names if not any(n in g for g in PACKED_PROJECTIONS.values()) and n not in PACKED_PROJECTIONS]
+        return tuple(rest + _grouped(spec, names, PACKED_PROJECTIONS)), ()
+    rest = [n for n in names if n not in MLP_NAMES and n not in EXPERT_PARAMETERS]
+    return tuple(rest), tuple(_grouped(spec, names, EXPERT_PARAMETERS))
+
+
+def lora_target_kwargs(config: Any, names: Sequence[str]) -> dict[str, list[str] | None]:
+    """peft LoraConfig's ``target_modules`` and ``target_parameters`` for an HF ``config`` (unknown
+    architectures take ``names`` unchanged)."""
+    modules, params = peft_targets(ARCHITECTURES.get(getattr(config, "model_type", None)), names)
+    return {"target_modules": list(modules), "target_parameters": list(params) or None}
 
 
 def mlp_activation(spec: ArchitectureSpec, config: Any) -> str | None:
@@ -111,21 +129,24 @@ def mlp_activation(spec: ArchitectureSpec, config: Any) -> str | None:
 
 
 def fast_path_blocker(config: Any, *, rl: str | None, lora_dropout: float, lora_target_modules: Sequence[str],
-                      lora_modules_to_save: Sequence[str]) -> str | None:
+                      lora_modules_to_save: Sequence[str], gradient_checkpointing: bool = False) -> str | None:
     """Why a run with these settings on a model with HF ``config`` cannot use the triton engine (None: it can)."""
     model_type = getattr(config, "model_type", None)
     spec = ARCHITECTURES.get(model_type)
     if spec is None:
         return f"architecture {model_type!r} has no fused path (covered: {', '.join(ARCHITECTURES)})"
+    if spec.moe and gradient_checkpointing and getattr(config, "output_router_logits", False):
+        return ("output_router_logits with gradient_checkpointing (the fused path's checkpointed layers keep "
+                "no graph for the router loss)")
     if rl == "reward":
         return "rl: reward (reward modelling trains a score head on the torch engine; dpo, orpo and kto take this path)"
     if lora_dropout > 0:
         return f"lora_dropout {lora_dropout} > 0 (the fused LoRA kernels apply no dropout)"
     try:
-        targets = peft_target_modules(spec, lora_target_modules)
+        modules, params = peft_targets(spec, lora_target_modules)
     except ValueError as err:
         return str(err)
-    if sorted(targets) != sorted(spec.lora_targets):
+    if sorted(modules + params) != sorted(spec.lora_targets):
         return (f"lora_target_modules {list(lora_target_modules)} are not exactly the seven projections "
                 f"{list(LORA_TARGETS)} that the fused QKV/O and MLP kernels adapt together")
     extra = [m for m in lora_modules_to_save if m not in TRAINABLE_FULL_MODULES]
@@ -154,4 +175,8 @@ def _architecture_blocker(config: Any) -> str | None:
             return f"partial_rotary_factor {factor} (the RoPE kernel rotates whole heads)"
     if getattr(config, "use_bidirectional_attention", False):
         return "use_bidirectional_attention (the packed attention is causal)"
+    if getattr(config, "router_jitter_noise", 0.0):
+        return f"router_jitter_noise {config.router_jitter_noise} > 0 (the fused MoE routes without noise)"
+    if getattr(config, "mlp_only_layers", None) or getattr(config, "decoder_sparse_step", 1) != 1:
+        return "dense MLP layers between the MoE layers (mlp_only_layers, decoder_sparse_step)"
     return None

@@ -46,7 +46,8 @@ from tunedag.io import atomic_path
 from tunedag.models.batch_inputs import loss_sum, model_inputs
 from tunedag.models.loading import load_causal_lm
 from tunedag.models.qlora import fake_quantize_
-from tunedag.models.registry import model_target_modules
+from tunedag.models.moe import aux_loss_enabled, hf_moe_loss_sum
+from tunedag.models.registry import lora_target_kwargs
 from tunedag.models.reward_head import load_reward_model
 from tunedag.train.preference import PreferenceObjective
 from tunedag.train.ranks import DistEnv, choose_device
@@ -80,7 +81,7 @@ class TorchEngine:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.enable_input_require_grads()
         lora = LoraConfig(r=run.lora_r, lora_alpha=run.lora_alpha, lora_dropout=run.lora_dropout,
-                          target_modules=model_target_modules(base.config, run.lora_target_modules), bias="none",
+                          **lora_target_kwargs(base.config, run.lora_target_modules), bias="none",
                           task_type="SEQ_CLS" if reward else "CAUSAL_LM",  # SEQ_CLS trains `score` in full
                           modules_to_save=list(run.lora_modules_to_save) or None)
         self.model = get_peft_model(base, lora).to(device)
@@ -102,7 +103,10 @@ class TorchEngine:
         if self.objective is not None:
             return self.objective.loss_sum(self.model, batch, self.device, self.autocast)
         with self.autocast():
-            logits = self.model(**model_inputs(batch, self.device, torch.float32)).logits
+            inputs = model_inputs(batch, self.device, torch.float32)
+            if aux_loss_enabled(self.model.config):  # MoE router loss on
+                return hf_moe_loss_sum(self.model, inputs, batch["labels"], batch["segment_ids"].reshape(-1) > 0)
+            logits = self.model(**inputs).logits
         return loss_sum(logits, batch["labels"])
 
     def load_trainable(self, checkpoint: Path) -> None:
@@ -177,7 +181,8 @@ def triton_blocker(run: RunConfig, model_path: Path, device: torch.device) -> st
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=run.trust_remote_code)
     return fast_path_blocker(config, rl=run.rl, lora_dropout=run.lora_dropout,
                              lora_target_modules=run.lora_target_modules,
-                             lora_modules_to_save=run.lora_modules_to_save)
+                             lora_modules_to_save=run.lora_modules_to_save,
+                             gradient_checkpointing=run.gradient_checkpointing)
 
 
 def model_engine(run: RunConfig, model_path: Path, device: torch.device) -> tuple[Any, str | None]:

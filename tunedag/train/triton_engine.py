@@ -49,7 +49,8 @@ from tunedag.models.loading import load_causal_lm
 from tunedag.models.packed_attention import PackedSequences
 from tunedag.models.patching import patch_model
 from tunedag.models.qlora import quantize_base_weights
-from tunedag.models.registry import ARCHITECTURES, model_target_modules
+from tunedag.models.moe import aux_loss_enabled, aux_loss_sum
+from tunedag.models.registry import ARCHITECTURES, lora_target_kwargs
 from tunedag.train.layer_checkpoint import Mode, run_layers
 from tunedag.train.preference import PreferenceObjective
 
@@ -92,7 +93,7 @@ class TritonEngine:
             base = load_causal_lm(model_path, torch.float32, run.trust_remote_code)
         cast_parameters_(base, self.compute_dtype)
         lora = LoraConfig(r=run.lora_r, lora_alpha=run.lora_alpha, lora_dropout=0.0,
-                          target_modules=model_target_modules(base.config, run.lora_target_modules), bias="none",
+                          **lora_target_kwargs(base.config, run.lora_target_modules), bias="none",
                           task_type="CAUSAL_LM",
                           modules_to_save=list(run.lora_modules_to_save) or None)
         model = get_peft_model(base, lora)
@@ -141,6 +142,7 @@ class TritonEngine:
     def _final_hidden(self, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
         """(N, H) final-norm hidden states of the micro-batch's real tokens (``keep``: (B*T,) on the host)."""
         seq = PackedSequences.from_batch(batch["segment_ids"], batch["position_ids"], self.device)
+        self.patches.router_logits.layers.clear()  # MoE blocks append theirs during this forward
         ids = batch["input_ids"].reshape(-1)[keep][None].to(self.device, non_blocking=True)  # (1, N)
         hidden = self._embed(ids)  # (1, N, H)
         cos_sin = self._rotary(hidden, seq.position_ids)
@@ -196,7 +198,11 @@ class TritonEngine:
         targets = targets.reshape(-1)[keep].to(self.device, non_blocking=True)  # (N,)
         hidden = self._final_hidden(batch, keep)
         weight, bias, softcap = self._head()
-        return fused_linear_cross_entropy(hidden, weight, targets, bias, IGNORE_INDEX, "sum", softcap=softcap)
+        loss = fused_linear_cross_entropy(hidden, weight, targets, bias, IGNORE_INDEX, "sum", softcap=softcap)
+        config = self.causal_lm.config
+        if aux_loss_enabled(config):  # MoE router loss, over the real tokens
+            loss = loss + aux_loss_sum(self.patches.router_logits.layers, config, (targets != IGNORE_INDEX).sum())
+        return loss
 
     def load_trainable(self, checkpoint: Path) -> None:
         set_peft_model_state_dict(self.model, load_file(checkpoint / "adapter_model.safetensors"))

@@ -1,0 +1,147 @@
+"""Mixture-of-experts blocks (Mixtral, Qwen3-MoE) on the triton engine: top-k routing, grouped GEMMs.
+
+transformers 5 stores each block's experts as two 3-D parameters, ``gate_up_proj`` (E, 2I, H) and
+``down_proj`` (E, H, I); peft adapts them through ``target_parameters`` (``lora.ParamWrapper``), one
+LoRA per expert: ``lora_A.weight`` (E r, in) is A_e = rows [e r, (e + 1) r), ``lora_B.weight``
+(out, r E) holds B_e as columns e, e + E, … (peft's reshape (out, r, E)), and expert e's weight
+is W_e + s B_e A_e, exactly the delta peft merges.
+
+The block here routes like the HF router (softmax in fp32, top-k, Mixtral renormalises the k
+weights, Qwen3-MoE when ``norm_topk_prob``), sorts the (token, choice) pairs by expert, and
+runs each projection as one grouped GEMM over all experts (``kernels/grouped_gemm.py``): base
+x W_e^T, LoRA (x A_e^T) B_e^T, both grouped. The k outputs of a token are weighted and summed
+with one ``index_add_``.
+
+Router logits (N, E) of every block are kept in the model's :class:`RouterLogits` while the
+engine's forward runs, for the load-balancing loss (:func:`load_balancing_loss`, HF's
+``load_balancing_loss_func`` on the real tokens).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tunedag.kernels.grouped_gemm import group_offsets, grouped_mm
+
+ADAPTER = "default"
+
+
+@dataclass
+class RouterLogits:
+    """Filled by every MoE block during one forward; the engine clears it first."""
+
+    layers: list[torch.Tensor] = field(default_factory=list)
+
+
+def load_balancing_loss(router_logits: list[torch.Tensor], num_experts: int, top_k: int) -> torch.Tensor:
+    """Switch-Transformer auxiliary loss over all layers' (N, E) router logits, as transformers computes it:
+    E * sum_e (share of top-k picks of e) * (mean router probability of e), both over layers x tokens."""
+    probs = torch.cat([F.softmax(logits.float(), dim=-1) for logits in router_logits])  # (L N, E)
+    picks = torch.topk(probs, top_k, dim=-1).indices
+    counts = torch.bincount(picks.reshape(-1), minlength=num_experts).to(probs.dtype)
+    rows = probs.shape[0]
+    return (counts / rows * (probs.sum(0) / rows)).sum() * num_experts
+
+
+def _param_lora(wrapper: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(A (E, in, r), B (E, r, out), s) of a peft ParamWrapper, laid out for grouped_mm."""
+    a, b = wrapper.lora_A[ADAPTER].weight, wrapper.lora_B[ADAPTER].weight
+    e = wrapper.num_experts
+    a = a.reshape(e, -1, a.shape[-1]).transpose(1, 2)  # (E, in, r)
+    b = b.reshape(b.shape[0], -1, e).permute(2, 1, 0)  # (E, r, out)
+    return a, b, float(wrapper.scaling[ADAPTER])
+
+
+class FusedLoRAMoE(nn.Module):
+    """Sparse MoE block with LoRA on every expert's gate_up and down projections."""
+
+    def __init__(self, replaced: nn.Module, config, activation: str, log: RouterLogits, switch):
+        super().__init__()
+        self.gate = replaced.gate  # the router; its weight stays frozen
+        self.experts = replaced.experts  # peft: ParamWrapper(down_proj) over ParamWrapper(gate_up_proj)
+        self.down_lora, self.gate_up_lora = self.experts, self.experts.base_layer
+        self.base = self.gate_up_lora.base_layer
+        self.top_k = self.gate.top_k
+        self.num_experts = self.gate.num_experts
+        self.renormalise = bool(getattr(self.gate, "norm_topk_prob", True))  # Mixtral always renormalises
+        self.act = {"silu": F.silu, "gelu_tanh": lambda g: F.gelu(g, approximate="tanh")}[activation]
+        self.log, self.switch = log, switch
+
+    def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights (N, k) in x's dtype, expert ids (N, k)) as the HF router picks them."""
+        logits = x @ self.gate.weight.to(x.dtype).t()  # (N, E)
+        if self.switch.enabled:
+            self.log.layers.append(logits)
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32)
+        top, idx = torch.topk(probs, self.top_k, dim=-1)
+        if self.renormalise:
+            top = top / top.sum(dim=-1, keepdim=True)
+        return top.to(x.dtype), idx
+
+    def _project(self, rows: torch.Tensor, weight: torch.Tensor, wrapper: nn.Module, offs: torch.Tensor,
+                 lora: bool) -> torch.Tensor:
+        """rows (M, in) sorted by expert through W_e (E, out, in), plus s (rows A_e^T) B_e^T."""
+        out = grouped_mm(rows, weight.transpose(1, 2), offs)
+        if lora:
+            a, b, s = _param_lora(wrapper)
+            out = out + s * grouped_mm(grouped_mm(rows, a.to(rows.dtype), offs), b.to(rows.dtype), offs)
+        return out
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])  # (N, H)
+        lora = self.switch.enabled and not self.down_lora.disable_adapters
+        if not lora and torch.is_grad_enabled():
+            raise RuntimeError("adapters disabled with gradients enabled: the base-only path is for the "
+                               "reference pass, under torch.no_grad()")
+        weights, idx = self._route(x)
+        flat = idx.reshape(-1)  # (N k,) expert of each (token, choice)
+        order = torch.argsort(flat, stable=True)
+        token = order // self.top_k  # source token of each sorted row
+        offs = group_offsets(flat[order], self.num_experts)
+        rows = x[token]  # (M, H), M = N k
+        gu = self._project(rows, self.base.gate_up_proj, self.gate_up_lora, offs, lora)  # (M, 2I)
+        g, u = gu.chunk(2, dim=-1)
+        h = self.act(g) * u
+        out = self._project(h, self.base.down_proj, self.down_lora, offs, lora)  # (M, H)
+        out = out * weights.reshape(-1)[order, None]
+        y = torch.zeros_like(x).index_add_(0, token, out)
+        return y.view(shape)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, top_k={self.top_k}, renormalise={self.renormalise}"
+
+
+def num_experts(config) -> int:
+    return getattr(config, "num_local_experts", None) or config.num_experts
+
+
+def aux_loss_enabled(config) -> bool:
+    """transformers adds ``router_aux_loss_coef`` x the load-balancing loss to the LM loss when
+    ``output_router_logits`` is set in the config (off by default)."""
+    return bool(getattr(config, "output_router_logits", False)) and hasattr(config, "router_aux_loss_coef")
+
+
+def aux_loss_sum(router_logits: list[torch.Tensor], config, n_trained: torch.Tensor | int) -> torch.Tensor:
+    """coef x aux, times the micro-batch's trained tokens: the engines return *summed* losses that the loop
+    divides by the group's trained tokens, so one micro-batch gives HF's mean loss + coef x aux."""
+    aux = load_balancing_loss(router_logits, num_experts(config), config.num_experts_per_tok)
+    return config.router_aux_loss_coef * aux * n_trained
+
+
+def hf_moe_loss_sum(peft_model: nn.Module, inputs: dict, labels: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The torch engine's summed loss of an MoE model with the router loss on: the decoder with its router
+    logits, the LM head, cross-entropy, and the aux loss over the real tokens (``keep`` (B*T,) bool).
+    (The CausalLM's own aux loss expects a 2-D attention mask, not the packed 4-D one.)"""
+    from tunedag.data.formats import IGNORE_INDEX
+    from tunedag.models.batch_inputs import loss_sum
+
+    causal_lm = peft_model.get_base_model()
+    out = causal_lm.model(**inputs, output_router_logits=True)
+    logits = causal_lm.lm_head(out.last_hidden_state)
+    keep = keep.to(logits.device)
+    n_trained = (labels[:, 1:] != IGNORE_INDEX).sum()
+    return loss_sum(logits, labels) + aux_loss_sum([r[keep] for r in out.router_logits], causal_lm.config, n_trained)
