@@ -1,7 +1,8 @@
 """The run report: the figures and tables `snakemake --report report.html` gathers.
 
-Per run: training curves (loss and learning rate against step, with the held-out loss of the
-base and fine-tuned models), throughput and GPU memory, and one HTML page with the evaluation
+Per run: training curves (loss and learning rate against step, the held-out loss measured during
+training where the run set ``eval_steps`` or ``evals_per_epoch``, and the evaluate stage's held-out
+loss of the base and fine-tuned models), throughput and GPU memory, and one HTML page with the evaluation
 table (base vs fine-tuned), sample generations, the effective config and the data manifest
 summary. Across runs: a comparison table and overlaid loss curves.
 """
@@ -34,11 +35,22 @@ def _save(fig, dest: Path) -> None:
     plt.close(fig)
 
 
+def eval_points(metrics: list[dict[str, Any]]) -> tuple[list[int], list[float]]:
+    """(steps, held-out losses) of the metric lines that carry an evaluation during training."""
+    held_out = [m for m in metrics if "eval_loss" in m]
+    return [m["step"] for m in held_out], [m["eval_loss"] for m in held_out]
+
+
 def plot_training_curves(metrics: list[dict[str, Any]], evaluation: dict[str, Any], dest: Path) -> None:
-    """Loss and learning rate against step; held-out losses drawn as horizontal lines."""
+    """Loss and learning rate against step: the train loss, the held-out loss during training (points),
+    the evaluate stage's held-out losses as horizontal lines."""
     steps = [m["step"] for m in metrics]
     fig, (loss_ax, lr_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
     loss_ax.plot(steps, [m["loss"] for m in metrics], label="train loss")
+    eval_steps, eval_losses = eval_points(metrics)
+    if eval_steps:
+        loss_ax.plot(eval_steps, eval_losses, marker="o", markersize=3, color="tab:purple",
+                     label="held-out loss (during training)")
     for label, style in (("base", ":"), ("finetuned", "--")):
         if "val_loss" in evaluation.get(label, {}):  # a reward model has no token loss
             loss_ax.axhline(evaluation[label]["val_loss"], linestyle=style, color="gray",
@@ -88,6 +100,7 @@ def run_summary_html(run: str, evaluation: dict[str, Any], samples: list[dict[st
         + _table(["metric", "base", "fine-tuned"], eval_rows)
         + f"<p>{evaluation.get('prompts', 0)} held-out prompts; training: {train_info['steps']} steps, "
           f"{train_info['tokens_seen']} tokens, engine {html.escape(train_info['engine'])}.</p>"
+        + early_stopping_html(train_info)
         + "<h3>Sample generations (greedy)</h3>"
         + _table(["prompt (end)", "reference", "base", "fine-tuned"], sample_rows)
         + "<h3>Data</h3>" + _table(["split", "samples", "rows", "tokens", "packing efficiency"], data_rows)
@@ -97,12 +110,28 @@ def run_summary_html(run: str, evaluation: dict[str, Any], samples: list[dict[st
         tmp.write_text(page)
 
 
+def early_stopping_html(train_info: dict[str, Any]) -> str:
+    """One paragraph on the held-out loss during training: its best, where the run stopped, which step
+    the adapter holds (empty when the run did not evaluate during training)."""
+    if train_info.get("best_eval_loss") is None:
+        return ""
+    text = (f"Held-out loss during training: best {train_info['best_eval_loss']:.4g} at step "
+            f"{train_info['best_eval_step']}")
+    if train_info.get("stopped_early"):
+        text += (f"; stopped early at step {train_info['steps']} after {train_info['evals_since_best']} "
+                 "evaluations without improvement")
+    return f"<p>{text}; the adapter holds the weights of step {train_info.get('adapter_step', train_info['steps'])}.</p>"
+
+
 def compare_runs_html(runs: dict[str, dict[str, Any]], dest: Path) -> None:
-    """A table with one row per run: final train loss and the fine-tuned evaluation metrics."""
+    """A table with one row per run: final train loss, best held-out loss during training (where the run
+    evaluated during training) and the fine-tuned evaluation metrics."""
     rows = [[name, r["train_info"]["final_loss"], r["train_info"]["steps"],
+             r["train_info"].get("best_eval_loss") if r["train_info"].get("best_eval_loss") is not None else "",
              *[r["evaluation"]["finetuned"].get(k, "") for k in EVAL_ROWS]] for name, r in runs.items()]
     page = ("<html><head><meta charset='utf-8'><title>tunedag runs</title></head><body><h2>Runs compared</h2>"
-            + _table(["run", "final train loss", "steps", *EVAL_ROWS], rows) + "</body></html>")
+            + _table(["run", "final train loss", "steps", "best held-out loss in training", *EVAL_ROWS], rows)
+            + "</body></html>")
     with atomic_path(dest) as tmp:
         tmp.write_text(page)
 
@@ -110,7 +139,11 @@ def compare_runs_html(runs: dict[str, dict[str, Any]], dest: Path) -> None:
 def plot_compared_losses(runs: dict[str, list[dict[str, Any]]], dest: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for name, metrics in runs.items():
-        ax.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], label=name)
-    ax.set(xlabel="step", ylabel="train loss", yscale="log", title="Train loss by run")
+        (line,) = ax.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], label=name)
+        eval_steps, eval_losses = eval_points(metrics)
+        if eval_steps:
+            ax.plot(eval_steps, eval_losses, linestyle="--", marker="o", markersize=3, color=line.get_color(),
+                    label=f"{name}, held-out")
+    ax.set(xlabel="step", ylabel="loss", yscale="log", title="Train loss (and held-out loss) by run")
     ax.legend()
     _save(fig, dest)

@@ -14,6 +14,11 @@ micro-batches equals one batch k times larger. On W ranks:
   micro-batch mean, as it is each micro-batch's in one process);
 - rank 0 alone writes metrics and outputs; checkpoints and the final adapter are collective.
 
+With ``eval_steps`` or ``evals_per_epoch`` the loop also computes the held-out loss on the val shards
+(every rank its share, :mod:`tunedag.train.held_out`) at those steps and at the last, logs it as
+``eval_loss`` beside the step's train loss, and with ``early_stopping_patience`` stops every rank
+together once it stops improving; the run's adapter is then its best evaluation's.
+
 Every rank of a job joins a failure board (:mod:`tunedag.train.rank_failures`): when one rank
 fails, the others stop within seconds instead of waiting in a collective until the time limit.
 """
@@ -40,6 +45,7 @@ from tunedag.errors import TunedagError
 from tunedag.io import atomic_path, write_json
 from tunedag.train import checkpoint as ckpt
 from tunedag.train.engines import make_engine
+from tunedag.train.held_out import Evaluation, HeldOutRows, best_dir, eval_interval, prune_best, was_stopped_early
 from tunedag.train.metrics_log import MetricsLog
 from tunedag.train.preference import check_preference_shards
 from tunedag.train.rank_failures import rank_session
@@ -92,11 +98,14 @@ def micro_batches(reader: ShardReader, run: RunConfig, pad_id: int,
         epoch, offset = epoch + 1, 0
 
 
+def steps_per_epoch(run: RunConfig, rows: int) -> int:
+    return math.ceil(math.ceil(rows / run.micro_batch_size) / run.gradient_accumulation_steps)
+
+
 def total_steps(run: RunConfig, rows: int) -> int:
     if run.max_steps is not None:
         return run.max_steps
-    per_epoch = math.ceil(math.ceil(rows / run.micro_batch_size) / run.gradient_accumulation_steps)
-    return per_epoch * run.num_epochs
+    return steps_per_epoch(run, rows) * run.num_epochs
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -111,10 +120,14 @@ def _truncate_metrics(path: Path, step: int) -> None:
 def _resume_point(ckpt_root: Path, key: str, steps: int, env: DistEnv) -> Path | None:
     """Rank 0 picks the newest complete checkpoint written with resume key ``key`` (removing stale and
     broken ones, or the whole folder when none is left); every rank gets its path. A finished run's
-    last checkpoint is not resumed: running the stage again (``--forcerun train``) trains again."""
+    last checkpoint is not resumed, nor that of a run stopped early: running the stage again
+    (``--forcerun train``) trains again."""
     found = None
     if env.is_main:
         found = ckpt.latest_checkpoint(ckpt_root, key, steps)
+        if found is not None and was_stopped_early(ckpt.load_state(found)):
+            log.info("%s is the end of a run stopped early: training again from step 0", found)
+            found = None
         if found is None:
             shutil.rmtree(ckpt_root, ignore_errors=True)
         ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -134,6 +147,18 @@ def train(run: RunConfig, shards_dir: Path, model_path: Path, run_dir: Path, env
         return _train(run, shards_dir, model_path, run_dir, env, should_stop)
 
 
+def _evaluation(run: RunConfig, shards_dir: Path, manifest: dict[str, Any], env: DistEnv, rows: int,
+                steps: int) -> Evaluation:
+    """The run's held-out evaluation (its val shards checked and opened only when it has a schedule)."""
+    interval = eval_interval(run.eval_steps, run.evals_per_epoch, steps_per_epoch(run, rows))
+    held_out = None
+    if interval is not None:
+        verify_shards(shards_dir / "val", manifest)
+        held_out = HeldOutRows(shards_dir / "val", env, run.eval_batch_size or run.micro_batch_size,
+                               manifest["pad_token_id"])
+    return Evaluation(interval, held_out, run.early_stopping_patience, steps)
+
+
 def _train(run: RunConfig, shards_dir: Path, model_path: Path, run_dir: Path, env: DistEnv,
            should_stop: Callable[[], bool]) -> dict[str, Any] | None:
     config_hash = run.stage_hash("train")
@@ -142,6 +167,7 @@ def _train(run: RunConfig, shards_dir: Path, model_path: Path, run_dir: Path, en
     check_objective(run, shards_dir, manifest)
     reader = ShardReader(shards_dir / "train", env.rank, env.world_size)
     steps = total_steps(run, len(reader))
+    evaluation = _evaluation(run, shards_dir, manifest, env, len(reader), steps)
     key = ckpt.resume_key(config_hash, manifest, model_path)
     ckpt_root = run_dir / "checkpoints"
     resumed = _resume_point(ckpt_root, key, steps, env)
@@ -157,6 +183,7 @@ def _train(run: RunConfig, shards_dir: Path, model_path: Path, run_dir: Path, en
         scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])  # ranks consume randomness alike: rank 0's state is everyone's
         position = ckpt.Position(**state["position"])
+        evaluation.stopping.load(state.get("early_stopping", {}))
         log.info("resuming from %s (step %d of %d)", resumed, position.step, steps)
     live_metrics = ckpt_root / "metrics.jsonl"
     metrics = None
@@ -187,37 +214,64 @@ def _train(run: RunConfig, shards_dir: Path, model_path: Path, run_dir: Path, en
             position.step += 1
             position.tokens_seen += int(all_sum(sum(int(b["input_ids"].numel()) for b, _, _ in group), engine.device))
             last_loss = loss_total
-            if metrics and (position.step % run.logging_steps == 0 or position.step == steps):
+            evaluated = evaluation.evaluate(position.step, engine, count) if evaluation.due(position.step) else {}
+            if evaluated and evaluation.keeps_best and evaluation.improved_at(position.step):
+                engine.save_adapter(best_dir(ckpt_root, position.step))  # collective
+            if metrics and (position.step % run.logging_steps == 0 or position.step == steps or evaluated):
                 elapsed = time.perf_counter() - started
+                training_s = max(elapsed - evaluation.seconds, 1e-9)
                 record = {"step": position.step, "epoch": position.epoch, "loss": round(loss_total, 6),
                           "learning_rate": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                           "trained_tokens": int(n_units), "tokens_seen": position.tokens_seen,
-                          "tokens_per_s": round((position.tokens_seen - tokens_at_start) / max(elapsed, 1e-9), 1),
-                          "elapsed_s": round(elapsed, 3), "world_size": env.world_size}
+                          "tokens_per_s": round((position.tokens_seen - tokens_at_start) / training_s, 1),
+                          "elapsed_s": round(elapsed, 3), "world_size": env.world_size, **evaluated}
                 if engine.device.type == "cuda":
                     record["gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(engine.device) / 2**30, 3)
                 metrics.log(record)
-            stopped = any_rank(should_stop(), engine.device) and position.step < steps
-            if stopped or position.step % run.save_steps == 0 or position.step == steps:
+            early = evaluation.stopping.stopped
+            stopped = any_rank(should_stop(), engine.device) and position.step < steps and not early
+            if stopped or early or position.step % run.save_steps == 0 or position.step == steps:
                 trainer_state = {"scheduler": scheduler.state_dict(), "rng": ckpt.rng_state(),
                                  "position": asdict(position), "resume_key": key, "engine": engine.name,
-                                 "world_size": env.world_size}
+                                 "world_size": env.world_size, "early_stopping": evaluation.stopping.state()}
                 ckpt.write_checkpoint(ckpt_root, position.step, env, engine.write_payload, trainer_state,
                                       run.keep_last_checkpoints)
+                if env.is_main and evaluation.keeps_best:
+                    prune_best(ckpt_root, evaluation.stopping.best_step)
             if stopped:
                 log.warning("rank %d: stopping at step %d after a complete checkpoint", env.rank, position.step)
                 return None
+            if early:
+                log.info("early stopping at step %d: %d evaluations without a held-out loss below %.6g (step %d)",
+                         position.step, evaluation.stopping.evals_since_best, evaluation.stopping.best_loss,
+                         evaluation.stopping.best_step)
+                break
     finally:
         if metrics:
             metrics.close()
 
-    engine.save_adapter(run_dir / "adapter")
+    adapter_step = _save_final_adapter(engine, evaluation, ckpt_root, run_dir, env, position.step)
     info = {"config_hash": config_hash, "engine": engine.name, **engine.info, "device": str(engine.device),
             "world_size": env.world_size, "steps": position.step, "tokens_seen": position.tokens_seen,
             "final_loss": last_loss, "resumed_from": str(resumed) if resumed else None,
-            "position": asdict(position), "shards_config_hash": manifest["config_hash"]}
+            "position": asdict(position), "shards_config_hash": manifest["config_hash"],
+            **evaluation.info(), "adapter_step": adapter_step}
     if env.is_main:
         with atomic_path(run_dir / "train_metrics.jsonl") as tmp:
             shutil.copyfile(live_metrics, tmp)
         write_json(run_dir / "train_info.json", info)
     return info
+
+
+def _save_final_adapter(engine: Any, evaluation: Evaluation, ckpt_root: Path, run_dir: Path, env: DistEnv,
+                        step: int) -> int:
+    """run_dir/adapter: the best evaluation's with early stopping (its saved copy), else this step's
+    (collective). Returns the step the adapter's weights are from."""
+    best = evaluation.stopping.best_step
+    if not evaluation.keeps_best or best is None:  # no patience, or no finite held-out loss at all
+        engine.save_adapter(run_dir / "adapter")
+        return step
+    if env.is_main:
+        with atomic_path(run_dir / "adapter") as tmp:
+            shutil.copytree(best_dir(ckpt_root, best), tmp)
+    return best

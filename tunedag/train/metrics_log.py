@@ -5,7 +5,9 @@ run sets ``wandb_project``, offline by default because compute nodes have no int
 (``wandb sync runs/<run>/wandb/offline-run-*`` uploads later from the login node); the API key
 is read by wandb from the environment only and never passed or written by tunedag. Progress is a
 tqdm bar on a terminal and, in Slurm log files (no TTY), one plain line per logged step with
-step, loss, tokens/s and ETA.
+step, loss, tokens/s and ETA. A step with a held-out evaluation also carries ``eval_loss`` and
+``eval_tokens`` (its trained tokens, or with ``rl`` pairs or samples), in the file, in W&B and on
+the progress line.
 """
 from __future__ import annotations
 
@@ -57,12 +59,14 @@ class MetricsLog:
             self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
         if self.bar is not None:
             self.bar.update(record["step"] - self.bar.n)
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            extra = {"eval_loss": f"{record['eval_loss']:.4f}"} if "eval_loss" in record else {}
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", **extra)
             return
         done = record["step"] - self.start_step
         elapsed = time.perf_counter() - self.started
         eta = elapsed / done * (self.total_steps - record["step"]) if done else 0.0
-        print(f"step {record['step']}/{self.total_steps} loss {record['loss']:.4f} "
+        held_out = f" eval_loss {record['eval_loss']:.4f}" if "eval_loss" in record else ""
+        print(f"step {record['step']}/{self.total_steps} loss {record['loss']:.4f}{held_out} "
               f"lr {record['learning_rate']:.3g} tokens/s {record['tokens_per_s']:.0f} "
               f"eta {format_eta(eta)}", file=self.stream, flush=True)
 
