@@ -6,13 +6,13 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from tunedag.config import DatasetConfig
+from tunedag.config import ConfigError, DatasetConfig
 from tunedag.config.fields import AXOLOTL_TYPES, CHAT_TEMPLATE_FILES
 from tunedag.data import chat
 from tunedag.data.formats import PLANNERS, FormatSpec, RowFormatError, TextTokenizer, encode_plans
 from tests.data.test_tokenize import _prepare
 from tests.data.wordtok import save_word_tokenizer
-from tests.helpers import tiny_run, tokenize_with_model
+from tests.helpers import tiny_run, tokenize_with_model, write_jsonl
 
 M = -100
 SPECIAL = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>",
@@ -255,3 +255,14 @@ def test_tokenize_stage_uses_each_datasets_template_and_names_a_bad_row(tmp_path
     run = tiny_run(src, datasets=[{"path": str(src), "type": "chatml.intel"}], val_set_size=1, rl="dpo")
     with pytest.raises(RowFormatError, match=r"bad.jsonl\): line 3: missing field 'rejected'"):
         tokenize_with_model(run, [tmp_path / "raw/bad"], model, tmp_path / "packed-bad")
+
+
+def test_chat_template_jinja_goes_with_chat_template_jinja(tmp_path):
+    src = write_jsonl(tmp_path / "rows.jsonl", [{"instruction": "hi", "output": "ok"}])
+    with pytest.raises(ConfigError, match=r"runs.t.chat_template_jinja: chat_template: jinja needs the template text"):
+        tiny_run(src, chat_template="jinja", chat_template_jinja="my.jinja")
+    with pytest.raises(ConfigError, match=r"datasets\[0\].chat_template_jinja: used only with chat_template: jinja"):
+        tiny_run(src, datasets=[{"path": str(src), "type": "chat_template", "chat_template_jinja": "{{ x }}"}])
+    run = tiny_run(src, datasets=[{"path": str(src), "type": "chat_template", "chat_template": "jinja",
+                                   "chat_template_jinja": "{{ messages }}"}])
+    assert run.datasets[0].chat_template_jinja == "{{ messages }}"

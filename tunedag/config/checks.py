@@ -23,6 +23,7 @@ def check_run(run: RunConfig, where: str, base_dir: Path) -> None:
     checks = (lambda: _check_dataset_names(run, where), lambda: _check_output_dir(run.output_dir, where),
               lambda: _check_ranges(run, where), lambda: _check_base_model(run, where, base_dir),
               lambda: _check_adapter(run, where), lambda: _check_objective(run, where),
+              lambda: _check_jinja(run.chat_template, run.chat_template_jinja, where),
               lambda: _check_engine(run, where, base_dir), lambda: _check_eval_schedule(run, where))
     for check in checks:
         with problems.check():
@@ -30,7 +31,18 @@ def check_run(run: RunConfig, where: str, base_dir: Path) -> None:
     problems.raise_if_any()
 
 
+def _check_jinja(choice: str | None, jinja: str | None, where: str) -> None:
+    """chat_template: jinja renders chat_template_jinja, which nothing else reads."""
+    if choice == "jinja" and not (jinja and "{" in jinja):
+        raise ConfigError(f"{where}.chat_template_jinja: chat_template: jinja needs the template text here "
+                          f"(a file's path is not read), got {jinja!r}")
+    if jinja is not None and choice != "jinja":
+        raise ConfigError(f"{where}.chat_template_jinja: used only with chat_template: jinja, which is "
+                          f"{choice!r} here")
+
+
 def _check_dataset(ds: DatasetConfig, where: str, base_dir: Path) -> None:
+    _check_jinja(ds.chat_template, ds.chat_template_jinja, where)
     if ds.path.startswith("https://") or ds.path.startswith("http://"):
         if not ds.sha256:
             raise ConfigError(f"{where}.sha256: required for the URL {ds.path!r}")
