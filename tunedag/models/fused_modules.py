@@ -4,7 +4,10 @@ Each takes over the *same child modules and parameters* as the HF module it repl
 LoRA Linears with their ``lora_A``/``lora_B``, the norm weight), so parameter names, and with
 them peft's adapter files and checkpoints, are unchanged. The frozen base weight of a LoRA
 projection is its ``base_layer.weight``, or an ``NF4Weight`` under QLoRA (``nf4`` maps the
-projection's name to it; the dense weight is then dropped).
+projection's name to it; the dense weight is then dropped). Under full fine-tuning the
+projections are plain Linears (no peft): the same kernels run without A/B and return each
+weight's gradient when it requires grad; a trained weight is an fp32 master cast per call to
+the activations' dtype.
 
 Adapters off: when the model's :class:`AdapterSwitch` is off (the triton engine's reference pass
 for ``rl: dpo | kto``), or inside peft's ``model.disable_adapter()`` (the LoRA Linears then report
@@ -53,31 +56,42 @@ class FusedRMSNorm(nn.Module):
         self.gemma = gemma
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps, gemma=self.gemma)
+        # a trained norm weight is an fp32 master (full fine-tuning): computed in x's dtype
+        w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
+        return rms_norm(x, w, self.eps, gemma=self.gemma)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.eps}, gemma={self.gemma}"
 
 
+def _base_layer(proj: nn.Module) -> nn.Module:
+    """The Linear holding a projection's base weight: peft's ``base_layer``, or the projection itself
+    (a plain Linear: full fine-tuning)."""
+    return getattr(proj, "base_layer", proj)
+
+
 def _lora_parts(proj: nn.Module, nf4: dict[str, NF4Weight], name: str):
-    """(frozen base weight or NF4Weight, A (r, in), B (out, r)) of one peft LoRA Linear."""
-    base = nf4.get(name, proj.base_layer.weight)
+    """(base weight or NF4Weight, A (r, in), B (out, r)) of one peft LoRA Linear; A and B are None
+    for a plain Linear (full fine-tuning)."""
+    base = nf4.get(name, _base_layer(proj).weight)
+    if not hasattr(proj, "lora_A"):
+        return base, None, None
     return base, proj.lora_A[ADAPTER].weight, proj.lora_B[ADAPTER].weight
 
 
 def _add_bias(y: torch.Tensor, proj: nn.Module) -> torch.Tensor:
-    """A frozen base bias (Qwen2's q/k/v) is added after the fused projection."""
-    bias = proj.base_layer.bias
+    """A base bias (Qwen2's q/k/v) is added after the fused projection."""
+    bias = _base_layer(proj).bias
     return y if bias is None else y + bias.to(y.dtype)
 
 
 def _scaling(proj: nn.Module) -> float:
-    return float(proj.scaling[ADAPTER])
+    return float(proj.scaling[ADAPTER]) if hasattr(proj, "lora_A") else 1.0
 
 
 def _adapters_off(switch: AdapterSwitch, proj: nn.Module) -> bool:
     """True when the switch is off or inside peft's ``disable_adapter()``: run the frozen base alone."""
-    if switch.enabled and not proj.disable_adapters:
+    if switch.enabled and not getattr(proj, "disable_adapters", False):
         return False
     if torch.is_grad_enabled():
         raise RuntimeError("adapters disabled with gradients enabled: the fused modules' base-only path is "
@@ -87,7 +101,7 @@ def _adapters_off(switch: AdapterSwitch, proj: nn.Module) -> bool:
 
 def _base(x: torch.Tensor, proj: nn.Module, nf4: dict[str, NF4Weight], name: str) -> torch.Tensor:
     """x (N, in) @ the frozen base weight (dense or NF4-dequantised) -> (N, out); no LoRA."""
-    return x @ maybe_dequantize(nf4.get(name, proj.base_layer.weight), x.dtype).t()
+    return x @ maybe_dequantize(nf4.get(name, _base_layer(proj).weight), x.dtype).t()
 
 
 class FusedLoRAAttention(nn.Module):

@@ -58,7 +58,8 @@ def patch_model(peft_model: nn.Module, nf4: dict[str, NF4Weight] | None = None) 
     ``adapters`` switch turns the LoRA of every fused module off and on at once.
     """
     nf4 = nf4 or {}
-    causal_lm = peft_model.get_base_model()
+    # a peft model, or under full fine-tuning the HF causal LM itself
+    causal_lm = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
     config = causal_lm.config
     spec = ARCHITECTURES[config.model_type]
     activation = mlp_activation(spec, config)
