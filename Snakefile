@@ -10,7 +10,11 @@ from snakemake.utils import min_version
 min_version("8.0")
 
 
-configfile: "config.yaml"
+# `--configfile my.yaml` replaces config.yaml rather than merging into it: the repository's demo run,
+# defaults and cluster settings stay out of the user's runs.
+if not workflow.config_settings.configfiles:
+
+    configfile: "config.yaml"
 
 
 report: "workflow/report/workflow.rst"

@@ -48,7 +48,15 @@ def test_unknown_key_in_defaults_is_reported_there(raw):
 
 def test_wrong_type_names_key_and_value(raw):
     raw["runs"]["demo"]["learning_rate"] = "fast"
-    assert error_of(raw) == "config.yaml: runs.demo.learning_rate: expected a number, got 'fast' (str)"
+    assert error_of(raw) == ("config.yaml: runs.demo.learning_rate: expected a number, got 'fast' "
+                             "(a string that is not one)")
+
+
+def test_numbers_written_as_strings_are_numbers_and_null_is_unset(raw):
+    raw["runs"]["demo"].update(learning_rate="2e-5", lora_r="8", lora_alpha=None, num_epochs=None)
+    run = parse_config(raw).runs["demo"]
+    assert (run.learning_rate, run.lora_r, run.num_epochs) == (2e-5, 8, 1)
+    assert run.lora_alpha == 32
 
 
 def test_bool_is_not_an_integer(raw):

@@ -23,14 +23,15 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from tunedag.config import axolotl
 from tunedag.config.checks import (PLAIN_NAME_RULE, check_across_runs, check_cluster, check_model_fits,
                                    check_run, is_plain_name, time_minutes)
-from tunedag.config.fields import (STAGES, ClusterResources, Config, ConfigError, DatasetConfig, RunConfig,
-                                   hash_json)
+from tunedag.config.fields import (STAGES, ClusterResources, Config, ConfigError, DatasetConfig, Problems,
+                                   RunConfig, hash_json, plain)
 
 __all__ = ["STAGES", "ClusterResources", "Config", "ConfigError", "DatasetConfig", "RunConfig", "check_model_fits",
-           "hash_json", "is_plain_name", "json_schema", "load_config", "load_run", "load_yaml", "parse_config",
-           "time_minutes"]
+           "effective_config", "hash_json", "is_plain_name", "json_schema", "load_config", "load_run", "load_yaml",
+           "parse_config", "time_minutes"]
 
 
 # --------------------------------------------------------------------------- validation
@@ -74,7 +75,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
         (inner,) = typing.get_args(tp)
-        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+        problems, items = Problems(), []
+        for i, v in enumerate(value):
+            with problems.check():
+                items.append(_coerce(v, inner, f"{where}[{i}]"))
+        problems.raise_if_any()
+        return items
     if origin is dict:  # string keys
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
@@ -82,6 +88,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return {_coerce(k, str, where): _coerce(v, value_tp, f"{where}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, where)
+    if tp in (int, float) and isinstance(value, str):
+        value = _number(value, tp, where)
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),
@@ -95,21 +103,53 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return float(value) if tp is float else value
 
 
+def _number(text: str, tp: type, where: str) -> Any:
+    """A number written as a string (YAML reads ``2e-5`` as one): the number, as Axolotl takes it."""
+    try:
+        return int(text) if tp is int else float(text)
+    except ValueError:
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {text!r} (a string that is not one)") from None
+
+
 def _build(cls: type, raw: Any, where: str) -> Any:
+    """``cls`` from a mapping; every unknown key, bad value and missing key is reported at once.
+    A key set to null is unset (its default), unless null is one of its values."""
+    built, problems, _ = _build_lenient(cls, raw, where)
+    if problems:
+        raise ConfigError(*problems)
+    return built
+
+
+def _build_lenient(cls: type, raw: Any, where: str) -> tuple[Any, list[str], set[str]]:
+    """``cls`` built from the keys that pass (a failing key keeps its default; None when a required key
+    fails), the problems found, and the keys that failed."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {raw!r} ({type(raw).__name__})")
+        return None, [f"{where}: expected a mapping, got {raw!r} ({type(raw).__name__})"], set()
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in fields:
-            raise ConfigError(f"{where}: unknown key {key!r}{_closest(str(key), fields)}")
-    kwargs = {}
+    problems = Problems()
+    problems.found += [f"{where}: unknown key {key!r}{_closest(str(key), fields)}" for key in raw if key not in fields]
+    kwargs, failed = {}, set()
     for name, f in fields.items():
-        if name in raw:
-            kwargs[name] = _coerce(raw[name], hints[name], f"{where}.{name}")
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{where}: missing required key {name!r} ({f.metadata['doc']})")
-    return cls(**kwargs)
+        value = raw.get(name)
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if value is None and not _takes_null(hints[name]):
+            if required:
+                problems.found.append(f"{where}: missing required key {name!r} ({f.metadata['doc']})")
+                failed.add(name)
+        elif name in raw:
+            before = len(problems.found)
+            with problems.check():
+                kwargs[name] = _coerce(value, hints[name], f"{where}.{name}")
+            if len(problems.found) > before:
+                failed.add(name)
+    complete = all(name in kwargs for name, f in fields.items()
+                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+    return (cls(**kwargs) if complete else None), problems.found, failed
+
+
+def _takes_null(tp: Any) -> bool:
+    return typing.get_origin(tp) in (Union, types.UnionType) and type(None) in typing.get_args(tp)
 
 
 def parse_config(raw: Any, source: str = "config.yaml", base_dir: Path = Path(".")) -> Config:
@@ -126,30 +166,49 @@ def parse_config(raw: Any, source: str = "config.yaml", base_dir: Path = Path(".
     runs_raw = raw.get("runs")
     if not isinstance(runs_raw, dict) or not runs_raw:
         raise ConfigError(f"{source}: runs: expected a mapping of run names to settings")
-    runs = {}
+    runs, notes, problems = {}, {}, Problems()
+    run_keys = {f.name for f in dataclasses.fields(RunConfig)}
+    unknown = [k for k in defaults if k not in run_keys and k not in axolotl.AXOLOTL_ONLY]
+    problems.found += [f"{source}: defaults: unknown key {k!r}{_closest(str(k), run_keys)}" for k in unknown]
+    defaults = {k: v for k, v in defaults.items() if k not in unknown}
     for name, run_raw in runs_raw.items():
-        if not is_plain_name(str(name)):
-            raise ConfigError(f"{source}: runs: the run name {str(name)!r} is not {PLAIN_NAME_RULE}; "
-                              f"it names the folders data/packed/<run> and runs/<run>")
-        where = f"{source}: runs.{name}"
-        merged = {**defaults, **(run_raw or {})}
-        for key in defaults:  # name an unknown default key where it was written
-            if key not in {f.name for f in dataclasses.fields(RunConfig)}:
-                _build(RunConfig, {key: defaults[key]}, f"{source}: defaults")
-        run = _build(RunConfig, merged, where)
-        check_run(run, where, base_dir)
-        runs[str(name)] = run
-    check_across_runs(runs, source)
+        with problems.check():
+            if not is_plain_name(str(name)):
+                raise ConfigError(f"{source}: runs: the run name {str(name)!r} is not {PLAIN_NAME_RULE}; "
+                                  f"it names the folders data/packed/<run> and runs/<run>")
+            where = f"{source}: runs.{name}"
+            if run_raw is not None and not isinstance(run_raw, dict):
+                raise ConfigError(f"{where}: expected a mapping of keys, got {run_raw!r}")
+            merged = {**defaults, **axolotl.read_file(run_raw or {}, where, base_dir, load_yaml)}
+            if axolotl.is_axolotl_run(merged):
+                merged, notes[str(name)], refused = axolotl.translate(merged, where, base_dir)
+                problems.found += refused
+            run, typing_problems, failed = _build_lenient(RunConfig, merged, where)
+            problems.found += typing_problems
+            if run is not None:  # the value checks too, but none on a key that failed already
+                try:
+                    check_run(run, where, base_dir)
+                except ConfigError as err:
+                    problems.found += [p for p in err.problems
+                                       if not any(p.startswith(f"{where}.{key}") for key in failed)]
+                if not typing_problems:
+                    runs[str(name)] = run
+    if len(runs) == len(runs_raw):
+        with problems.check():
+            check_across_runs(runs, source)
     cluster_raw = raw.get("cluster") or {}
-    if not isinstance(cluster_raw, dict):
-        raise ConfigError(f"{source}: cluster: expected a mapping of stage names to resources")
     cluster = {}
-    for stage, res in cluster_raw.items():
-        if stage not in STAGES:
-            raise ConfigError(f"{source}: cluster: unknown stage {stage!r}{_closest(str(stage), STAGES)}")
-        cluster[stage] = _build(ClusterResources, res, f"{source}: cluster.{stage}")
-        check_cluster(cluster[stage], f"{source}: cluster.{stage}")
-    return Config(runs=runs, cluster=cluster)
+    with problems.check():
+        if not isinstance(cluster_raw, dict):
+            raise ConfigError(f"{source}: cluster: expected a mapping of stage names to resources")
+        for stage, res in cluster_raw.items():
+            with problems.check():
+                if stage not in STAGES:
+                    raise ConfigError(f"{source}: cluster: unknown stage {stage!r}{_closest(str(stage), STAGES)}")
+                cluster[stage] = _build(ClusterResources, res, f"{source}: cluster.{stage}")
+                check_cluster(cluster[stage], f"{source}: cluster.{stage}")
+    problems.raise_if_any()
+    return Config(runs=runs, cluster=cluster, notes=notes)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -197,6 +256,22 @@ def load_run(config_path: str | Path, run: str) -> tuple[Config, RunConfig]:
     if run not in config.runs:
         raise ConfigError(f"{config_path}: no run named {run!r}; runs are {', '.join(config.runs)}")
     return config, config.runs[run]
+
+
+def effective_config(config: Config) -> str:
+    """The config as tunedag runs it, as YAML: every key of every run with its value (defaults merged,
+    Axolotl keys translated), each run's notes as comments above it. The stages read this file."""
+    lines = ["# The effective tunedag config: every key as the stages read it (see README, \"Config keys\")."]
+    runs = {name: plain(run) for name, run in config.runs.items()}
+    cluster = {stage: plain(res) for stage, res in config.cluster.items()}
+    lines.append("runs:")
+    for name, run in runs.items():
+        lines += [f"  # {note}" for note in config.notes.get(name, [])]
+        body = yaml.safe_dump({name: run}, sort_keys=False, default_flow_style=False, allow_unicode=True)
+        lines += ["  " + line for line in body.splitlines()]
+    if cluster:
+        lines += yaml.safe_dump({"cluster": cluster}, sort_keys=False).splitlines()
+    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- JSON schema

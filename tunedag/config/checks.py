@@ -48,7 +48,9 @@ def _check_dataset(ds: DatasetConfig, where: str, base_dir: Path) -> None:
             raise ConfigError(f"{where}.sha256: required for the URL {ds.path!r}")
     elif not ds.path.startswith("hf:") and not (base_dir / ds.path).is_file():
         what = "is a folder, not a file" if (base_dir / ds.path).is_dir() else "file not found"
-        raise ConfigError(f"{where}.path: {what}: {ds.path!r}")
+        hub = (f" (a hub dataset? write hf:{ds.path})" if HUB_ID.fullmatch(ds.path) and "/" in ds.path
+               and not Path(ds.path).suffix else "")
+        raise ConfigError(f"{where}.path: {what}: {ds.path!r}{hub}")
     if ds.weight <= 0:
         raise ConfigError(f"{where}.weight: must be positive, got {ds.weight!r}")
     if ds.revision is not None and not ds.path.startswith("hf:"):
@@ -191,6 +193,12 @@ def _check_ranges(run: RunConfig, where: str) -> None:
                  for name in ("learning_rate", "lora_alpha") if getattr(run, name) <= 0]
     if run.max_steps is not None and run.max_steps < 1:
         problems.append(f"{where}.max_steps: must be at least 1, got {run.max_steps!r}")
+    if run.warmup_ratio is not None and not 0.0 <= run.warmup_ratio < 1.0:
+        problems.append(f"{where}.warmup_ratio: must be in [0, 1), got {run.warmup_ratio!r}")
+    if run.warmup_ratio is not None and run.warmup_steps:
+        problems.append(f"{where}.warmup_ratio: set beside warmup_steps {run.warmup_steps}; set one of them")
+    if run.saves_per_epoch is not None and run.saves_per_epoch < 1:
+        problems.append(f"{where}.saves_per_epoch: must be at least 1, got {run.saves_per_epoch!r}")
     if not 0.0 <= run.lora_dropout < 1.0:
         problems.append(f"{where}.lora_dropout: must be in [0, 1), got {run.lora_dropout!r}")
     if not 0.0 < run.eval_top_p <= 1.0:

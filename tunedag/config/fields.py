@@ -216,6 +216,8 @@ class RunConfig:
     lr_scheduler: Literal["cosine", "linear", "constant"] = _field("cosine", stages=("train",),
                                                                   doc="decay after warmup")
     warmup_steps: int = _field(0, stages=("train",), doc="linear warmup steps")
+    warmup_ratio: Optional[float] = _field(None, stages=("train",),
+                                           doc="warmup as a share of all optimizer steps (instead of warmup_steps)")
     weight_decay: float = _field(0.0, stages=("train",), doc="AdamW weight decay")
     max_grad_norm: float = _field(1.0, stages=("train",), doc="gradient clipping norm (0 disables)")
     gradient_checkpointing: bool = _field(False, stages=("train",), doc="recompute activations in backward")
@@ -255,6 +257,8 @@ class RunConfig:
     kto_desirable_weight: float = _field(1.0, stages=("train",), doc="kto: weight of desirable samples")
     kto_undesirable_weight: float = _field(1.0, stages=("train",), doc="kto: weight of undesirable samples")
     save_steps: int = _field(50, stages=("train",), doc="checkpoint every this many optimizer steps")
+    saves_per_epoch: Optional[int] = _field(None, stages=("train",),
+                                            doc="checkpoints per epoch (instead of save_steps)")
     keep_last_checkpoints: int = _field(2, stages=("train",), doc="complete checkpoints kept on disk")
     logging_steps: int = _field(1, stages=("train",), doc="steps between metric lines")
     eval_steps: Optional[int] = _field(
@@ -295,7 +299,7 @@ class RunConfig:
         """The keys ``stage`` reads, as plain JSON-able values."""
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)
+        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)
                 if stage in f.metadata["stages"]}
 
     def stage_hash(self, stage: str) -> str:
@@ -330,6 +334,7 @@ class Config:
 
     runs: dict[str, RunConfig]
     cluster: dict[str, ClusterResources]
+    notes: dict[str, list[str]] = field(default_factory=dict)  # per run: Axolotl keys accepted without effect
 
     def run_dir(self, run: str) -> str:
         return self.runs[run].output_dir or f"runs/{run}"
@@ -339,9 +344,9 @@ def hash_json(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, list):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     return value

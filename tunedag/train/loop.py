@@ -108,6 +108,18 @@ def total_steps(run: RunConfig, rows: int) -> int:
     return steps_per_epoch(run, rows) * run.num_epochs
 
 
+def warmup_steps(run: RunConfig, steps: int) -> int:
+    """``warmup_steps``, or ``warmup_ratio`` of all steps (rounded down, as Axolotl does)."""
+    return int(run.warmup_ratio * steps) if run.warmup_ratio is not None else run.warmup_steps
+
+
+def save_interval(run: RunConfig, rows: int) -> int:
+    """Optimizer steps between checkpoints: ``save_steps``, or an epoch over ``saves_per_epoch``."""
+    if run.saves_per_epoch is not None:
+        return max(1, steps_per_epoch(run, rows) // run.saves_per_epoch)
+    return run.save_steps
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     """Keep only the metric lines up to ``step`` (a resumed run rewrites what came after)."""
     if not path.is_file():
@@ -166,7 +178,7 @@ def _train(run: RunConfig, shards_dir: Path, model_path: Path, run_dir: Path, en
     verify_shards(shards_dir / "train", manifest)  # a changed shard stops here, naming it and the fix
     check_objective(run, shards_dir, manifest)
     reader = ShardReader(shards_dir / "train", env.rank, env.world_size)
-    steps = total_steps(run, len(reader))
+    steps, save_every = total_steps(run, len(reader)), save_interval(run, len(reader))
     evaluation = _evaluation(run, shards_dir, manifest, env, len(reader), steps)
     key = ckpt.resume_key(config_hash, manifest, model_path)
     ckpt_root = run_dir / "checkpoints"
@@ -175,7 +187,7 @@ def _train(run: RunConfig, shards_dir: Path, model_path: Path, run_dir: Path, en
     engine = make_engine(run, model_path, env)
     count = loss_units(run, shards_dir, manifest, engine.model.config, engine.objective)
     scheduler = get_scheduler(SCHEDULERS[run.lr_scheduler], engine.optimizer,
-                              num_warmup_steps=run.warmup_steps, num_training_steps=steps)
+                              num_warmup_steps=warmup_steps(run, steps), num_training_steps=steps)
     position = ckpt.Position()
     if resumed is not None:
         state = ckpt.load_state(resumed)
@@ -230,7 +242,7 @@ def _train(run: RunConfig, shards_dir: Path, model_path: Path, run_dir: Path, en
                 metrics.log(record)
             early = evaluation.stopping.stopped
             stopped = any_rank(should_stop(), engine.device) and position.step < steps and not early
-            if stopped or early or position.step % run.save_steps == 0 or position.step == steps:
+            if stopped or early or position.step % save_every == 0 or position.step == steps:
                 trainer_state = {"scheduler": scheduler.state_dict(), "rng": ckpt.rng_state(),
                                  "position": asdict(position), "resume_key": key, "engine": engine.name,
                                  "world_size": env.world_size, "early_stopping": evaluation.stopping.state()}

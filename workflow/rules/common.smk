@@ -5,13 +5,17 @@ import shlex
 import sys
 from pathlib import Path
 
+import yaml
+
 from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import validate
 
-from tunedag.config import ConfigError, hash_json, load_yaml, parse_config, time_minutes
+from tunedag.config import ConfigError, effective_config, hash_json, load_yaml, parse_config, time_minutes
+from tunedag.io import atomic_path
 
 # The library's typed check names the key and value at fault; the JSON schema is the same
-# contract in Snakemake's own terms (workflow/schemas is generated from tunedag.config).
+# contract in Snakemake's own terms (workflow/schemas is generated from tunedag.config), checked
+# on the effective config below (Axolotl keys translated).
 # Snakemake has loaded the config files already, keeping the last of a key written twice: each is
 # read again with a loader that refuses duplicate keys, naming file and line.
 _CONFIG_FILES = list({Path(p).resolve(): p for p in workflow.configfiles}.values())  # each file once
@@ -21,7 +25,6 @@ try:
     CFG = parse_config(config, source=",".join(map(str, _CONFIG_FILES)) or "config")
 except ConfigError as err:
     sys.exit(f"tunedag: config error: {err}")
-validate(config, "../schemas/config.schema.json")
 
 # imported after the check: a bad config is refused before torch loads
 from tunedag.data.tokenize import code_hash
@@ -36,11 +39,20 @@ if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
 else:
     PYTHON = f"{shlex.quote(sys.executable)} -P"
 SCRIPTS = Path(workflow.basedir) / "scripts"
-# Scripts read the exact config Snakemake resolved (--configfile and --config included).
-EFFECTIVE_CONFIG = Path(".snakemake/tunedag") / f"config-{hash_json(config)[:16]}.json"
+# Scripts read the config as tunedag runs it (--configfile and --config included, defaults merged,
+# Axolotl keys translated): every key with its value, and the notes on Axolotl keys without effect.
+_EFFECTIVE = effective_config(CFG)
+EFFECTIVE_CONFIG = Path(".snakemake/tunedag") / f"config-{hash_json(_EFFECTIVE)[:16]}.yaml"
+validate(yaml.safe_load(_EFFECTIVE), "../schemas/config.schema.json")
 if not EFFECTIVE_CONFIG.exists():
     EFFECTIVE_CONFIG.parent.mkdir(parents=True, exist_ok=True)
-    EFFECTIVE_CONFIG.write_text(json.dumps(config, indent=2))
+    with atomic_path(EFFECTIVE_CONFIG) as _tmp:
+        Path(_tmp).write_text(_EFFECTIVE)
+    for _notes in CFG.notes.values():  # once per config, not in every job's parse
+        for _note in _notes:
+            print(f"tunedag: note: {_note}", file=sys.stderr)
+    if CFG.notes:
+        print(f"tunedag: the effective config, with these notes: {EFFECTIVE_CONFIG}", file=sys.stderr)
 
 # parse_config has checked that run folders differ and that a dataset name means one source.
 # Every value below reaches a shell command through {x:q} (shlex-quoted) in the rules.

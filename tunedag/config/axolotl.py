@@ -1,0 +1,252 @@
+"""Axolotl configs as written: a run given as ``axolotl: path/to/config.yml``, or with Axolotl's keys
+inline, becomes a tunedag run.
+
+:func:`translate` takes one run's raw mapping (``defaults`` merged in) and returns the tunedag mapping
+and the notes to log. Keys tunedag holds under the same name pass through; the keys of
+:mod:`tunedag.config.axolotl_keys` are translated, accepted with a note, or refused with what tunedag
+does instead. A run is read in Axolotl's terms when it names a file with ``axolotl:`` or sets any key
+only Axolotl has; then, as in Axolotl, a run without ``adapter`` is a full fine-tune.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+from tunedag.config.axolotl_keys import IGNORED_KEYS, REFUSED_KEYS, TRANSLATED
+from tunedag.config.fields import ConfigError, Problems, RunConfig
+
+FILE_KEY = "axolotl"
+TUNEDAG_KEYS = {f.name for f in dataclasses.fields(RunConfig)}
+# keys only Axolotl has: a tunedag key of the same name means the same and passes through
+AXOLOTL_ONLY = {*TRANSLATED, *IGNORED_KEYS, *REFUSED_KEYS} - TUNEDAG_KEYS
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".arrow", ".txt", ".gz")
+HUB_DATASET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+LIGER_PLUGINS = ("liger", "cut_cross_entropy")
+LINEAR_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+OPTIMIZER_ALIASES = {"adamw_8bit": "adamw_bnb_8bit", "paged_adamw_32bit": "adamw_torch"}
+
+
+def asks_nothing(value: Any) -> bool:
+    """null, false or empty: the setting is off, so no key is refused for it."""
+    return value is None or value is False or value == "" or value == [] or value == {}
+
+
+def is_axolotl_run(raw: dict[str, Any]) -> bool:
+    return FILE_KEY in raw or any(key in AXOLOTL_ONLY for key in raw)
+
+
+def read_file(raw: dict[str, Any], where: str, base_dir: Path,
+              load: Callable[[Path], Any]) -> dict[str, Any]:
+    """``raw`` with the Axolotl file named by ``axolotl:`` read in: the file's keys under the run's own."""
+    if FILE_KEY not in raw:
+        return raw
+    path = raw[FILE_KEY]
+    if not isinstance(path, str):
+        raise ConfigError(f"{where}.{FILE_KEY}: expected the path of an Axolotl YAML file, got {path!r}")
+    document = load(base_dir / path)
+    if not isinstance(document, dict):
+        raise ConfigError(f"{where}.{FILE_KEY}: {path!r} is not a mapping of Axolotl keys")
+    own = {k: v for k, v in raw.items() if k != FILE_KEY}
+    return {**document, **own}
+
+
+def translate(raw: dict[str, Any], where: str, base_dir: Path) -> tuple[dict[str, Any], list[str], list[str]]:
+    """The tunedag mapping of an Axolotl-style run (refused keys left out), one note per key accepted
+    without effect, and one problem per refused key."""
+    notes: list[str] = []
+    problems = Problems()
+    out: dict[str, Any] = {}
+    unset = sorted(k for k, v in raw.items() if v is None and k in AXOLOTL_ONLY)
+    if unset:
+        notes.append(f"{where}: unset (null) in the Axolotl config: {', '.join(unset)}")
+    for key, value in raw.items():
+        if value is None and key in AXOLOTL_ONLY:
+            continue
+        if key not in AXOLOTL_ONLY:
+            out[key] = value
+        elif key in REFUSED_KEYS:
+            if not asks_nothing(value):
+                problems.found.append(f"{where}.{key}: Axolotl's {key} = {value!r} is not offered: "
+                                      f"{REFUSED_KEYS[key]}; remove the key")
+        elif key in IGNORED_KEYS:
+            if not asks_nothing(value):
+                notes.append(f"{where}.{key} = {value!r}: no effect in tunedag: {IGNORED_KEYS[key]}")
+    with problems.check():
+        _translate_keys(raw, out, notes, where)
+    if "datasets" in out:
+        with problems.check():
+            out["datasets"] = _translate_datasets(out["datasets"], f"{where}.datasets", base_dir, notes)
+    if "output_dir" in out and isinstance(out["output_dir"], str):
+        out["output_dir"] = out["output_dir"].removeprefix("./").rstrip("/")
+    if "adapter" not in raw:
+        out["adapter"] = "qlora" if raw.get("load_in_4bit") else None
+        if out["adapter"] is None:
+            notes.append(f"{where}.adapter: unset, which in an Axolotl config is a full fine-tune: "
+                         "every weight is trained (set adapter: lora for LoRA)")
+    return out, notes, problems.found
+
+
+def _translate_keys(raw: dict[str, Any], out: dict[str, Any], notes: list[str], where: str) -> None:
+    """The keys of TRANSLATED that are set, into ``out``."""
+    problems = Problems()
+
+    def note(key: str, text: str) -> None:
+        notes.append(f"{where}.{key} = {raw[key]!r}: {text}")
+
+    def refuse(key: str, text: str) -> None:
+        problems.found.append(f"{where}.{key}: {raw[key]!r}: {text}")
+
+    if raw.get("load_in_4bit") and raw.get("adapter") == "lora":
+        out["adapter"] = "qlora"
+        note("load_in_4bit", "adapter: lora over a 4-bit base is tunedag's adapter: qlora")
+    if raw.get("load_in_8bit"):
+        note("load_in_8bit", "tunedag has no 8-bit base: LoRA trains over the bf16 base (about twice the base's "
+                             "memory of 8-bit; adapter: qlora takes half of it)")
+    if raw.get("lora_target_linear"):
+        listed = raw.get("lora_target_modules") or []
+        if isinstance(listed, list) and listed:
+            out["lora_target_modules"] = list(dict.fromkeys([*LINEAR_PROJECTIONS, *listed]))
+        elif listed:
+            refuse("lora_target_linear", "beside a lora_target_modules pattern; tunedag takes a list of module "
+                                         "names")
+        note("lora_target_linear", "lora_target_modules: every linear projection of the decoder "
+                                   f"({', '.join(LINEAR_PROJECTIONS)}){' and those listed' if listed else ''}")
+    optimizer = raw.get("optimizer")
+    if optimizer in OPTIMIZER_ALIASES:
+        out["optimizer"] = OPTIMIZER_ALIASES[optimizer]
+    model_config = raw.get("model_config")
+    if isinstance(model_config, dict) and model_config:
+        if set(model_config) == {"output_router_logits"}:
+            note("model_config", "tunedag adds a mixture-of-experts model's router load-balancing loss as its "
+                                 "config.json sets router_aux_loss_coef")
+        else:
+            refuse("model_config", "tunedag loads the base model as its config.json describes it; edit a copy "
+                                   "of the model folder instead")
+    checkpointing = raw.get("gradient_checkpointing")
+    if checkpointing == "offload":
+        out["gradient_checkpointing"] = True
+        out["activation_offloading"] = True
+    elif isinstance(checkpointing, str):
+        refuse("gradient_checkpointing", "tunedag takes true, false or 'offload' (checkpointed layer inputs kept "
+                                         "in CPU memory)")
+    elif checkpointing is not None:
+        out["gradient_checkpointing"] = checkpointing
+    if not asks_nothing(raw.get("deepspeed")):
+        out["train_engine"] = "deepspeed"
+        out["deepspeed_config"] = raw["deepspeed"]
+        stage = _zero_stage(raw["deepspeed"])
+        if stage in (2, 3):
+            out["deepspeed_zero_stage"] = stage
+        elif stage is not None:
+            refuse("deepspeed", f"ZeRO stage {stage}: tunedag runs DeepSpeed at stage 2 or 3")
+    fsdp_keys = [k for k in ("fsdp", "fsdp_config", "fsdp_version") if not asks_nothing(raw.get(k))]
+    if fsdp_keys:
+        if "train_engine" in out and out["train_engine"] != "fsdp":
+            refuse(fsdp_keys[0], f"set beside train_engine: {out['train_engine']}; choose one engine")
+        out["train_engine"] = "fsdp"
+        fsdp_config = raw.get("fsdp_config")
+        if isinstance(fsdp_config, dict) and fsdp_config.get("offload_params"):
+            refuse("fsdp_config", "offload_params is not offered on fsdp; use train_engine: deepspeed with "
+                                  "deepspeed_zero_stage: 3 and deepspeed_offload: all")
+        elif isinstance(fsdp_config, dict) and fsdp_config:
+            note("fsdp_config", "tunedag's fsdp shards each decoder layer (FSDP2), computes in bf16 and reduces "
+                                "in fp32; the settings here are not needed")
+    if raw.get("reward_model"):
+        if raw.get("rl") not in (None, "reward"):
+            refuse("reward_model", f"set beside rl: {raw['rl']}; a run trains one objective")
+        out["rl"] = "reward"
+    if raw.get("rl") == "ipo":
+        out["rl"], out["dpo_loss_type"] = "dpo", "ipo"
+    if raw.get("dpo_beta") is not None and "rl_beta" not in raw:
+        out["rl_beta"] = raw["dpo_beta"]
+    if raw.get("save_total_limit") is not None:
+        out["keep_last_checkpoints"] = raw["save_total_limit"]
+    if raw.get("use_wandb") is False:
+        out["wandb_mode"] = "disabled"
+    if raw.get("revision_of_model") is not None:
+        out["base_model_revision"] = raw["revision_of_model"]
+    for key in ("eval_strategy", "evaluation_strategy"):
+        strategy = raw.get(key)
+        if strategy == "epoch" and "evals_per_epoch" not in raw:
+            out["evals_per_epoch"] = 1
+        elif strategy == "no":
+            out.pop("eval_steps", None)
+            out.pop("evals_per_epoch", None)
+        elif strategy not in (None, "steps", "epoch"):
+            refuse(key, "tunedag evaluates every eval_steps steps or evals_per_epoch times an epoch")
+    for key in ("bf16", "bfloat16"):
+        if raw.get(key) is False and not raw.get("fp16"):
+            note(key, "tunedag computes in bf16 on CUDA GPUs regardless (fp32 on CPU)")
+    special = raw.get("special_tokens")
+    if isinstance(special, dict) and special:
+        others = sorted(k for k, v in special.items() if k != "pad_token" and v is not None)
+        if others:
+            refuse("special_tokens", f"tunedag uses the tokenizer's own {', '.join(others)}; setting special "
+                                     "tokens is not offered (pad_token alone is accepted)")
+        else:
+            note("special_tokens", "tunedag pads with the tokenizer's pad token, or its end-of-text token, and "
+                                   "masks padding from the loss itself")
+    if raw.get("val_set_size") in (0, 0.0):
+        out.pop("val_set_size")
+        note("val_set_size", "tunedag's evaluate stage scores held-out rows, so its default val_set_size 0.05 "
+                             "holds out 5% of the rows")
+    if raw.get("num_labels") not in (None, 1) or (raw.get("num_labels") == 1 and not raw.get("reward_model")):
+        refuse("num_labels", "tunedag trains causal language models, and reward models (reward_model: true) "
+                             "with one score")
+    plugins = raw.get("plugins") or []
+    foreign = [p for p in plugins if not any(name in str(p) for name in LIGER_PLUGINS)]
+    if foreign:
+        refuse("plugins", f"{', '.join(map(str, foreign))}: tunedag has no plugins")
+    elif plugins:
+        note("plugins", "tunedag's triton engine has its own fused kernels in place of Liger's and Cut Cross "
+                        "Entropy's")
+    problems.raise_if_any()
+
+
+def _zero_stage(path: Any) -> int | None:
+    """The ZeRO stage of a DeepSpeed JSON where it can be read now (the check names a missing file)."""
+    try:
+        stage = json.loads(Path(str(path)).read_text()).get("zero_optimization", {}).get("stage")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return stage if isinstance(stage, int) else None
+
+
+def _translate_datasets(entries: Any, where: str, base_dir: Path, notes: list[str]) -> Any:
+    """Axolotl's dataset entries: a bare hub id is a hub dataset, ``name`` its subset and ``split`` its split."""
+    if not isinstance(entries, list):
+        return entries
+    problems, out = Problems(), []
+    for i, entry in enumerate(entries):
+        with problems.check():
+            out.append(_translate_dataset(entry, f"{where}[{i}]", base_dir, notes))
+    problems.raise_if_any()
+    return out
+
+
+def _translate_dataset(entry: Any, where: str, base_dir: Path, notes: list[str]) -> Any:
+    if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+        return entry
+    entry = {k: v for k, v in entry.items() if v is not None}
+    path = entry["path"]
+    hub = path.startswith("hf:") or (HUB_DATASET.fullmatch(path) is not None and not path.endswith(DATA_SUFFIXES)
+                                     and not (base_dir / path).exists())
+    subset, split = entry.pop("name", None), entry.pop("split", None)
+    entry.pop("ds_type", None)
+    if hub:
+        source = path.removeprefix("hf:")
+        if subset and ":" not in source:
+            source += f":{subset}"
+        if split and "@" not in source:
+            source += f"@{split}"
+        entry["path"] = "hf:" + source
+    else:
+        if subset:
+            notes.append(f"{where}.name = {subset!r}: a subset name applies to hub datasets; {path!r} is a file")
+        if split not in (None, "train"):
+            raise ConfigError(f"{where}.split: {split!r}: a local file {path!r} is read whole; split it into its "
+                              "own file")
+    return entry
