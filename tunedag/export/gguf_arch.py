@@ -12,6 +12,16 @@ model and which weight transforms it needs:
   every norm weight is stored shifted by +1. The embedding scale sqrt(hidden) is
   applied inside llama.cpp's gemma graph, so embeddings are written unchanged.
   llama.cpp's gemma graph always reads the output projection from token_embd.
+- gemma3_text -> ``gemma3``: Gemma's norm shift (q/k norms too), sliding-window layers. llama.cpp
+  fixes what transformers configures: every 6th layer global, the others sliding with RoPE base
+  10000, attention scale 1/sqrt(head_dim); a config that differs is refused rather than exported
+  into a file that computes something else.
+- phi3 -> ``phi3``: packed ``qkv_proj`` and ``gate_up_proj`` are llama.cpp's own ``attn_qkv`` and
+  ``ffn_up`` ([gate; up], split by its SwiGLU); NEOX rope; llama.cpp runs it without the sliding
+  window (seen: a window written into the file changes nothing), so the window is warned about, as Mistral's.
+- mixtral -> ``llama`` with experts, qwen3_moe -> ``qwen3moe``: the checkpoint's per-expert weights
+  are stacked into (experts, out, in) ``ffn_{gate,up,down}_exps`` tensors; the router is
+  ``ffn_gate_inp``; softmax gating, the top-k weights renormalised (a config that does not is refused).
 
 Rope: transformers >= 5 writes ``rope_parameters``; older configs write
 ``rope_theta`` / ``rope_scaling``. Both are read. Llama-3 scaling is expressed the
@@ -20,6 +30,7 @@ no rope-scaling key (writing both would scale twice).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -45,6 +56,8 @@ class ArchSpec:
     norm_shift: float  # added to every ``*norm.weight`` (gemma: +1)
     always_tied: bool  # the llama.cpp graph has no separate output.weight
     activations: tuple[str, ...]  # hidden_act values the llama.cpp graph computes
+    moe: bool = False  # experts: expert count, used count, their FFN width and weight normalisation
+    sliding_window: bool = False  # the graph reads {arch}.attention.sliding_window
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -54,7 +67,14 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "qwen3": ArchSpec("qwen3", gguf.MODEL_ARCH.QWEN3, False, 0.0, False, ("silu",)),
     # HF Gemma always uses the tanh approximation (gelu_pytorch_tanh), as llama.cpp does.
     "gemma": ArchSpec("gemma", gguf.MODEL_ARCH.GEMMA, False, 1.0, True, ("gelu_pytorch_tanh", "gelu")),
+    "gemma3_text": ArchSpec("gemma3_text", gguf.MODEL_ARCH.GEMMA3, False, 1.0, True, ("gelu_pytorch_tanh",),
+                            sliding_window=True),
+    "phi3": ArchSpec("phi3", gguf.MODEL_ARCH.PHI3, False, 0.0, False, ("silu",)),
+    "mixtral": ArchSpec("mixtral", gguf.MODEL_ARCH.LLAMA, True, 0.0, False, ("silu",), moe=True),
+    "qwen3_moe": ArchSpec("qwen3_moe", gguf.MODEL_ARCH.QWEN3MOE, False, 0.0, False, ("silu",), moe=True),
 }
+GEMMA3_SWA_EVERY = 6  # llama.cpp's gemma3 graph: layers 5, 11, ... global, the others sliding
+GEMMA3_SWA_ROPE_THETA = 10000.0
 SUPPORTED_ARCHITECTURES = tuple(sorted(ARCHITECTURES))
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -75,6 +95,12 @@ class HParams:
     rope_scaling: dict[str, Any] | None  # None for plain rope
     vocab_size: int
     tie_word_embeddings: bool
+    rope_dim: int = 0  # rotated dimensions of a head (Phi-3's partial_rotary_factor); 0: head_dim
+    sliding_window: int | None = None  # written where the graph reads it (ArchSpec.sliding_window)
+    n_experts: int = 0  # MoE: experts per layer (0: dense)
+    n_experts_used: int = 0
+    expert_ff: int = 0  # one expert's FFN width
+    expert_norm: bool = False  # the top-k weights renormalised to sum 1
 
 
 def read_config(model_dir: Path) -> dict[str, Any]:
@@ -141,18 +167,64 @@ def read_hparams(config: dict[str, Any], spec: ArchSpec) -> HParams:
     except KeyError as e:
         raise GGUFExportError(f"config.json has no {e.args[0]!r}, which the GGUF header needs") from None
     window = config.get("sliding_window")
-    if window and config.get("use_sliding_window", True) and window < hp.context_length:
+    if spec.sliding_window and window:
+        hp = dataclasses.replace(hp, sliding_window=int(window))
+    elif window and config.get("use_sliding_window", True) and window < hp.context_length:
         log.warning(
             "%s uses sliding-window attention (%d tokens); llama.cpp's %s graph attends to the full "
             "context, so outputs differ from transformers beyond %d tokens",
             spec.model_type, window, gguf.MODEL_ARCH_NAMES[spec.gguf_arch], window,
         )
+    hp = dataclasses.replace(hp, rope_dim=int(hp.head_dim * _partial_rotary(config)), **_experts(config, spec))
+    if spec.gguf_arch == gguf.MODEL_ARCH.GEMMA3:
+        _check_gemma3(config, hp)
     if spec.always_tied and not hp.tie_word_embeddings:
         raise GGUFExportError(
             f"{spec.model_type} with tie_word_embeddings=false cannot be exported: "
             "llama.cpp's graph for it reads the output projection from the token embeddings"
         )
     return hp
+
+
+def _partial_rotary(config: dict[str, Any]) -> float:
+    params = config.get("rope_parameters") if isinstance(config.get("rope_parameters"), dict) else {}
+    return float(params.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)) or 1.0)
+
+
+def _experts(config: dict[str, Any], spec: ArchSpec) -> dict[str, Any]:
+    if not spec.moe:
+        return {}
+    n = config.get("num_local_experts") or config.get("num_experts")
+    if not n or "num_experts_per_tok" not in config:
+        raise GGUFExportError(f"{spec.model_type} config.json names no expert count (num_local_experts / "
+                              "num_experts) or num_experts_per_tok")
+    if config.get("mlp_only_layers") or config.get("decoder_sparse_step", 1) != 1:
+        raise GGUFExportError(f"{spec.model_type} with dense layers between the MoE layers (mlp_only_layers, "
+                              "decoder_sparse_step) cannot be exported: llama.cpp's graph has experts in every layer")
+    if not config.get("norm_topk_prob", True):  # Mixtral has no such key: it always renormalises
+        raise GGUFExportError(f"{spec.model_type} with norm_topk_prob=false cannot be exported: llama.cpp's graph "
+                              "renormalises the top-k expert weights (seen: it ignores expert_weights_norm=false)")
+    return dict(n_experts=int(n), n_experts_used=int(config["num_experts_per_tok"]),
+                expert_ff=int(config.get("moe_intermediate_size") or config["intermediate_size"]), expert_norm=True)
+
+
+def _check_gemma3(config: dict[str, Any], hp: HParams) -> None:
+    """What llama.cpp's gemma3 graph fixes must be what the config says."""
+    want = ["full_attention" if (i + 1) % GEMMA3_SWA_EVERY == 0 else "sliding_attention" for i in range(hp.n_layers)]
+    problems = []
+    if config.get("layer_types", want) != want:
+        problems.append(f"layer_types {config['layer_types']} (llama.cpp: every {GEMMA3_SWA_EVERY}th layer global)")
+    local = (config.get("rope_parameters") or {}).get("sliding_attention") or {}
+    if float(local.get("rope_theta", GEMMA3_SWA_ROPE_THETA)) != GEMMA3_SWA_ROPE_THETA:
+        problems.append(f"sliding layers' rope_theta {local['rope_theta']} (llama.cpp: {GEMMA3_SWA_ROPE_THETA})")
+    if float(config.get("query_pre_attn_scalar", hp.head_dim)) != hp.head_dim:
+        problems.append(f"query_pre_attn_scalar {config['query_pre_attn_scalar']} != head_dim {hp.head_dim}")
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if config.get(key):
+            problems.append(f"{key} {config[key]}")
+    if problems:
+        raise GGUFExportError("gemma3 with " + "; ".join(problems) + " cannot be exported: llama.cpp's gemma3 "
+                              "graph would compute a different model")
 
 
 def llama3_rope_factors(hp: HParams) -> np.ndarray:
@@ -191,7 +263,14 @@ def add_hparams(writer: gguf.GGUFWriter, hp: HParams, file_type: int, name: str)
     writer.add_head_count_kv(hp.n_head_kv)
     writer.add_key_length(hp.head_dim)
     writer.add_value_length(hp.head_dim)
-    writer.add_rope_dimension_count(hp.head_dim)
+    writer.add_rope_dimension_count(hp.rope_dim or hp.head_dim)
+    if hp.sliding_window:
+        writer.add_sliding_window(hp.sliding_window)
+    if hp.n_experts:
+        writer.add_expert_count(hp.n_experts)
+        writer.add_expert_used_count(hp.n_experts_used)
+        writer.add_expert_feed_forward_length(hp.expert_ff)
+        writer.add_expert_weights_norm(hp.expert_norm)
     writer.add_rope_freq_base(hp.rope_theta)
     writer.add_layer_norm_rms_eps(hp.rms_norm_eps)
     writer.add_vocab_size(hp.vocab_size)

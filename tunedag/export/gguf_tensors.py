@@ -3,10 +3,15 @@
 Two passes keep memory bounded by one tensor: `plan_tensors` reads only headers
 (names, shapes) so the GGUF tensor table can be written first; `load_tensor` then
 reads one tensor lazily with `safe_open`, transforms it and quantises it.
+
+MoE checkpoints keep every expert's projection as its own 2-D weight; llama.cpp wants one
+(experts, out, in) tensor per projection and layer (``ffn_{gate,up,down}_exps``): those are
+planned from the per-expert headers and stacked when written.
 """
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +34,12 @@ FILE_TYPES = {
 }
 # Buffers some checkpoints carry that are recomputed at load time.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# One expert's weight in a checkpoint: Mixtral (w1 gate, w3 up, w2 down) and Qwen3-MoE names
+EXPERT_WEIGHT = re.compile(r"model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\."
+                           r"(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight")
+EXPERT_TENSORS = {"w1": gguf.MODEL_TENSOR.FFN_GATE_EXP, "gate_proj": gguf.MODEL_TENSOR.FFN_GATE_EXP,
+                  "w3": gguf.MODEL_TENSOR.FFN_UP_EXP, "up_proj": gguf.MODEL_TENSOR.FFN_UP_EXP,
+                  "w2": gguf.MODEL_TENSOR.FFN_DOWN_EXP, "down_proj": gguf.MODEL_TENSOR.FFN_DOWN_EXP}
 
 
 @dataclass(frozen=True)
@@ -102,6 +113,29 @@ def _reader(path: Path, name: str, transform: Callable[[np.ndarray], np.ndarray]
     return read
 
 
+def _stacked_reader(parts: list[tuple[Path, str]]) -> Callable[[], np.ndarray]:
+    def read() -> np.ndarray:
+        return np.stack([_reader(path, name, lambda a: a)() for path, name in parts])
+    return read
+
+
+def _expert_plans(experts: dict[str, dict[int, tuple[Path, str, tuple[int, ...]]]], hp: HParams,
+                  outtype: str) -> list[TensorPlan]:
+    """One stacked (experts, out, in) tensor per GGUF expert tensor name, experts in order."""
+    plans = []
+    for gguf_name, by_expert in experts.items():
+        if sorted(by_expert) != list(range(hp.n_experts)):
+            raise GGUFExportError(f"{gguf_name}: the checkpoint holds experts {sorted(by_expert)}, "
+                                  f"config.json says {hp.n_experts}")
+        shapes = {by_expert[e][2] for e in by_expert}
+        if len(shapes) != 1:
+            raise GGUFExportError(f"{gguf_name}: experts of different shapes {sorted(shapes)}")
+        shape = (hp.n_experts, *shapes.pop())
+        parts = [by_expert[e][:2] for e in range(hp.n_experts)]
+        plans.append(TensorPlan(gguf_name, shape, _storage_type(gguf_name, shape, outtype), _stacked_reader(parts)))
+    return plans
+
+
 def _transform_for(hf_name: str, gguf_name: str, spec: ArchSpec, hp: HParams) -> Callable[[np.ndarray], np.ndarray]:
     shift = spec.norm_shift if hf_name.endswith("norm.weight") and spec.norm_shift else 0.0
     heads = None
@@ -126,6 +160,7 @@ def plan_tensors(model_dir: Path, spec: ArchSpec, hp: HParams, outtype: str) -> 
         name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
         plans.append(TensorPlan(name, factors.shape, QT.F32, lambda: factors))
     seen: set[str] = set()
+    experts: dict[str, dict[int, tuple[Path, str, tuple[int, ...]]]] = {}
     for path in safetensors_files(model_dir):
         with safe_open(str(path), framework="pt") as f:
             names = list(f.keys())
@@ -135,6 +170,12 @@ def plan_tensors(model_dir: Path, spec: ArchSpec, hp: HParams, outtype: str) -> 
                 continue
             if hf_name == "lm_head.weight" and hp.tie_word_embeddings:
                 continue  # llama.cpp reuses token_embd when output.weight is absent
+            expert = EXPERT_WEIGHT.fullmatch(hf_name) if spec.moe else None
+            if expert:
+                layer, index, proj = expert.groups()
+                stacked = gguf.TENSOR_NAMES[EXPERT_TENSORS[proj]].format(bid=int(layer)) + ".weight"
+                experts.setdefault(stacked, {})[int(index)] = (path, hf_name, shapes[hf_name])
+                continue
             gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
             if gguf_name is None:
                 raise GGUFExportError(
@@ -149,6 +190,7 @@ def plan_tensors(model_dir: Path, spec: ArchSpec, hp: HParams, outtype: str) -> 
                 gguf_name, shape, _storage_type(gguf_name, shape, outtype),
                 _reader(path, hf_name, _transform_for(hf_name, gguf_name, spec, hp)),
             ))
+    plans += _expert_plans(experts, hp, outtype)
     if "token_embd.weight" not in seen:
         raise GGUFExportError(f"no embedding tensor (model.embed_tokens.weight) in {model_dir}'s safetensors")
     if not hp.tie_word_embeddings and "output.weight" not in seen:

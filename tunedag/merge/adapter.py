@@ -79,6 +79,9 @@ def _copy_model_files(run: RunConfig, model_path: Path, out: Path, dtype: torch.
         config = reward_model_config(config, reward_architecture, pad)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     tokenizer.save_pretrained(out)
+    sentencepiece = model_path / "tokenizer.model"  # transformers 5 saves tokenizer.json only; GGUF export reads it
+    if sentencepiece.is_file() and not (out / sentencepiece.name).exists():
+        shutil.copy2(sentencepiece, out / sentencepiece.name)
     if (model_path / "generation_config.json").is_file() and not reward_architecture:  # a reward model generates nothing
         GenerationConfig.from_pretrained(model_path).save_pretrained(out)
     if run.trust_remote_code:  # the model's own code travels with it

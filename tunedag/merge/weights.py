@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from tunedag.errors import TunedagError
 from tunedag.kernels.nf4 import dequantize_nf4_reference
+from tunedag.models.moe import expert_loras
 from tunedag.models.qlora import quantize_weight
 from tunedag.models.registry import LORA_TARGETS
 
@@ -78,6 +79,26 @@ def read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, LoraTensors], dict[
             raise MergeError(f"{adapter_dir}: {weight} has only {sorted(p)} of lora_A/lora_B")
         lora[weight] = LoraTensors(p["lora_A.weight"], p["lora_B.weight"], p.get("lora_magnitude_vector"))
     return config, lora, replaced
+
+
+def split_expert_loras(lora: dict[str, LoraTensors], model_path: Path) -> dict[str, LoraTensors]:
+    """MoE (Mixtral, Qwen3-MoE): each LoRA on a 3-D expert parameter becomes one LoRA per expert weight
+    of the base's checkpoint (see tunedag.models.moe.expert_loras); other entries pass unchanged."""
+    config_path = model_path / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    out = {}
+    for name, parts in lora.items():
+        try:
+            experts = expert_loras(name, parts.a, parts.b, config)
+        except ValueError as err:
+            raise MergeError(str(err)) from None
+        if experts is None:
+            out[name] = parts
+        elif parts.magnitude is not None:
+            raise MergeError(f"{name}: DoRA on expert parameters is not supported by the merge")
+        else:
+            out.update({n: LoraTensors(a, b, None) for n, (a, b) in experts.items()})
+    return out
 
 
 def lora_scale(config: dict, rank: int) -> float:
@@ -163,7 +184,8 @@ class ShardWriter:
 def is_nf4_weight(name: str) -> bool:
     """Whether QLoRA training held this base weight in NF4 (the decoder layers' projections)."""
     module, _, leaf = name.rpartition(".")
-    return leaf == "weight" and ".layers." in f".{module}" and module.rsplit(".", 1)[-1] in LORA_TARGETS
+    return (leaf == "weight" and ".layers." in f".{module}" and module.rsplit(".", 1)[-1] in LORA_TARGETS
+            and ".experts." not in module)  # MoE experts are 3-D parameters, never NF4
 
 
 def nf4_round_trip(weight: torch.Tensor) -> torch.Tensor:
@@ -182,6 +204,7 @@ def merge_weights(model_path: Path, adapter_dir: Path, out_dir: Path, dtype: tor
     it must end up written.
     """
     config, lora, replaced = read_adapter(adapter_dir)
+    lora = split_expert_loras(lora, model_path)
     generator = torch.Generator().manual_seed(seed)
     writer, worst, seen, dropped, written = ShardWriter(out_dir, max_shard_bytes), 0.0, set(), [], {}
 

@@ -18,6 +18,7 @@ engine's forward runs, for the load-balancing loss (:func:`load_balancing_loss`,
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -50,8 +51,9 @@ def _param_lora(wrapper: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(A (E, in, r), B (E, r, out), s) of a peft ParamWrapper, laid out for grouped_mm."""
     a, b = wrapper.lora_A[ADAPTER].weight, wrapper.lora_B[ADAPTER].weight
     e = wrapper.num_experts
-    a = a.reshape(e, -1, a.shape[-1]).transpose(1, 2)  # (E, in, r)
-    b = b.reshape(b.shape[0], -1, e).permute(2, 1, 0)  # (E, r, out)
+    # contiguous (small): torch._grouped_mm takes (E, K, N) with its last or next-to-last dim dense
+    a = a.reshape(e, -1, a.shape[-1]).transpose(1, 2).contiguous()  # (E, in, r)
+    b = b.reshape(b.shape[0], -1, e).permute(2, 1, 0).contiguous()  # (E, r, out)
     return a, b, float(wrapper.scaling[ADAPTER])
 
 
@@ -145,3 +147,42 @@ def hf_moe_loss_sum(peft_model: nn.Module, inputs: dict, labels: torch.Tensor, k
     keep = keep.to(logits.device)
     n_trained = (labels[:, 1:] != IGNORE_INDEX).sum()
     return loss_sum(logits, labels) + aux_loss_sum([r[keep] for r in out.router_logits], causal_lm.config, n_trained)
+
+
+# Where a checkpoint (safetensors on disk: transformers 5 saves experts one by one, as the hub holds
+# them) keeps expert e's gate, up and down weights, under "model.layers.{i}."
+EXPERT_CHECKPOINT_NAMES = {
+    "mixtral": ("block_sparse_moe.experts.{e}.w1", "block_sparse_moe.experts.{e}.w3", "block_sparse_moe.experts.{e}.w2"),
+    "qwen3_moe": ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj", "mlp.experts.{e}.down_proj"),
+}
+# peft's adapter keys of the two expert LoRAs: down_proj's ParamWrapper wraps gate_up_proj's (the
+# order of target_parameters), so gate_up's weights sit one ".base_layer" deeper
+_EXPERT_ADAPTER = re.compile(r"model\.layers\.(\d+)\.mlp\.experts(\.base_layer)?\.weight")
+
+
+def expert_loras(name: str, a: torch.Tensor, b: torch.Tensor, config: dict) -> dict[str, tuple] | None:
+    """Per-expert (A_e, B_e) of one expert-parameter LoRA, by checkpoint weight name; None for other names.
+
+    ``name``: the adapter's weight name (``model.layers.3.mlp.experts.weight``), a (E r, in), b (out, r E),
+    ``config``: the base model's config.json. gate_up's B splits by rows into gate and up, sharing A_e.
+    """
+    match = _EXPERT_ADAPTER.fullmatch(name)
+    if match is None:
+        return None
+    names = EXPERT_CHECKPOINT_NAMES.get(config.get("model_type"))
+    if names is None:
+        raise ValueError(f"{name}: expert LoRA on a {config.get('model_type')!r} model, whose checkpoint layout "
+                         f"is not known here (known: {', '.join(EXPERT_CHECKPOINT_NAMES)})")
+    e = config.get("num_local_experts") or config["num_experts"]
+    a_e = a.reshape(e, -1, a.shape[-1])  # (E, r, in)
+    b_e = b.reshape(b.shape[0], -1, e).permute(2, 0, 1)  # (E, out, r)
+    prefix = f"model.layers.{match.group(1)}."
+    out = {}
+    for i in range(e):
+        if match.group(2):  # gate_up: rows [gate; up]
+            gate, up = b_e[i].chunk(2, dim=0)
+            out[prefix + names[0].format(e=i) + ".weight"] = (a_e[i], gate)
+            out[prefix + names[1].format(e=i) + ".weight"] = (a_e[i], up)
+        else:
+            out[prefix + names[2].format(e=i) + ".weight"] = (a_e[i], b_e[i])
+    return out
