@@ -351,14 +351,15 @@ def plan_input_output(row: dict[str, Any], spec: FormatSpec, tok: TextTokenizer)
 
 def _conversation(messages: list[dict[str, Any]], spec: FormatSpec, tools: list[dict[str, Any]] | None = None,
                   last_only: bool = False) -> Rendered:
-    text, turns = spec.chat.render_turns(messages, tools)
+    n = len(messages)
     if last_only:
-        train = [k == len(turns) - 1 for k in range(len(turns))]
+        train = [k == n - 1 for k in range(n)]
     else:
-        train = [spec.train_on_inputs or t.role in spec.roles_to_train for t in turns]
+        train = [spec.train_on_inputs or m["role"] in spec.roles_to_train for m in messages]
     last = max((k for k, t in enumerate(train) if t), default=-1)
-    eos_on = {"turn": train, "all": [True] * len(turns), "none": [False] * len(turns),
-              "last": [k == last for k in range(len(turns))]}[spec.train_on_eos]
+    eos_on = {"turn": train, "all": [True] * n, "none": [False] * n,
+              "last": [k == last for k in range(n)]}[spec.train_on_eos]
+    text, turns = spec.chat.render_turns(messages, tools, [t or e for t, e in zip(train, eos_on)])
     trained = tuple((t.content_start, t.content_end) for t, on in zip(turns, train) if on)
     eos = tuple((t.content_end, t.end) for t, on in zip(turns, eos_on) if on)
     if spec.train_on_inputs and not last_only:
