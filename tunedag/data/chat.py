@@ -1,16 +1,15 @@
 """Chat templates: the named ones tunedag ships, and rendering with each turn's character span.
 
-A conversation is rendered whole, and once per turn prefix (``messages[:1]``, ``messages[:2]``,
-…); turn ``i`` owns the text from the end of turn ``i - 1`` to where the rendering of
-``messages[:i + 1]`` stops agreeing with the whole one (all of it, for a template that renders
-turns in order; a template that closes a group of turns only after the last, as Qwen's does
-with consecutive tool results, agrees up to the group's next member). Inside its span a
-turn's *payload* (content, reasoning, tool calls: whatever the message carries) is what
-differs from the same turn rendered with empty content and nothing else: before it is the
-role header, after it the end-of-turn text. An assistant turn's payload starts where the
-template's generation prompt ends (Qwen3's ``<think>`` is generated, so trained). A template
-that rewrites a turn's payload once later turns are added is refused, naming the turn.
-Masking then works on character ranges, mapped to tokens through the tokenizer's offsets.
+A conversation is rendered once, whole: that text is what is tokenized. Message ``i``'s
+*payload* (content, reasoning, tool calls: whatever it carries) is where that text differs from
+the conversation rendered with message ``i`` reduced to its role and a placeholder content
+(what is common at the end, the end-of-turn text, is never cut). An assistant payload starts
+where the template's generation prompt ends, so what the model generates is trained (Qwen3's
+``<think>`` block, a tool call). The text from one payload's end to the next payload's start
+holds the end-of-turn token (the first special token there). This needs no template to be
+prefix-stable: Qwen3 hides earlier turns' reasoning, Qwen2.5 closes consecutive tool results
+together. Masking then works on these character ranges, mapped to tokens through the
+tokenizer's offsets; a message whose content the template rewrites is refused, naming it.
 """
 from __future__ import annotations
 
