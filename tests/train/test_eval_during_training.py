@@ -1,6 +1,7 @@
 """Held-out loss during training (eval_steps, evals_per_epoch) and early stopping on it."""
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from tunedag.train.checkpoint import latest_checkpoint, resume_key
 from tunedag.train.held_out import Evaluation, eval_interval
 from tunedag.train.loop import _resume_point, train
 from tunedag.train.ranks import DistEnv
-from tests.helpers import sample_rows, tiny_run, tokenize_with_model, write_jsonl
+from tests.helpers import preference_rows, sample_rows, tiny_run, tokenize_with_model, tokenized_pairs, write_jsonl
 from tests.train.ranks import metrics, torchrun_train, write_runs
 
 VAL_ROWS = 9  # odd, so 2 ranks get 5 and 4 rows: with eval_batch_size 4 one rank repeats a batch it drops
@@ -118,17 +119,30 @@ def test_resume_keeps_the_patience_count(packed, tiny_model_dir, tmp_path):
     assert _resume_point(tmp_path / "r/checkpoints", key, 20, DistEnv()) is None
 
 
-def test_two_ranks_give_the_eval_loss_of_one(packed, tiny_model_dir, tmp_path):
-    """ddp on 2 gloo ranks: each rank evaluates its share of the 9 val rows, the sums are added."""
+def test_dpo_eval_loss_is_the_mean_over_val_pairs(tiny_model_dir, tmp_path):
+    """With the policy still the reference (a flat step), every pair's DPO loss is log 2."""
+    run, shards = tokenized_pairs(tmp_path / "data", tiny_model_dir, preference_rows(60, seed=4), val_set_size=6,
+                                  lora_modules_to_save=[])
+    run = dataclasses.replace(run, max_steps=1, eval_steps=1, learning_rate=FLAT_LR)
+    train(run, shards, tiny_model_dir, tmp_path / "run")
+    (line,) = metrics(tmp_path / "run")
+    assert line["eval_tokens"] == 6  # pairs, not tokens
+    assert line["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_two_ranks_give_the_eval_loss_of_one(engine, packed, tiny_model_dir, tmp_path):
+    """2 gloo ranks: each evaluates its share of the 9 val rows (FSDP, as ZeRO-3, gathers weights in every
+    forward, so the rank a row short runs a batch it drops), the sums are added."""
     run, shards = packed
     common = {"max_steps": 2, "eval_steps": 1, "eval_batch_size": 4, "val_set_size": VAL_ROWS}
     config = write_runs(tmp_path / "config.yaml", run.datasets[0].path, {
-        "ddp": {"train_engine": "ddp", "micro_batch_size": 2, **common},
+        engine: {"train_engine": engine, "micro_batch_size": 2, **common},
         "single": {"micro_batch_size": 4, **common}})
-    torchrun_train(config, "ddp", shards, tiny_model_dir, tmp_path / "ddp")
+    torchrun_train(config, engine, shards, tiny_model_dir, tmp_path / engine)
     train(load_run(config, "single")[1], shards, tiny_model_dir, tmp_path / "single")
-    ranks, single = metrics(tmp_path / "ddp"), metrics(tmp_path / "single")
+    ranks, single = metrics(tmp_path / engine), metrics(tmp_path / "single")
     assert [m["eval_tokens"] for m in ranks] == [m["eval_tokens"] for m in single]
     # fp32 sums in another order: a few ulps of a loss near 5
     assert [m["eval_loss"] for m in ranks] == pytest.approx([m["eval_loss"] for m in single], rel=1e-5)
-    assert json.loads((tmp_path / "ddp/train_info.json").read_text())["world_size"] == 2
+    assert json.loads((tmp_path / engine / "train_info.json").read_text())["world_size"] == 2

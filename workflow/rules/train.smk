@@ -1,5 +1,7 @@
 # Stage train: packed shards + base model → adapter, metrics. Checkpoints under
 # {run_dir}/checkpoints are not outputs on purpose: a rerun after a killed job resumes from them.
+# The shards input is the whole packed folder: train/ trains, and val/ gives the held-out loss
+# during training (eval_steps / evals_per_epoch, early_stopping_patience).
 #
 # Under the slurm executor (profiles/slurm) train is a local rule: it runs on the login node and
 # submits ONE Slurm job itself through submitit (nodes x tasks-per-node ranks, cluster.train's
