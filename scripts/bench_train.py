@@ -60,6 +60,15 @@ SHAPES = {
                num_key_value_heads=8, tie_word_embeddings=True, head_dim=64),
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, tie_word_embeddings=False, head_dim=128),
+    # other architectures (vocab 128256 for all, as above): Phi-3-mini, Gemma-3-4B, a small Mixtral-shaped MoE
+    "phi3-mini": dict(model_type="phi3", hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False, head_dim=96),
+    "gemma3-4b": dict(model_type="gemma3_text", hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+                      num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=True, head_dim=256,
+                      query_pre_attn_scalar=256, sliding_window=1024),
+    "moe-8x": dict(model_type="mixtral", hidden_size=2048, intermediate_size=4096, num_hidden_layers=16,
+                   num_attention_heads=16, num_key_value_heads=4, tie_word_embeddings=False, head_dim=128,
+                   num_local_experts=8, num_experts_per_tok=2),
     # smoke tests only
     "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, tie_word_embeddings=False, head_dim=64),
@@ -71,6 +80,7 @@ PLANS = {
                 ("hf_peft", "8b", 1), ("ours_lora", "1b", 4), ("hf_peft", "1b", 4), ("hf_peft_liger", "1b", 4),
                 ("ours_lora", "1b", 8), ("ours_qlora_long", "8b", 1)],
     # most wanted first: --budget-s cuts the tail
+    "new_arches": [(v, shape, 2) for shape in ("moe-8x", "phi3-mini", "gemma3-4b") for v in ("ours_lora", "hf_peft")],
     "dpo": [("trl_dpo", "8b", 2), ("ours_dpo", "8b", 2), ("ours_dpo_torch", "8b", 2), ("trl_dpo_liger", "8b", 2),
             ("trl_liger_dpo_loss", "8b", 2), ("logp_path", "8b", 2)],
 }
@@ -86,12 +96,24 @@ def llama_config(shape: str):
                        **SHAPES[shape])
 
 
+def model_config(shape: str):
+    """llama_config, or for a shape with a model_type that architecture's config (default rope)."""
+    from transformers import AutoConfig
+
+    fields = dict(SHAPES[shape])
+    model_type = fields.pop("model_type", None)
+    if model_type is None:
+        return llama_config(shape)
+    return AutoConfig.for_model(model_type, vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                                initializer_range=0.02, attn_implementation="sdpa", **fields)
+
+
 def flops_per_token(shape: str, seq: int, r: int = 16) -> float:
     s = SHAPES[shape]
     h, i, n_l = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"]
     q = s["num_attention_heads"] * s["head_dim"]
     kv = s["num_key_value_heads"] * s["head_dim"]
-    dims = [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
+    dims = [(h, q), (h, kv), (h, kv), (q, h)] + [(h, i), (h, i), (i, h)] * s.get("num_experts_per_tok", 1)
     frozen = n_l * sum(a * b for a, b in dims) + h * 128256
     lora = n_l * sum(r * (a + b) for a, b in dims)
     return 4 * frozen + 6 * lora + 12 * n_l * h * (seq + 1) / 2
@@ -118,7 +140,7 @@ def build_hf(shape: str, variant: str):
         apply_liger_kernel_to_llama()
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(llama_config(shape), dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(model_config(shape), dtype=torch.bfloat16)
     if "bnb" in variant:
         import bitsandbytes as bnb
 
@@ -136,8 +158,10 @@ def build_hf(shape: str, variant: str):
         torch.cuda.empty_cache()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS,
-                                             bias="none", task_type="CAUSAL_LM"))
+    from tunedag.models.registry import lora_target_kwargs  # packed (Phi-3) and expert (MoE) names
+
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+                                             **lora_target_kwargs(model.config, TARGETS)))
     model.train()
 
     def step(batch):
@@ -160,7 +184,7 @@ def build_ours(shape: str, variant: str):
 
     torch.manual_seed(0)
     with torch.device("cuda"):
-        base = AutoModelForCausalLM.from_config(llama_config(shape), dtype=torch.bfloat16)
+        base = AutoModelForCausalLM.from_config(model_config(shape), dtype=torch.bfloat16)
     run = RunConfig(base_model="bench", datasets=[], lora_r=16, lora_alpha=32,
                     adapter="qlora" if "qlora" in variant else "lora",
                     gradient_checkpointing="nockpt" not in variant,
