@@ -8,7 +8,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from tunedag.config import DatasetConfig, load_run
+from tunedag.config import ConfigError, DatasetConfig, load_run
 from tunedag.data.batches import collate, trained_token_count
 from tunedag.data.download import download_dataset
 from tunedag.data.shards import ShardReader
@@ -41,6 +41,17 @@ def test_schedule():
     every_3 = Evaluation(3, None, None, last_step=10)
     assert [s for s in range(1, 11) if every_3.due(s)] == [3, 6, 9, 10]
     assert not any(Evaluation(None, None, None, last_step=10).due(s) for s in range(1, 11))
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"eval_steps": 2, "evals_per_epoch": 3}, r"runs\.t\.eval_steps and evals_per_epoch: both set"),
+    ({"early_stopping_patience": 2}, r"runs\.t\.early_stopping_patience: needs evaluations to count"),
+    ({"eval_steps": 0}, r"runs\.t\.eval_steps: must be at least 1"),
+])
+def test_bad_eval_settings_are_refused_naming_the_key(keys, message, packed):
+    run, _ = packed
+    with pytest.raises(ConfigError, match=message):
+        tiny_run(run.datasets[0].path, **keys)
 
 
 def _held_out_mean(model_dir, adapter_dir, val_dir) -> tuple[float, int]:
