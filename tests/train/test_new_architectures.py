@@ -75,6 +75,28 @@ def test_router_loss_matches_the_torch_engine(arch, tmp_path):
     _assert_same_step(ref, fast, batch)
 
 
+@pytest.mark.parametrize("arch", MOE)
+def test_moe_block_without_peft_matches_transformers(arch):
+    """The fused block on a plain HF block (full fine-tuning): output and every weight's gradient."""
+    from transformers import AutoModelForCausalLM
+
+    from tunedag.models.fused_modules import AdapterSwitch
+    from tunedag.models.moe import FusedLoRAMoE, RouterLogits
+
+    torch.manual_seed(0)
+    block = AutoModelForCausalLM.from_config(NEW_CONFIGS[arch]()).model.layers[0].mlp.float()
+    fused = FusedLoRAMoE(block, "silu", RouterLogits(), AdapterSwitch())
+    x = torch.randn(1, 13, COMMON["hidden_size"])
+    dy = torch.randn_like(x)
+    params = [block.gate.weight, block.experts.gate_up_proj, block.experts.down_proj]
+    want = torch.autograd.grad(block(x), [*params], dy)
+    got_y = fused(x)
+    got = torch.autograd.grad(got_y, [*params], dy)
+    torch.testing.assert_close(got_y, block(x), rtol=1e-5, atol=1e-6)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
 def test_load_balancing_loss_is_transformers_own():
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 

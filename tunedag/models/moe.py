@@ -58,14 +58,22 @@ def _param_lora(wrapper: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float]:
 
 
 class FusedLoRAMoE(nn.Module):
-    """Sparse MoE block with LoRA on every expert's gate_up and down projections."""
+    """Sparse MoE block with LoRA on every expert's gate_up and down projections.
 
-    def __init__(self, replaced: nn.Module, config, activation: str, log: RouterLogits, switch):
+    Without peft (full fine-tuning) the experts are the plain HF module: its 3-D weights (fp32 masters
+    are cast per call) get their gradients from the grouped GEMMs' weight-gradient pass.
+    """
+
+    def __init__(self, replaced: nn.Module, activation: str, log: RouterLogits, switch):
         super().__init__()
         self.gate = replaced.gate  # the router; its weight stays frozen
         self.experts = replaced.experts  # peft: ParamWrapper(down_proj) over ParamWrapper(gate_up_proj)
-        self.down_lora, self.gate_up_lora = self.experts, self.experts.base_layer
-        self.base = self.gate_up_lora.base_layer
+        if hasattr(self.experts, "lora_A"):
+            self.down_lora, self.gate_up_lora = self.experts, self.experts.base_layer
+            self.base = self.gate_up_lora.base_layer
+        else:  # plain experts (full fine-tuning)
+            self.down_lora = self.gate_up_lora = None
+            self.base = self.experts
         self.top_k = self.gate.top_k
         self.num_experts = self.gate.num_experts
         self.renormalise = bool(getattr(self.gate, "norm_topk_prob", True))  # Mixtral always renormalises
@@ -86,7 +94,7 @@ class FusedLoRAMoE(nn.Module):
     def _project(self, rows: torch.Tensor, weight: torch.Tensor, wrapper: nn.Module, offs: torch.Tensor,
                  lora: bool) -> torch.Tensor:
         """rows (M, in) sorted by expert through W_e (E, out, in), plus s (rows A_e^T) B_e^T."""
-        out = grouped_mm(rows, weight.transpose(1, 2), offs)
+        out = grouped_mm(rows, weight.transpose(1, 2).to(rows.dtype), offs)
         if lora:
             a, b, s = _param_lora(wrapper)
             out = out + s * grouped_mm(grouped_mm(rows, a.to(rows.dtype), offs), b.to(rows.dtype), offs)
@@ -95,8 +103,9 @@ class FusedLoRAMoE(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])  # (N, H)
-        lora = self.switch.enabled and not self.down_lora.disable_adapters
-        if not lora and torch.is_grad_enabled():
+        peft = self.down_lora is not None
+        lora = peft and self.switch.enabled and not self.down_lora.disable_adapters
+        if peft and not lora and torch.is_grad_enabled():
             raise RuntimeError("adapters disabled with gradients enabled: the base-only path is for the "
                                "reference pass, under torch.no_grad()")
         weights, idx = self._route(x)

@@ -73,7 +73,7 @@ def patch_model(peft_model: nn.Module, nf4: dict[str, NF4Weight] | None = None) 
         _replace(record, layer, path, "self_attn", FusedLoRAAttention(
             attn, config, nf4, f"{path}.self_attn", spec.qk_norm, spec.gemma_norm, _sliding_window(attn, config, spec),
             record.adapters))
-        mlp = (FusedLoRAMoE(layer.mlp, config, activation, record.router_logits, record.adapters) if spec.moe
+        mlp = (FusedLoRAMoE(layer.mlp, activation, record.router_logits, record.adapters) if spec.moe
                else FusedLoRAMLP(layer.mlp, nf4, f"{path}.mlp", activation, record.adapters))
         _replace(record, layer, path, "mlp", mlp)
         for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",

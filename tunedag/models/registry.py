@@ -14,12 +14,15 @@ model; what differs between architectures is data, not code paths:
 | gemma2 | Gemma (1 + w) | GELU-tanh | sandwich norms, attention and final logit softcapping, alternating sliding window |
 | gemma3_text (Gemma3ForCausalLM) | Gemma (1 + w) | GELU-tanh | sandwich norms, Gemma q/k norms, sliding-window layers interleaved with global ones, one RoPE base per layer type |
 | phi3 (Phi-3, Phi-4) | Llama | SiLU | packed ``qkv_proj`` and ``gate_up_proj`` (one LoRA each), sliding window from the config |
+| mixtral | Llama | SiLU | sparse MoE (:mod:`tunedag.models.moe`): LoRA on every expert, grouped GEMMs, router loss |
+| qwen3_moe | Llama | SiLU | per-head q/k RMSNorm; sparse MoE as Mixtral (top-k renormalised only with norm_topk_prob) |
 
 Packed projections (Phi-3): peft puts one LoRA on the whole ``qkv_proj`` (A (r, H), B (q+k+v, r)) and
 one on ``gate_up_proj``. That is exactly the fused kernels' three (two) projections sharing one A,
 with B split by rows: the engine passes the same A and row slices of B and W, and autograd sums
 the A gradients. The Llama names in ``lora_target_modules`` map onto the packed ones
-(:func:`peft_target_modules`), so the default seven adapt every projection of a Phi-3 layer.
+(:func:`peft_targets`), so the default seven adapt every projection of a Phi-3 layer; on MoE
+models gate/up/down name the experts' 3-D parameters (peft ``target_parameters``).
 
 :func:`fast_path_blocker` names the first reason a run cannot take this path; the engine
 then falls back to the torch engine and logs that reason.
