@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tunedag.config import ConfigError, RunConfig, effective_config, load_config, parse_config
+from tunedag.config import ConfigError, DatasetConfig, RunConfig, effective_config, load_config, parse_config
 from tunedag.config.axolotl import AXOLOTL_ONLY
-from tunedag.config.axolotl_keys import IGNORED_KEYS, REFUSED_KEYS, TRANSLATED
+from tunedag.config.axolotl_keys import (DATASET_REFUSED_KEYS, DATASET_TRANSLATED, IGNORED_KEYS, REFUSED_KEYS,
+                                        TRANSLATED)
 from tunedag.train.loop import save_interval, warmup_steps
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,7 +106,8 @@ def test_readme_lists_every_axolotl_key_with_its_fate():
     readme = (REPO / "README.md").read_text()
     section = readme.split("## Coming from Axolotl", 1)[1].split("\n## ", 1)[0]
     listed = set(re.findall(r"`([a-z0-9_]+)`", section))
-    missing = (set(TRANSLATED) | set(IGNORED_KEYS) | set(REFUSED_KEYS)) - listed
+    missing = (set(TRANSLATED) | set(IGNORED_KEYS) | set(REFUSED_KEYS) | set(DATASET_TRANSLATED)
+               | set(DATASET_REFUSED_KEYS)) - listed
     assert not missing, f"README's Coming from Axolotl lacks {sorted(missing)}"
 
 
@@ -155,10 +157,33 @@ def test_configfile_replaces_the_default_config_and_notes_are_logged(work):
 
 def test_every_key_of_axolotls_schema_has_a_fate():
     lines = (EXAMPLES / "schema_keys.txt").read_text().splitlines()
-    schema_keys = {line for line in lines if line and not line.startswith("#")}
-    tunedag_keys = {f.name for f in dataclasses.fields(RunConfig)}
-    assert len(schema_keys) > 350
-    assert not schema_keys - tunedag_keys - AXOLOTL_ONLY
+    keys = [line for line in lines if line and not line.startswith("#")]
+    run_keys = {k for k in keys if not k.startswith("datasets.")}
+    dataset_keys = {k.removeprefix("datasets.") for k in keys} - run_keys
+    assert len(run_keys) > 350 and len(dataset_keys) > 40
+    assert not run_keys - {f.name for f in dataclasses.fields(RunConfig)} - AXOLOTL_ONLY
+    tunedag_dataset_keys = {f.name for f in dataclasses.fields(DatasetConfig)}
+    assert not dataset_keys - tunedag_dataset_keys - set(DATASET_TRANSLATED) - set(DATASET_REFUSED_KEYS)
+    assert not (tunedag_dataset_keys & set(DATASET_REFUSED_KEYS))
+
+
+def test_axolotl_dataset_entries_translate_or_are_refused_by_key(work):
+    Path("axolotl/template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    kto = {"path": "argilla/kto-mix-15k", "type": "llama3.intel", "split": "train"}
+    chat = {"path": "data/alpaca.jsonl", "type": "chat_template", "chat_template": "jinja",
+            "chat_template_jinja": "axolotl/template.jinja", "train_on_eot": "all"}
+    run, _ = run_of("mistral-lora.yml", rl="kto", datasets=[kto])
+    ds = run.datasets[0]
+    assert (ds.path, ds.type, ds.field_prompt, ds.field_completion, ds.field_label, ds.chat_template) == (
+        "hf:argilla/kto-mix-15k@train", "kto", "question", "completion", "label", "llama3")
+    run, _ = run_of("mistral-lora.yml", datasets=[chat])
+    assert run.datasets[0].chat_template_jinja.startswith("{% for m in messages %}")
+    assert run.datasets[0].train_on_eos == "all"
+    with pytest.raises(ConfigError) as err:
+        run_of("mistral-lora.yml", datasets=[{**chat, "drop_system_message": True, "data_files": ["a.json"],
+                                              "train_on_eos": "turn"}])
+    assert [p.split(": ")[1] for p in err.value.problems] == [
+        "runs.r.datasets[0].drop_system_message", "runs.r.datasets[0].data_files", "runs.r.datasets[0].train_on_eot"]
 
 
 def test_a_bare_hub_id_in_a_tunedag_run_gets_the_hf_hint(work):

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
-from tunedag.config.axolotl_keys import IGNORED_KEYS, REFUSED_KEYS, TRANSLATED
+from tunedag.config.axolotl_keys import DATASET_REFUSED_KEYS, IGNORED_KEYS, REFUSED_KEYS, TRANSLATED
 from tunedag.config.fields import ConfigError, Problems, RunConfig
 
 FILE_KEY = "axolotl"
@@ -77,8 +77,12 @@ def translate(raw: dict[str, Any], where: str, base_dir: Path) -> tuple[dict[str
     with problems.check():
         _translate_keys(raw, out, notes, where)
     if "datasets" in out:
+        out["datasets"] = _translate_datasets(out["datasets"], f"{where}.datasets", base_dir, notes, raw.get("rl"),
+                                              problems)
+    template = out.get("chat_template_jinja")
+    if isinstance(template, str) and "{" not in template:
         with problems.check():
-            out["datasets"] = _translate_datasets(out["datasets"], f"{where}.datasets", base_dir, notes)
+            out["chat_template_jinja"] = read_template(template, f"{where}.chat_template_jinja", base_dir)
     if "output_dir" in out and isinstance(out["output_dir"], str):
         out["output_dir"] = out["output_dir"].removeprefix("./").rstrip("/")
     if "adapter" not in raw:
@@ -114,6 +118,10 @@ def _translate_keys(raw: dict[str, Any], out: dict[str, Any], notes: list[str], 
                                          "names")
         note("lora_target_linear", "lora_target_modules: every linear projection of the decoder "
                                    f"({', '.join(LINEAR_PROJECTIONS)}){' and those listed' if listed else ''}")
+    if raw.get("unfrozen_parameters") and raw.get("adapter") in ("lora", "qlora"):
+        out.pop("unfrozen_parameters", None)
+        note("unfrozen_parameters", f"with adapter: {raw['adapter']} the base model is frozen already and only "
+                                    "the adapters (and lora_modules_to_save) train; it applies to full fine-tunes")
     optimizer = raw.get("optimizer")
     if optimizer in OPTIMIZER_ALIASES:
         out["optimizer"] = OPTIMIZER_ALIASES[optimizer]
@@ -215,22 +223,28 @@ def _zero_stage(path: Any) -> int | None:
     return stage if isinstance(stage, int) else None
 
 
-def _translate_datasets(entries: Any, where: str, base_dir: Path, notes: list[str]) -> Any:
-    """Axolotl's dataset entries: a bare hub id is a hub dataset, ``name`` its subset and ``split`` its split."""
+def _translate_datasets(entries: Any, where: str, base_dir: Path, notes: list[str], rl: Any,
+                        problems: Problems) -> Any:
+    """Axolotl's dataset entries: a bare hub id is a hub dataset, ``name`` its subset and ``split`` its split;
+    refused keys are left out and reported in ``problems``."""
     if not isinstance(entries, list):
         return entries
-    problems, out = Problems(), []
-    for i, entry in enumerate(entries):
-        with problems.check():
-            out.append(_translate_dataset(entry, f"{where}[{i}]", base_dir, notes))
-    problems.raise_if_any()
-    return out
+    return [_translate_dataset(entry, f"{where}[{i}]", base_dir, notes, rl, problems)
+            for i, entry in enumerate(entries)]
 
 
-def _translate_dataset(entry: Any, where: str, base_dir: Path, notes: list[str]) -> Any:
+# Axolotl's KTO row types (chatml.* / llama3.* under rl: kto): the prompt column of each
+KTO_PROMPT_FIELDS = {"argilla": "instruction", "intel": "question", "prompt_pairs": "prompt", "ultra": "prompt"}
+
+
+def _translate_dataset(entry: Any, where: str, base_dir: Path, notes: list[str], rl: Any,
+                       problems: Problems) -> Any:
     if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
         return entry
-    entry = {k: v for k, v in entry.items() if v is not None}
+    problems.found += [f"{where}.{key}: Axolotl's {key} = {value!r} is not offered: {DATASET_REFUSED_KEYS[key]}; "
+                       "remove the key" for key, value in entry.items()
+                       if key in DATASET_REFUSED_KEYS and not asks_nothing(value)]
+    entry = {k: v for k, v in entry.items() if v is not None and k not in DATASET_REFUSED_KEYS}
     path = entry["path"]
     hub = path.startswith("hf:") or (HUB_DATASET.fullmatch(path) is not None and not path.endswith(DATA_SUFFIXES)
                                      and not (base_dir / path).exists())
@@ -247,6 +261,28 @@ def _translate_dataset(entry: Any, where: str, base_dir: Path, notes: list[str])
         if subset:
             notes.append(f"{where}.name = {subset!r}: a subset name applies to hub datasets; {path!r} is a file")
         if split not in (None, "train"):
-            raise ConfigError(f"{where}.split: {split!r}: a local file {path!r} is read whole; split it into its "
-                              "own file")
+            problems.found.append(f"{where}.split: {split!r}: a local file {path!r} is read whole; split it into "
+                                  "its own file")
+    if "train_on_eot" in entry:
+        eot = entry.pop("train_on_eot")
+        if entry.setdefault("train_on_eos", eot) != eot:
+            problems.found.append(f"{where}.train_on_eot: {eot!r} beside train_on_eos {entry['train_on_eos']!r}: "
+                                  "tunedag's end-of-turn tokens are one setting, train_on_eos; set one")
+    template = entry.get("chat_template_jinja")
+    if isinstance(template, str) and "{" not in template:
+        with problems.check():
+            entry["chat_template_jinja"] = read_template(template, f"{where}.chat_template_jinja", base_dir)
+    family, _, kind = str(entry.get("type", "")).partition(".")
+    if rl == "kto" and family in ("chatml", "llama3") and kind in KTO_PROMPT_FIELDS:
+        entry.update(type="kto", field_prompt=KTO_PROMPT_FIELDS[kind], field_completion="completion",
+                     field_label="label", chat_template=family)
     return entry
+
+
+def read_template(path: str, where: str, base_dir: Path) -> str:
+    """A chat template named by its file (Axolotl takes a path or the text): the file's text."""
+    try:
+        return (base_dir / path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{where}: {path!r} is neither a Jinja template nor a readable template file "
+                          f"({err.__class__.__name__})") from None

@@ -189,3 +189,30 @@ def _index(groups: dict[str, tuple[str, ...]]) -> dict[str, str]:
 
 IGNORED_KEYS = _index(IGNORED)
 REFUSED_KEYS = _index(REFUSED)
+
+
+# Keys of Axolotl's dataset entries that tunedag's dataset entries do not hold under the same name.
+DATASET_TRANSLATED: dict[str, str] = {
+    "split": "the hub dataset's split (path hf:org/name@split); a local file is read whole",
+    "name": "the hub dataset's subset (path hf:org/name:subset); tunedag's own name: names data/raw/<name>",
+    "ds_type": "no effect: tunedag reads the format from the file's suffix (.jsonl, .json, .csv, .parquet)",
+    "train_on_eot": "train_on_eos (tunedag's end-of-turn tokens are the template's end-of-turn tokens)",
+    "chat_template_jinja": "a path to a .jinja file is read in; the text itself is kept",
+}
+
+DATASET_REFUSED: dict[str, tuple[str, ...]] = {
+    "tunedag reads the whole file named by path (hf:org/name for a hub dataset); name the one file there":
+        ("data_files", "shards", "shards_idx", "preprocess_shards", "skip"),
+    "tunedag runs no dataset code: it reads data files":
+        ("trust_remote_code", "input_transform"),
+    "tunedag keeps every message and trains the turns of roles_to_train; edit the rows for more":
+        ("drop_system_message", "message_field_training", "message_field_training_detail", "split_thinking",
+         "field_thinking", "template_thinking_key", "field_human", "field_model"),
+    "tunedag's dataset types are listed in README, \"Dataset formats\"; this form is not offered":
+        ("conversation", "input_format", "format", "no_input_format", "system_format", "system_prompt",
+         "prompt_format", "chosen_format", "rejected_format", "completion_format", "logprobs_field", "temperature",
+         "step_separator", "max_completion_length", "train_on_last_step_only", "text_column", "length",
+         "max_input_id", "min_input_id", "sequence_length"),
+}
+
+DATASET_REFUSED_KEYS = _index(DATASET_REFUSED)
