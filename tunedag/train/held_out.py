@@ -20,6 +20,7 @@ run stops where an uninterrupted one would.
 """
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 import time
@@ -35,6 +36,7 @@ from tunedag.errors import TunedagError
 from tunedag.train import checkpoint as ckpt
 from tunedag.train.ranks import DistEnv, all_sum
 
+log = logging.getLogger(__name__)
 BEST_PREFIX = "best-step-"
 
 
@@ -118,10 +120,12 @@ def was_stopped_early(trainer_state: dict[str, Any]) -> bool:
 
 
 class Evaluation:
-    """One run's evaluation schedule, held-out rows and early-stopping state."""
+    """One run's evaluation schedule, held-out rows and early-stopping state; with patience, its best
+    adapters go to ``ckpt_root/best-step-N``."""
 
-    def __init__(self, interval: int | None, rows: HeldOutRows | None, patience: int | None, last_step: int):
-        self.interval, self.rows, self.last_step = interval, rows, last_step
+    def __init__(self, interval: int | None, rows: HeldOutRows | None, patience: int | None, last_step: int,
+                 ckpt_root: Path | None = None):
+        self.interval, self.rows, self.last_step, self.ckpt_root = interval, rows, last_step, ckpt_root
         self.stopping = EarlyStopping(patience)
         self.seconds = 0.0  # spent evaluating: left out of the training throughput
 
@@ -132,16 +136,20 @@ class Evaluation:
     def due(self, step: int) -> bool:
         return self.interval is not None and (step % self.interval == 0 or step == self.last_step)
 
-    def evaluate(self, step: int, engine: Any, count: Callable[[dict[str, torch.Tensor]], int]) -> dict[str, Any]:
-        """Evaluate at ``step`` (collective) and update the early-stopping state; the metric fields."""
+    def after_step(self, step: int, engine: Any, count: Callable[[dict[str, torch.Tensor]], int]) -> dict[str, Any]:
+        """Where ``step`` is due (collective): evaluate, update the early-stopping state, save a new best
+        adapter; the metric fields (none where not due)."""
+        if not self.due(step):
+            return {}
         started = time.perf_counter()
         loss, units = self.rows.loss(engine, count)
-        self.stopping.update(step, loss)
+        if self.stopping.update(step, loss) and self.keeps_best:
+            engine.save_adapter(best_dir(self.ckpt_root, step))  # collective
+        if self.stopping.stopped:
+            log.info("early stopping at step %d: %d evaluations without a held-out loss below %.6g (step %d)",
+                     step, self.stopping.evals_since_best, self.stopping.best_loss, self.stopping.best_step)
         self.seconds += time.perf_counter() - started
         return {"eval_loss": round(loss, 6), "eval_tokens": units}
-
-    def improved_at(self, step: int) -> bool:
-        return self.stopping.best_step == step
 
     def info(self) -> dict[str, Any]:
         """What train_info.json records."""

@@ -160,7 +160,7 @@ def train(run: RunConfig, shards_dir: Path, model_path: Path, run_dir: Path, env
 
 
 def _evaluation(run: RunConfig, shards_dir: Path, manifest: dict[str, Any], env: DistEnv, rows: int,
-                steps: int) -> Evaluation:
+                steps: int, run_dir: Path) -> Evaluation:
     """The run's held-out evaluation (its val shards checked and opened only when it has a schedule)."""
     interval = eval_interval(run.eval_steps, run.evals_per_epoch, steps_per_epoch(run, rows))
     held_out = None
@@ -168,7 +168,7 @@ def _evaluation(run: RunConfig, shards_dir: Path, manifest: dict[str, Any], env:
         verify_shards(shards_dir / "val", manifest)
         held_out = HeldOutRows(shards_dir / "val", env, run.eval_batch_size or run.micro_batch_size,
                                manifest["pad_token_id"])
-    return Evaluation(interval, held_out, run.early_stopping_patience, steps)
+    return Evaluation(interval, held_out, run.early_stopping_patience, steps, run_dir / "checkpoints")
 
 
 def _train(run: RunConfig, shards_dir: Path, model_path: Path, run_dir: Path, env: DistEnv,
@@ -179,7 +179,7 @@ def _train(run: RunConfig, shards_dir: Path, model_path: Path, run_dir: Path, en
     check_objective(run, shards_dir, manifest)
     reader = ShardReader(shards_dir / "train", env.rank, env.world_size)
     steps, save_every = total_steps(run, len(reader)), save_interval(run, len(reader))
-    evaluation = _evaluation(run, shards_dir, manifest, env, len(reader), steps)
+    evaluation = _evaluation(run, shards_dir, manifest, env, len(reader), steps, run_dir)
     key = ckpt.resume_key(config_hash, manifest, model_path)
     ckpt_root = run_dir / "checkpoints"
     resumed = _resume_point(ckpt_root, key, steps, env)
@@ -226,9 +226,7 @@ def _train(run: RunConfig, shards_dir: Path, model_path: Path, run_dir: Path, en
             position.step += 1
             position.tokens_seen += int(all_sum(sum(int(b["input_ids"].numel()) for b, _, _ in group), engine.device))
             last_loss = loss_total
-            evaluated = evaluation.evaluate(position.step, engine, count) if evaluation.due(position.step) else {}
-            if evaluated and evaluation.keeps_best and evaluation.improved_at(position.step):
-                engine.save_adapter(best_dir(ckpt_root, position.step))  # collective
+            evaluated = evaluation.after_step(position.step, engine, count)  # held-out loss where due
             if metrics and (position.step % run.logging_steps == 0 or position.step == steps or evaluated):
                 elapsed = time.perf_counter() - started
                 training_s = max(elapsed - evaluation.seconds, 1e-9)
@@ -243,20 +241,11 @@ def _train(run: RunConfig, shards_dir: Path, model_path: Path, run_dir: Path, en
             early = evaluation.stopping.stopped
             stopped = any_rank(should_stop(), engine.device) and position.step < steps and not early
             if stopped or early or position.step % save_every == 0 or position.step == steps:
-                trainer_state = {"scheduler": scheduler.state_dict(), "rng": ckpt.rng_state(),
-                                 "position": asdict(position), "resume_key": key, "engine": engine.name,
-                                 "world_size": env.world_size, "early_stopping": evaluation.stopping.state()}
-                ckpt.write_checkpoint(ckpt_root, position.step, env, engine.write_payload, trainer_state,
-                                      run.keep_last_checkpoints)
-                if env.is_main and evaluation.keeps_best:
-                    prune_best(ckpt_root, evaluation.stopping.best_step)
+                _checkpoint(ckpt_root, key, position, env, engine, scheduler, evaluation, run.keep_last_checkpoints)
             if stopped:
                 log.warning("rank %d: stopping at step %d after a complete checkpoint", env.rank, position.step)
                 return None
             if early:
-                log.info("early stopping at step %d: %d evaluations without a held-out loss below %.6g (step %d)",
-                         position.step, evaluation.stopping.evals_since_best, evaluation.stopping.best_loss,
-                         evaluation.stopping.best_step)
                 break
     finally:
         if metrics:
@@ -273,6 +262,17 @@ def _train(run: RunConfig, shards_dir: Path, model_path: Path, run_dir: Path, en
             shutil.copyfile(live_metrics, tmp)
         write_json(run_dir / "train_info.json", info)
     return info
+
+
+def _checkpoint(ckpt_root: Path, key: str, position: ckpt.Position, env: DistEnv, engine: Any, scheduler: Any,
+                evaluation: Evaluation, keep_last: int) -> None:
+    """Collective: checkpoint ``position.step`` with the loop's trainer state."""
+    trainer_state = {"scheduler": scheduler.state_dict(), "rng": ckpt.rng_state(), "position": asdict(position),
+                     "resume_key": key, "engine": engine.name, "world_size": env.world_size,
+                     "early_stopping": evaluation.stopping.state()}
+    ckpt.write_checkpoint(ckpt_root, position.step, env, engine.write_payload, trainer_state, keep_last)
+    if env.is_main and evaluation.keeps_best:
+        prune_best(ckpt_root, evaluation.stopping.best_step)
 
 
 def _save_final_adapter(engine: Any, evaluation: Evaluation, ckpt_root: Path, run_dir: Path, env: DistEnv,
