@@ -1,4 +1,5 @@
-"""Stage train: packed shards + base model → {run_dir}/adapter, train_metrics.jsonl, train_info.json.
+"""Stage train: packed shards + base model → {run_dir}/adapter (the PEFT adapter, or with adapter: null the
+whole trained model as an HF folder), train_metrics.jsonl, train_info.json.
 
 --launcher local (profiles/local): train in this process.
 --launcher slurm (profiles/slurm; the train rule picks it when Snakemake runs the slurm executor):

@@ -40,7 +40,7 @@ MAX_RELATIVE_LOGIT_ERROR = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.flo
 __all__ = ["MergeError", "merge_adapter"]
 
 
-def _target_dtype(run: RunConfig, model_path: Path) -> torch.dtype:
+def target_dtype(run: RunConfig, model_path: Path) -> torch.dtype:
     if run.merge_dtype != "auto":
         return DTYPES[run.merge_dtype]
     config = json.loads((model_path / "config.json").read_text())
@@ -48,7 +48,7 @@ def _target_dtype(run: RunConfig, model_path: Path) -> torch.dtype:
     return DTYPES.get(name, torch.float32)
 
 
-def _weight_bytes(model_path: Path) -> int:
+def weight_bytes(model_path: Path) -> int:
     return sum(p.stat().st_size for p in model_path.glob("*.safetensors"))
 
 
@@ -65,7 +65,7 @@ def reward_model_config(config: dict[str, Any], architecture: str, pad_token_id:
             "pad_token_id": pad_token_id}
 
 
-def _copy_model_files(run: RunConfig, model_path: Path, out: Path, dtype: torch.dtype,
+def copy_model_files(run: RunConfig, model_path: Path, out: Path, dtype: torch.dtype,
                       reward_architecture: str | None) -> None:
     config = json.loads((model_path / "config.json").read_text())
     name = str(dtype).removeprefix("torch.")
@@ -113,7 +113,7 @@ def _logit_error(run: RunConfig, model_path: Path, adapter_dir: Path, merged_dir
 def merge_adapter(run: RunConfig, model_path: Path, adapter_dir: Path, out_dir: Path) -> dict[str, Any]:
     """Write ``out_dir``: the base model with the adapter merged in."""
     check_weight_files(model_path)
-    dtype = _target_dtype(run, model_path)
+    dtype = target_dtype(run, model_path)
     reward = is_reward_adapter(adapter_dir)
     architecture, target_names = (sequence_classification_layout(model_path, run.trust_remote_code) if reward
                                   else (None, None))
@@ -122,9 +122,9 @@ def merge_adapter(run: RunConfig, model_path: Path, adapter_dir: Path, out_dir: 
         report: dict[str, Any] = merge_weights(model_path, adapter_dir, tmp, dtype, parse_size(run.max_shard_size),
                                                nf4_base=run.adapter == "qlora", seed=run.seed,
                                                target_names=target_names)
-        _copy_model_files(run, model_path, tmp, dtype, architecture)
+        copy_model_files(run, model_path, tmp, dtype, architecture)
         report["relative_logit_error"] = None
-        if _weight_bytes(model_path) <= LOGIT_CHECK_MAX_BYTES:
+        if weight_bytes(model_path) <= LOGIT_CHECK_MAX_BYTES:
             error = _logit_error(run, model_path, adapter_dir, tmp, reward)
             if error > MAX_RELATIVE_LOGIT_ERROR[dtype]:
                 raise MergeError(f"merged model's logits differ from base + adapter by {error:.2e} (relative; "

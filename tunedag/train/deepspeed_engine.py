@@ -36,7 +36,7 @@ from tunedag.config import RunConfig
 from tunedag.deepspeed_json import check_user_config, owned_values, read_user_config
 from tunedag.io import atomic_path
 from tunedag.models.batch_inputs import loss_sum, model_inputs
-from tunedag.train.engines import EngineError, TorchEngine, adamw
+from tunedag.train.engines import EngineError, TorchEngine, make_optimizer
 from tunedag.train.ranks import DistEnv, init_process_group
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class DeepSpeedEngine:
             self.optimizer = DeepSpeedCPUAdam(params, lr=run.learning_rate, weight_decay=run.weight_decay,
                                               adamw_mode=True)
         else:
-            self.optimizer = adamw(params, run, fused=False)
+            self.optimizer = make_optimizer(params, run)
         self.ds, *_ = deepspeed.initialize(model=self.inner.model, optimizer=self.optimizer, config=self.config)
         if not hasattr(self.ds, "managed_gradient_accumulation"):  # older releases ignore the key silently
             raise EngineError(f"deepspeed {deepspeed.__version__} is too old: train_engine: deepspeed needs 0.19.8 "
@@ -130,11 +130,29 @@ class DeepSpeedEngine:
             raise EngineError(f"{checkpoint}: DeepSpeed could not load this checkpoint")
 
     def save_adapter(self, dest: Path) -> None:
-        """The trainable parameters' fp32 master weights, gathered (collective), as a PEFT folder."""
+        """Collective: the trainable parameters' fp32 master weights, gathered, as a PEFT folder; with
+        ``adapter: null`` every weight (the frozen ones gathered as they are) as an HF model folder."""
         from deepspeed.utils import safe_get_full_fp32_param
 
-        weights = {name: safe_get_full_fp32_param(p).detach().cpu()
-                   for name, p in self.model.named_parameters() if p.requires_grad}
+        weights = {}
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                weights[name] = safe_get_full_fp32_param(p).detach().cpu()
+            elif self.inner.full:
+                weights[name] = gathered(p).float()
         if self.env.is_main:
             with atomic_path(dest) as tmp:
-                self.model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+                if self.inner.full:
+                    self.model.save_pretrained(tmp, state_dict=weights)
+                else:
+                    self.model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+
+
+def gathered(param: torch.nn.Parameter) -> torch.Tensor:
+    """A copy of a frozen parameter on the CPU, whole (ZeRO-3 holds a partition of it on each rank)."""
+    if not hasattr(param, "ds_id"):  # ZeRO-2 leaves parameters whole
+        return param.detach().cpu().clone()
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([param]):
+        return param.detach().cpu().clone()

@@ -2,14 +2,15 @@
 
 Every engine gives the loop (:func:`tunedag.train.loop.train`) the same few things:
 
-- ``name``, ``device``, ``model`` (the PEFT model), ``objective`` (None, or the rl objective),
+- ``name``, ``device``, ``model`` (the PEFT model; with ``adapter: null`` the HF model), ``objective`` (None, or the rl objective),
   ``optimizer`` (whose parameter groups the loop's schedule drives), ``info`` (what train_info.json
   records about it);
 - ``loss_sum(batch)``: the summed loss of one micro-batch; ``backward(loss)``;
   ``step(max_norm)``: reduce gradients across ranks, clip, update, zero; the norm before clipping;
 - ``write_payload(folder)`` / ``load_payload(checkpoint)``: its trainable weights and optimizer
   state inside a checkpoint (the loop's one writer, :func:`tunedag.train.checkpoint.write_checkpoint`,
-  adds the rest); ``save_adapter(dest)``: the final PEFT adapter (collective, rank 0 writes).
+  adds the rest); ``save_adapter(dest)``: the final PEFT adapter, or with ``adapter: null`` the trained
+  model as an HF folder, safetensors + config (collective, rank 0 writes).
 
 What builds the model of one process: ``torch`` (:class:`TorchEngine`, plain HF transformers +
 PEFT: the reference every faster engine is compared to) or ``triton``
@@ -33,12 +34,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+from safetensors import safe_open
 from safetensors.torch import load_file
+from transformers import PreTrainedModel
 
 from tunedag.config import RunConfig
 from tunedag.errors import TunedagError
@@ -49,12 +53,14 @@ from tunedag.models.qlora import fake_quantize_
 from tunedag.models.moe import aux_loss_enabled, hf_moe_loss_sum
 from tunedag.models.registry import lora_target_kwargs
 from tunedag.models.reward_head import load_reward_model
+from tunedag.train.optimizers import build_optimizer
 from tunedag.train.preference import PreferenceObjective
 from tunedag.train.ranks import DistEnv, choose_device
 from tunedag.train.reward import RewardObjective
 
 log = logging.getLogger(__name__)
 OPTIMIZER_FILE = "optimizer.pt"
+BUCKET_NUMEL = 1 << 26  # ddp's gradient all-reduce: 256 MB of fp32 per collective
 
 
 class EngineError(TunedagError, RuntimeError):
@@ -62,17 +68,18 @@ class EngineError(TunedagError, RuntimeError):
 
 
 class TorchEngine:
-    """HF model + PEFT LoRA; fp32 weights, bf16 autocast on CUDA."""
+    """HF model + PEFT LoRA, or with ``adapter: null`` the HF model itself (every weight trained, or
+    those ``unfrozen_parameters`` names); fp32 weights, bf16 autocast on CUDA. ``base``: the HF model
+    already built (fsdp builds it on the meta device and loads each rank's shard)."""
 
     name = "torch"
 
-    def __init__(self, run: RunConfig, model_path: Path, device: torch.device):
-        self.device = device
+    def __init__(self, run: RunConfig, model_path: Path, device: torch.device, base: PreTrainedModel | None = None):
+        self.device, self.full = device, run.adapter is None
         reward = run.rl == "reward"
-        if reward:  # the decoder under a scalar head (tunedag.train.reward)
-            base = load_reward_model(model_path, torch.float32, run.trust_remote_code, run.seed)
-        else:
-            base = load_causal_lm(model_path, torch.float32, run.trust_remote_code)
+        if base is None:  # with rl: reward, the decoder under a scalar head (tunedag.train.reward)
+            base = (load_reward_model(model_path, torch.float32, run.trust_remote_code, run.seed) if reward
+                    else load_causal_lm(model_path, torch.float32, run.trust_remote_code))
         if run.adapter == "qlora":
             n = fake_quantize_(base)
             log.info("torch engine, qlora: %d projections hold their NF4-dequantised values "
@@ -80,13 +87,19 @@ class TorchEngine:
         if run.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.enable_input_require_grads()
+        self.objective = RewardObjective(run) if reward else PreferenceObjective(run) if run.rl else None
+        if self.full:
+            n = unfreeze_only(base, run.unfrozen_parameters)
+            log.info("full fine-tuning: %d of %d parameter tensors trained", n, len(list(base.parameters())))
+            self.model = base.to(device) if base.device.type != "meta" else base
+            self.model.train()
+            return
         lora = LoraConfig(r=run.lora_r, lora_alpha=run.lora_alpha, lora_dropout=run.lora_dropout,
                           **lora_target_kwargs(base.config, run.lora_target_modules), bias="none",
                           task_type="SEQ_CLS" if reward else "CAUSAL_LM",  # SEQ_CLS trains `score` in full
                           modules_to_save=list(run.lora_modules_to_save) or None)
         self.model = get_peft_model(base, lora).to(device)
         self.model.train()
-        self.objective = RewardObjective(run) if reward else PreferenceObjective(run) if run.rl else None
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -110,14 +123,52 @@ class TorchEngine:
         return loss_sum(logits, batch["labels"])
 
     def load_trainable(self, checkpoint: Path) -> None:
+        if self.full:
+            trained = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+            with torch.no_grad():
+                for name, tensor in read_weights(checkpoint, set(trained)).items():
+                    trained[name].copy_(tensor)
+            return
         set_peft_model_state_dict(self.model, load_file(checkpoint / "adapter_model.safetensors"))
 
     def save(self, dest: Path) -> None:
-        self.model.save_pretrained(dest, safe_serialization=True)
+        """The PEFT adapter, or with ``adapter: null`` the whole model (HF folder: safetensors + config)."""
+        if self.full:
+            self.model.save_pretrained(dest)
+        else:
+            self.model.save_pretrained(dest, safe_serialization=True)
 
 
-def adamw(params: list[torch.nn.Parameter], run: RunConfig, fused: bool) -> torch.optim.AdamW:
-    return torch.optim.AdamW(params, lr=run.learning_rate, weight_decay=run.weight_decay, fused=fused)
+def unfreeze_only(model: torch.nn.Module, patterns: Sequence[str]) -> int:
+    """Train the parameters whose names one of ``patterns`` matches (``re.search``, as Axolotl's
+    ``unfrozen_parameters``; none given: every parameter), freeze the rest; the number trained."""
+    names = [n for n, _ in model.named_parameters()]
+    chosen = {n for n in names if not patterns or any(re.search(p, n) for p in patterns)}
+    if not chosen:
+        raise EngineError(f"unfrozen_parameters {list(patterns)} match no parameter of this model; its names "
+                          f"look like {', '.join(names[:3])}")
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in chosen)
+    return len(chosen)
+
+
+def read_weights(folder: Path, names: set[str]) -> dict[str, torch.Tensor]:
+    """The tensors ``names`` from the safetensors files of a saved model folder (a full fine-tune's checkpoint)."""
+    found: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as fh:
+            for key in set(fh.keys()) & names:
+                found[key] = fh.get_tensor(key)
+    missing = names - set(found)
+    if missing:
+        raise EngineError(f"{folder}: no weight for {', '.join(sorted(missing)[:3])} (a checkpoint of another "
+                          f"model or unfrozen_parameters); delete {folder.parent} to start over")
+    return found
+
+
+def make_optimizer(params: list[torch.nn.Parameter], run: RunConfig, fused: bool = False) -> torch.optim.Optimizer:
+    """``run.optimizer`` over ``params`` (:mod:`tunedag.train.optimizers`)."""
+    return build_optimizer(params, run.optimizer, run.learning_rate, run.weight_decay, fused)
 
 
 class ReplicatedEngine:
@@ -130,7 +181,7 @@ class ReplicatedEngine:
         self.name = "ddp" if env.world_size > 1 else inner.name
         self.model, self.device, self.objective = inner.model, inner.device, inner.objective
         self.params = inner.trainable_parameters()
-        self.optimizer = adamw(self.params, run, fused=self.device.type == "cuda")
+        self.optimizer = make_optimizer(self.params, run, fused=self.device.type == "cuda")
         self.info: dict[str, Any] = {"model_engine": inner.name}
         self.run_files: dict[str, Any] = {}
 
@@ -143,11 +194,7 @@ class ReplicatedEngine:
     def step(self, max_norm: float | None) -> float:
         """Sum the gradients over ranks, clip, update, zero them; return the norm before clipping."""
         if self.env.world_size > 1:
-            grads = [p.grad for p in self.params if p.grad is not None]
-            flat = torch.cat([g.reshape(-1) for g in grads])  # one bucket
-            torch.distributed.all_reduce(flat)
-            for g, summed in zip(grads, flat.split([g.numel() for g in grads])):
-                g.copy_(summed.view_as(g))
+            all_reduce_sum([p.grad for p in self.params if p.grad is not None])
         norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm or float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -169,6 +216,24 @@ class ReplicatedEngine:
                 self.inner.save(tmp)
 
 
+def all_reduce_sum(tensors: list[torch.Tensor], bucket_numel: int = BUCKET_NUMEL) -> None:
+    """Sum ``tensors`` across ranks in place, in flat buckets of about ``bucket_numel`` elements: few
+    collectives, and at most one bucket's extra memory (a LoRA adapter's gradients are one bucket)."""
+    buckets: list[list[torch.Tensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if buckets[-1] and size + t.numel() > bucket_numel:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(t)
+        size += t.numel()
+    for bucket in filter(None, buckets):
+        flat = torch.cat([b.reshape(-1) for b in bucket])
+        torch.distributed.all_reduce(flat)
+        for b, summed in zip(bucket, flat.split([b.numel() for b in bucket])):
+            b.copy_(summed.view_as(b))
+
+
 def triton_blocker(run: RunConfig, model_path: Path, device: torch.device) -> str | None:
     """Why the triton engine cannot train ``run`` here (None: it can). ``auto`` and ``ddp`` take it on
     CUDA only; ``triton`` also on the CPU under ``TRITON_INTERPRET=1`` (slow: for tests)."""
@@ -178,6 +243,11 @@ def triton_blocker(run: RunConfig, model_path: Path, device: torch.device) -> st
 
     from tunedag.models.registry import fast_path_blocker
 
+    if run.adapter is None:
+        from tunedag.train.triton_engine import TritonEngine
+
+        if not getattr(TritonEngine, "trains_full_models", False):
+            return "adapter: null (the triton engine trains LoRA and QLoRA adapters)"
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=run.trust_remote_code)
     return fast_path_blocker(config, rl=run.rl, lora_dropout=run.lora_dropout,
                              lora_target_modules=run.lora_target_modules,

@@ -1,23 +1,38 @@
 """``train_engine: fsdp``: the torch engine's model under FSDP2 ``fully_shard``, every decoder layer
-then the root (frozen base + LoRA in one unit).
+then the root.
 
 FSDP averages gradients over ranks; the loss is scaled by the world size so the reduced gradient
-is the sum the loop's token mean needs (exact for a power-of-two world size). Checkpoints hold
-the full (gathered) adapter weights and a full optimizer state keyed by parameter name, so they
-do not depend on the number of ranks: a job resumes on another rank count.
+is the sum the loop's token mean needs (exact for a power-of-two world size).
+
+LoRA (frozen base + adapter in one unit): the model is loaded whole on every rank, then sharded.
+Checkpoints hold the full (gathered) adapter weights and a full optimizer state keyed by parameter
+name; the final adapter is gathered the same way.
+
+Full fine-tuning (``adapter: null``): the model is built on the meta device, sharded, and every
+rank copies its shard of each weight out of the base model's safetensors one tensor at a time, so
+no rank ever holds a whole fp32 copy. On CUDA the layers compute in bf16 (FSDP's mixed precision:
+bf16 all-gathered weights) and gradients are reduced in fp32 onto the fp32 sharded weights; the
+optimizer state is sharded like them. Checkpoints are ``torch.distributed.checkpoint`` folders
+(each rank writes its shards of the trained weights and optimizer state; a checkpoint resumes on
+any number of ranks). The final model is gathered tensor by tensor into rank 0's CPU memory and
+saved as an HF folder.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from tunedag.config import RunConfig
 from tunedag.io import atomic_path
-from tunedag.train.engines import OPTIMIZER_FILE, TorchEngine, adamw
-from tunedag.train.ranks import DistEnv
+from tunedag.train.engines import OPTIMIZER_FILE, EngineError, TorchEngine, make_optimizer
+from tunedag.train.ranks import DistEnv, init_process_group
+
+DCP_FOLDER = "dcp"  # a full fine-tune's sharded checkpoint, inside the loop's checkpoint folder
 
 
 def peft_key(name: str, adapter: str = "default") -> str:
@@ -26,22 +41,86 @@ def peft_key(name: str, adapter: str = "default") -> str:
     return name.replace(f".modules_to_save.{adapter}.", ".").replace(f".{adapter}.", ".")
 
 
+def meta_model(run: RunConfig, model_path: Path) -> torch.nn.Module:
+    """The causal LM of ``model_path`` with its parameters on the meta device (its buffers, the rotary
+    tables, computed on the CPU as usual)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tunedag.models.loading import check_weight_files
+
+    check_weight_files(model_path)
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=run.trust_remote_code)
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=run.trust_remote_code)
+
+
+def weight_files(model_path: Path) -> dict[str, Path]:
+    """Each weight name of a model folder → the safetensors file that holds it."""
+    index = model_path / "model.safetensors.index.json"
+    if index.is_file():
+        return {k: model_path / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+    found = {}
+    for file in sorted(model_path.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as fh:
+            found.update({k: file for k in fh.keys()})
+    return found
+
+
+@torch.no_grad()
+def load_shards_(model: torch.nn.Module, model_path: Path) -> None:
+    """Copy each rank's shard of every parameter (DTensors after ``fully_shard``) from the safetensors
+    files: one full tensor in memory at a time, no communication."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    files = weight_files(model_path)
+    for name, param in model.named_parameters():
+        if name not in files:
+            raise EngineError(f"{model_path}: no weight {name} in its safetensors files (not the model its "
+                              "config.json describes)")
+        with safe_open(files[name], framework="pt") as fh:
+            full = fh.get_tensor(name).to(torch.float32)
+        if isinstance(param, DTensor):
+            full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
+            param.to_local().copy_(full)
+        else:
+            param.copy_(full)
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model.layers
+
+
 class FSDPEngine:
     """See the module docstring; the loop's engine protocol is in :mod:`tunedag.train.engines`."""
 
     name = "fsdp"
 
     def __init__(self, run: RunConfig, model_path: Path, env: DistEnv, device: torch.device):
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        self.env = env
-        self.inner = TorchEngine(run, model_path, device)
+        self.env, self.full = env, run.adapter is None
+        if not torch.distributed.is_initialized():  # one rank: FSDP still wants a process group
+            init_process_group(env, device)
+        base = meta_model(run, model_path) if self.full else None
+        self.inner = TorchEngine(run, model_path, device, base=base)
         self.model, self.device, self.objective = self.inner.model, device, self.inner.objective
-        for layer in self.model.get_base_model().model.layers:
-            fully_shard(layer)
-        fully_shard(self.model)
+        policy = MixedPrecisionPolicy()
+        if self.full and device.type == "cuda":
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for layer in decoder_layers(self.model):
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(self.model, mp_policy=policy)
+        if self.full:
+            buffers = {name: b.clone() for name, b in self.model.named_buffers()}
+            self.model.to_empty(device=device)
+            with torch.no_grad():
+                for name, value in buffers.items():
+                    self.model.get_buffer(name).copy_(value)
+            load_shards_(self.model, model_path)
         self.params = self.inner.trainable_parameters()
-        self.optimizer = adamw(self.params, run, fused=False)  # over DTensor shards
+        self.optimizer = make_optimizer(self.params, run)  # over DTensor shards: not fused
         self.info: dict[str, Any] = {"model_engine": "torch"}
         self.run_files: dict[str, Any] = {}
 
@@ -61,12 +140,26 @@ class FSDPEngine:
         from torch.distributed.checkpoint.state_dict import StateDictOptions
         return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
 
-    def _gathered_weights(self) -> dict[str, torch.Tensor]:
+    def _gathered_weights(self, frozen: bool = False) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
-        return get_model_state_dict(self.model, options=self._options(ignore_frozen_params=True))
+        return get_model_state_dict(self.model, options=self._options(ignore_frozen_params=not frozen))
+
+    def _sharded_state(self) -> dict[str, Any]:
+        """A full fine-tune's trained weights and optimizer state, as each rank's shards."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        options = StateDictOptions(ignore_frozen_params=True)
+        return {"model": get_model_state_dict(self.model, options=options),
+                "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=options)}
 
     def write_payload(self, folder: Path) -> None:
-        """Collective: the full adapter and optimizer state, gathered; rank 0 writes them."""
+        """Collective. Full fine-tuning: every rank writes its shards (torch.distributed.checkpoint);
+        LoRA: the full adapter and optimizer state, gathered, written by rank 0."""
+        if self.full:
+            import torch.distributed.checkpoint as dcp
+
+            dcp.save(self._sharded_state(), checkpoint_id=folder / DCP_FOLDER)
+            return
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
         weights = self._gathered_weights()
         optim = get_optimizer_state_dict(self.model, self.optimizer, options=self._options())
@@ -75,8 +168,21 @@ class FSDPEngine:
             torch.save(optim, folder / OPTIMIZER_FILE)
 
     def load_payload(self, checkpoint: Path) -> None:
-        """Every rank reads the full state and keeps its shard of it."""
+        """Every rank reads its shards (full fine-tuning), or the full state and keeps its shard (LoRA)."""
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+        if self.full:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+            if not (checkpoint / DCP_FOLDER).is_dir():
+                raise EngineError(f"{checkpoint}: no {DCP_FOLDER}/ (not a full fine-tune's fsdp checkpoint); "
+                                  f"delete {checkpoint.parent} to start over")
+            state = self._sharded_state()
+            dcp.load(state, checkpoint_id=checkpoint / DCP_FOLDER)
+            options = StateDictOptions(ignore_frozen_params=True)
+            set_model_state_dict(self.model, state["model"], options=options)
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=options)
+            return
         saved = load_file(checkpoint / "adapter_model.safetensors")
         names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         set_model_state_dict(self.model, {n: saved[peft_key(n)] for n in names},
@@ -85,7 +191,11 @@ class FSDPEngine:
         set_optimizer_state_dict(self.model, self.optimizer, optim, options=self._options())
 
     def save_adapter(self, dest: Path) -> None:
-        weights = self._gathered_weights()
+        """Collective: the adapter, or with ``adapter: null`` the whole trained model, gathered; rank 0 writes."""
+        weights = self._gathered_weights(frozen=self.full)
         if self.env.is_main:
             with atomic_path(dest) as tmp:
-                self.model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+                if self.full:
+                    self.model.save_pretrained(tmp, state_dict=weights)
+                else:
+                    self.model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)

@@ -1,4 +1,6 @@
-# Stage merge: LoRA adapter folded into the base → a plain HF safetensors folder.
+# Stage merge: the train stage's output → a plain HF safetensors folder. A LoRA adapter is folded
+# into the base; a full fine-tune (adapter: null, whose {run_dir}/adapter holds the trained model)
+# is cast to merge_dtype and re-sharded. Evaluate and the exports read merged/ alike either way.
 
 
 rule merge:

@@ -1,0 +1,60 @@
+"""The optimizer of a run (``optimizer``, Axolotl's names), built over an engine's trainable parameters.
+
+| optimizer | what | state per trained weight |
+| --- | --- | --- |
+| adamw_torch | ``torch.optim.AdamW``, fused where the engine says its parameters allow it | 2 fp32 |
+| adamw_torch_fused | ``torch.optim.AdamW(fused=True)`` (CUDA, or the CPU on torch >= 2.4) | 2 fp32 |
+| adamw_bnb_8bit | bitsandbytes' ``AdamW8bit``: blockwise 8-bit moments | 2 bytes |
+| paged_adamw_8bit | bitsandbytes' ``PagedAdamW8bit``: the same, paged to CPU memory under pressure | 2 bytes |
+| adafactor | transformers' ``Adafactor`` at the run's learning rate (no relative step, no parameter scaling: the HF Trainer's and Axolotl's setting); factored second moment | ~0 for matrices |
+
+The loop's schedule drives every one of them through their parameter groups' ``lr``; every one
+saves and loads its state through ``state_dict`` (each engine stores it the way it stores AdamW's).
+"""
+from __future__ import annotations
+
+import importlib.util
+from typing import Iterable
+
+import torch
+
+from tunedag.errors import TunedagError
+
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit", "paged_adamw_8bit", "adafactor")
+
+
+class OptimizerError(TunedagError, RuntimeError):
+    """The optimizer cannot be built here (its package is missing, or the device has no such kernel)."""
+
+
+def _bitsandbytes(name: str):
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise OptimizerError(f"optimizer: {name} needs the bitsandbytes package, which is not installed "
+                             "(pip install bitsandbytes; it runs on CUDA GPUs), or choose adamw_torch or adafactor")
+    import bitsandbytes
+
+    return bitsandbytes.optim
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], name: str, lr: float, weight_decay: float,
+                    fused: bool = False) -> torch.optim.Optimizer:
+    """``name``'s optimizer over ``params``; ``fused``: the engine's parameters are plain tensors on a
+    device with a fused AdamW (adamw_torch then takes it)."""
+    params = list(params)
+    if name in ("adamw_torch", "adamw_torch_fused"):
+        try:
+            return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay,
+                                     fused=True if name == "adamw_torch_fused" else fused)
+        except RuntimeError as err:
+            raise OptimizerError(f"optimizer: {name}: torch has no fused AdamW for these parameters ({err}); "
+                                 "use adamw_torch") from None
+    if name == "adamw_bnb_8bit":
+        return _bitsandbytes(name).AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+    if name == "paged_adamw_8bit":
+        return _bitsandbytes(name).PagedAdamW8bit(params, lr=lr, weight_decay=weight_decay)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=lr, weight_decay=weight_decay, scale_parameter=False, relative_step=False,
+                         warmup_init=False)
+    raise OptimizerError(f"optimizer: unknown optimizer {name!r}; tunedag has {', '.join(OPTIMIZERS)}")
