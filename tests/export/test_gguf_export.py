@@ -198,10 +198,10 @@ def edit_json(path: Path, **changes) -> None:
 
 def test_unsupported_architecture_names_it_and_the_supported_list(model_copy, tmp_path):
     d = model_copy("llama")
-    edit_json(d / "config.json", model_type="phi3", architectures=["Phi3ForCausalLM"])
+    edit_json(d / "config.json", model_type="phi", architectures=["PhiForCausalLM"])
     with pytest.raises(GGUFExportError) as e:
         export_gguf(d, tmp_path / "out" / "m.gguf", "f16")
-    assert "'phi3'" in str(e.value) and "Phi3ForCausalLM" in str(e.value)
+    assert "'phi'" in str(e.value) and "PhiForCausalLM" in str(e.value)
     assert all(a in str(e.value) for a in SUPPORTED_ARCHITECTURES)
     assert not (tmp_path / "out" / "m.gguf").exists()
 
