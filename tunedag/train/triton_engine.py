@@ -1,10 +1,15 @@
-"""The ``triton`` engine: a peft LoRA/QLoRA model whose decoder runs on tunedag's kernels.
+"""The ``triton`` engine: a peft LoRA/QLoRA model, or a fully fine-tuned HF model, whose decoder runs
+on tunedag's kernels.
 
 Supports (``tunedag.models.registry`` lists the architectures; anything else falls back to
 the torch engine with a logged reason):
 
 - LoRA on all seven projections (lora_dropout 0, no LoRA bias), or QLoRA with the base
   projections in 4-bit NF4 (``adapter: qlora``), dequantised inside the fused kernels;
+- full fine-tuning (``adapter: null``): the HF model itself, every parameter trained or those
+  ``unfrozen_parameters`` names; the same fused kernels run without A/B and return the gradient of
+  each projection, norm, embedding and lm_head weight that requires grad (frozen ones cost none);
+  supervised data only (no ``rl``);
 - embed_tokens / lm_head trained in full (``lora_modules_to_save``): kept in fp32 as master
   weights, cast to the compute dtype per step; the fused cross-entropy returns the lm_head
   gradient directly;
@@ -24,6 +29,18 @@ Precision: on CUDA the frozen base is bf16 (rotary buffers stay fp32, as the tor
 fp32 model under bf16 autocast computes them); LoRA A/B and fully trained modules are fp32
 master weights, cast to bf16 inside the kernels, their gradients returned in fp32; the loss
 log-sum-exp is fp32. On the CPU everything is fp32 (the reference comparisons in tests).
+
+Full fine-tuning keeps the same rule: trained weights are fp32 masters (the optimizer updates them in
+fp32), cast to bf16 per call inside the fused kernels (forward, and again in backward: no bf16 copy
+is kept between them), gradients come back from bf16 matmuls as fp32, as under the torch engine's
+autocast; frozen weights are bf16. That is 16 bytes per trained parameter with AdamW (weight 4,
+gradient 4, moments 8) against 12 for bf16 weights and gradients with a stochastically rounded or
+Kahan-compensated update (14). Chosen because an AdamW step moves a weight by about the learning
+rate (1e-5 in a typical full fine-tune) while bf16 weights near 0.02 are 1.2e-4 apart, so only a
+master copy or a compensated update keeps those steps, and of the two only the master copy lets
+every ``optimizer`` (fused AdamW, 8-bit AdamW, Adafactor) run unchanged. Measured on an H200
+(BENCHMARKS.md, "Full fine-tuning"): after 150 steps at lr 1e-5 the loss is within 0.013 of an
+fp32 run (the torch engine's autocast: 0.018), where plain bf16 weights stall 3.8 above it.
 
 The loss is never computed from [tokens, vocab] logits: ``loss_sum`` ends in the chunked fused
 linear + cross-entropy, or with ``rl`` in the preference objective's chunked log-probs. Its interface is the torch engine's, so the shared loop, checkpoints
@@ -51,6 +68,7 @@ from tunedag.models.patching import patch_model
 from tunedag.models.qlora import quantize_base_weights
 from tunedag.models.moe import aux_loss_enabled, aux_loss_sum
 from tunedag.models.registry import ARCHITECTURES, lora_target_kwargs
+from tunedag.train.engines import read_weights, unfreeze_only
 from tunedag.train.layer_checkpoint import Mode, run_layers
 from tunedag.train.preference import PreferenceObjective
 
@@ -81,9 +99,11 @@ def checkpoint_mode(run: RunConfig) -> Mode:
 
 
 class TritonEngine:
-    """peft LoRA/QLoRA on a patched HF model; same interface as ``TorchEngine``."""
+    """peft LoRA/QLoRA on a patched HF model, or the patched HF model itself (``adapter: null``); same
+    interface as ``TorchEngine``."""
 
     name = "triton"
+    trains_full_models = True  # adapter: null is covered (make_engine's triton_blocker asks)
 
     def __init__(self, run: RunConfig, model_path: Path | None, device: torch.device,
                  base: PreTrainedModel | None = None):
@@ -91,28 +111,50 @@ class TritonEngine:
         self.compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         if base is None:
             base = load_causal_lm(model_path, torch.float32, run.trust_remote_code)
+        self.full = run.adapter is None
+        if self.full:
+            model, nf4 = self._full_model(base, run), {}
+        else:
+            model = self._lora_model(base, run)
+            nf4 = quantize_base_weights(model) if run.adapter == "qlora" else {}
+        self.patches = patch_model(model, nf4)
+        log.info("triton engine: %s; gradient checkpointing %s", self.patches.summary(), checkpoint_mode(run))
+        model.train()
+        self.model = model
+        self.checkpointing: Mode = checkpoint_mode(run)
+        self.causal_lm = model if self.full else model.get_base_model()
+        self.decoder = self.causal_lm.model
+        self.spec = ARCHITECTURES[self.causal_lm.config.model_type]
+        if run.rl == "reward":
+            raise ValueError("rl: reward trains on the torch engine (a score head, not an LM head)")
+        self.objective = PreferenceObjective(run) if run.rl else None
+
+    def _lora_model(self, base: PreTrainedModel, run: RunConfig) -> torch.nn.Module:
+        """peft LoRA over the base in the compute dtype; fp32 master copies of everything trained."""
         cast_parameters_(base, self.compute_dtype)
         lora = LoraConfig(r=run.lora_r, lora_alpha=run.lora_alpha, lora_dropout=0.0,
                           **lora_target_kwargs(base.config, run.lora_target_modules), bias="none",
                           task_type="CAUSAL_LM",
                           modules_to_save=list(run.lora_modules_to_save) or None)
         model = get_peft_model(base, lora)
-        for p in model.parameters():  # fp32 master copies of everything trained
+        for p in model.parameters():
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()
-        model.to(device)
-        nf4 = quantize_base_weights(model) if run.adapter == "qlora" else {}
-        self.patches = patch_model(model, nf4)
-        log.info("triton engine: %s; gradient checkpointing %s", self.patches.summary(), checkpoint_mode(run))
-        model.train()
-        self.model = model
-        self.checkpointing: Mode = checkpoint_mode(run)
-        self.causal_lm = model.get_base_model()
-        self.decoder = self.causal_lm.model
-        self.spec = ARCHITECTURES[self.causal_lm.config.model_type]
-        if run.rl == "reward":
-            raise ValueError("rl: reward trains on the torch engine (a score head, not an LM head)")
-        self.objective = PreferenceObjective(run) if run.rl else None
+        return model.to(self.device)
+
+    def _full_model(self, base: PreTrainedModel, run: RunConfig) -> torch.nn.Module:
+        """The HF model itself: trained parameters (all, or those ``unfrozen_parameters`` names) as fp32
+        masters, frozen ones in the compute dtype."""
+        if run.rl is not None:
+            raise ValueError(f"rl: {run.rl} trains an adapter; full fine-tuning (adapter: null) is supervised only")
+        n = unfreeze_only(base, run.unfrozen_parameters)
+        for p in base.parameters():
+            if p.is_floating_point():
+                dtype = torch.float32 if p.requires_grad else self.compute_dtype
+                if p.dtype != dtype:
+                    p.data = p.data.to(dtype)
+        log.info("triton engine, full fine-tuning: %d parameter tensors trained (fp32 masters)", n)
+        return base.to(self.device)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -205,7 +247,15 @@ class TritonEngine:
         return loss
 
     def load_trainable(self, checkpoint: Path) -> None:
+        if self.full:
+            trained = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+            with torch.no_grad():
+                for name, tensor in read_weights(checkpoint, set(trained)).items():
+                    trained[name].copy_(tensor)
+            return
         set_peft_model_state_dict(self.model, load_file(checkpoint / "adapter_model.safetensors"))
 
     def save(self, dest: Path) -> None:
+        """The peft adapter, or with ``adapter: null`` the whole model (HF folder: safetensors + config;
+        trained weights in fp32, frozen ones in the compute dtype)."""
         self.model.save_pretrained(dest, safe_serialization=True)
