@@ -24,7 +24,7 @@ def packed(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("packed")
     src = write_jsonl(root / "src.jsonl", sample_rows(240))
     download_dataset(DatasetConfig(path=str(src)), root / "raw")
-    run = tiny_run(src, learning_rate=5e-3, lora_modules_to_save=["lm_head"], save_steps=3)
+    run = tiny_run(src, learning_rate=5e-3, lora_modules_to_save=["lm_head"], save_steps=3, sequence_len=256)
     tokenize_run(run, [root / "raw"], tiny_model_dir, root / "packed")
     return run, root / "packed"
 
