@@ -12,9 +12,16 @@ runs each projection as one grouped GEMM over all experts (``kernels/grouped_gem
 x W_e^T, LoRA (x A_e^T) B_e^T, both grouped. The k outputs of a token are weighted and summed
 with one ``index_add_``.
 
-Router logits (N, E) of every block are kept in the model's :class:`RouterLogits` while the
-engine's forward runs, for the load-balancing loss (:func:`load_balancing_loss`, HF's
-``load_balancing_loss_func`` on the real tokens).
+The load-balancing loss (HF's ``load_balancing_loss_func`` on the real tokens, when the config sets
+``output_router_logits``) needs every layer's router probabilities, but a checkpointed layer keeps
+no graph. Its gradient is simple, though: aux = E sum_e (C_e / R)(P_e / R) over R = layers x tokens
+rows, with C_e the top-k picks of expert e (no gradient) and P_e the summed probabilities, so
+d aux / d p[row, e] = E C_e / R^2, the same for every row of every layer. The blocks therefore log
+their router logits without graph (:class:`RouterLogits`); after the forward the engine computes the
+loss value and that per-expert gradient; each block's probabilities pass through an identity
+(``_AuxGradient``) whose backward adds it, times the gradient the objective gives the summed loss
+(read off the loss tensor by a hook when backward starts). That backward runs in the recompute of a
+checkpointed layer as in a plain one.
 """
 from __future__ import annotations
 
@@ -32,17 +39,47 @@ ADAPTER = "default"
 
 @dataclass
 class RouterLogits:
-    """Filled by every MoE block during one forward; the engine clears it first."""
+    """Shared by the MoE blocks of one model: what the load-balancing loss needs (see the module doc)."""
 
-    layers: list[torch.Tensor] = field(default_factory=list)
+    enabled: bool = False  # the config's output_router_logits: log and add the loss's gradient
+    layers: list[torch.Tensor] = field(default_factory=list)  # (N, E) router logits, no graph; cleared per forward
+    grad: torch.Tensor | None = None  # (E,) d(loss term) / d p[row, e], set after the forward
+    scale: torch.Tensor | None = None  # d(objective) / d(summed loss), set when backward starts
+
+    def start(self, enabled: bool) -> None:
+        """A new forward: with the router loss (``enabled``) or without."""
+        self.enabled = enabled
+        self.layers.clear()
+        self.grad = self.scale = None
+
+
+class _AuxGradient(torch.autograd.Function):
+    """Identity on router probabilities (N, E) whose backward adds the load-balancing loss's gradient."""
+
+    @staticmethod
+    def forward(ctx, probs, log):
+        ctx.log = log
+        return probs.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        log = ctx.log
+        if log.grad is None or log.scale is None:
+            raise RuntimeError("MoE router loss: backward ran without add_router_loss on this forward's loss")
+        return grad + (log.grad * log.scale).to(grad.dtype), None
+
+
+def _probs_and_picks(router_logits: list[torch.Tensor], num_experts: int, top_k: int):
+    """(router probabilities (R, E) of all layers x tokens, top-k picks per expert (E,))."""
+    probs = torch.cat([F.softmax(logits.float(), dim=-1) for logits in router_logits])
+    picks = torch.topk(probs, top_k, dim=-1).indices
+    return probs, torch.bincount(picks.reshape(-1), minlength=num_experts).to(probs.dtype)
 
 
 def load_balancing_loss(router_logits: list[torch.Tensor], num_experts: int, top_k: int) -> torch.Tensor:
     """Switch-Transformer auxiliary loss over all layers' (N, E) router logits, as transformers computes it:
     E * sum_e (share of top-k picks of e) * (mean router probability of e), both over layers x tokens."""
-    probs = torch.cat([F.softmax(logits.float(), dim=-1) for logits in router_logits])  # (L N, E)
-    picks = torch.topk(probs, top_k, dim=-1).indices
-    counts = torch.bincount(picks.reshape(-1), minlength=num_experts).to(probs.dtype)
+    probs, counts = _probs_and_picks(router_logits, num_experts, top_k)
     rows = probs.shape[0]
     return (counts / rows * (probs.sum(0) / rows)).sum() * num_experts
 
@@ -66,7 +103,7 @@ class FusedLoRAMoE(nn.Module):
 
     def __init__(self, replaced: nn.Module, activation: str, log: RouterLogits, switch):
         super().__init__()
-        self.gate = replaced.gate  # the router; its weight stays frozen
+        self.gate = replaced.gate  # the router (frozen under LoRA)
         self.experts = replaced.experts  # peft: ParamWrapper(down_proj) over ParamWrapper(gate_up_proj)
         if hasattr(self.experts, "lora_A"):
             self.down_lora, self.gate_up_lora = self.experts, self.experts.base_layer
@@ -83,9 +120,12 @@ class FusedLoRAMoE(nn.Module):
     def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights (N, k) in x's dtype, expert ids (N, k)) as the HF router picks them."""
         logits = x @ self.gate.weight.to(x.dtype).t()  # (N, E)
-        if self.switch.enabled:
-            self.log.layers.append(logits)
         probs = F.softmax(logits, dim=-1, dtype=torch.float32)
+        if self.log.enabled and self.switch.enabled:
+            if torch.is_grad_enabled():  # a plain forward, or a checkpointed layer's recompute in backward
+                probs = _AuxGradient.apply(probs, self.log)
+            if self.log.grad is None:  # not again in a checkpointed layer's recompute
+                self.log.layers.append(logits.detach())
         top, idx = torch.topk(probs, self.top_k, dim=-1)
         if self.renormalise:
             top = top / top.sum(dim=-1, keepdim=True)
@@ -141,6 +181,20 @@ def aux_loss_sum(router_logits: list[torch.Tensor], config, n_trained: torch.Ten
     divides by the group's trained tokens, so one micro-batch gives HF's mean loss + coef x aux."""
     aux = load_balancing_loss(router_logits, num_experts(config), config.num_experts_per_tok)
     return config.router_aux_loss_coef * aux * n_trained
+
+
+def add_router_loss(loss: torch.Tensor, log: RouterLogits, config, n_trained: torch.Tensor) -> torch.Tensor:
+    """``loss`` + :func:`aux_loss_sum`'s value from the logged logits; arms the blocks' backward with its
+    gradient per router probability (see the module doc) and the objective's scale of ``loss``."""
+    e = num_experts(config)
+    probs, counts = _probs_and_picks(log.layers, e, config.num_experts_per_tok)
+    rows = probs.shape[0]
+    factor = config.router_aux_loss_coef * n_trained.to(probs.dtype) * e / rows**2
+    log.grad = factor * counts  # d(coef aux n) / d p[row, e]
+    value = factor * (counts * probs.sum(0)).sum()
+    if loss.requires_grad:
+        loss.register_hook(lambda g: setattr(log, "scale", g.detach()))
+    return loss + value.to(loss.dtype)
 
 
 def hf_moe_loss_sum(peft_model: nn.Module, inputs: dict, labels: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

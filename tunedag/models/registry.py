@@ -132,15 +132,12 @@ def mlp_activation(spec: ArchitectureSpec, config: Any) -> str | None:
 
 
 def fast_path_blocker(config: Any, *, rl: str | None, lora_dropout: float, lora_target_modules: Sequence[str],
-                      lora_modules_to_save: Sequence[str], gradient_checkpointing: bool = False) -> str | None:
+                      lora_modules_to_save: Sequence[str]) -> str | None:
     """Why a run with these settings on a model with HF ``config`` cannot use the triton engine (None: it can)."""
     model_type = getattr(config, "model_type", None)
     spec = ARCHITECTURES.get(model_type)
     if spec is None:
         return f"architecture {model_type!r} has no fused path (covered: {', '.join(ARCHITECTURES)})"
-    if spec.moe and gradient_checkpointing and getattr(config, "output_router_logits", False):
-        return ("output_router_logits with gradient_checkpointing (the fused path's checkpointed layers keep "
-                "no graph for the router loss)")
     if rl == "reward":
         return "rl: reward (reward modelling trains a score head on the torch engine; dpo, orpo and kto take this path)"
     if lora_dropout > 0:

@@ -251,8 +251,7 @@ def triton_blocker(run: RunConfig, model_path: Path, device: torch.device) -> st
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=run.trust_remote_code)
     return fast_path_blocker(config, rl=run.rl, lora_dropout=run.lora_dropout,
                              lora_target_modules=run.lora_target_modules,
-                             lora_modules_to_save=run.lora_modules_to_save,
-                             gradient_checkpointing=run.gradient_checkpointing)
+                             lora_modules_to_save=run.lora_modules_to_save)
 
 
 def model_engine(run: RunConfig, model_path: Path, device: torch.device) -> tuple[Any, str | None]:

@@ -66,7 +66,7 @@ from tunedag.models.loading import load_causal_lm
 from tunedag.models.packed_attention import PackedSequences
 from tunedag.models.patching import patch_model
 from tunedag.models.qlora import quantize_base_weights
-from tunedag.models.moe import aux_loss_enabled, aux_loss_sum
+from tunedag.models.moe import add_router_loss, aux_loss_enabled
 from tunedag.models.registry import ARCHITECTURES, lora_target_kwargs
 from tunedag.train.engines import read_weights, unfreeze_only
 from tunedag.train.layer_checkpoint import Mode, run_layers
@@ -184,7 +184,8 @@ class TritonEngine:
     def _final_hidden(self, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
         """(N, H) final-norm hidden states of the micro-batch's real tokens (``keep``: (B*T,) on the host)."""
         seq = PackedSequences.from_batch(batch["segment_ids"], batch["position_ids"], self.device)
-        self.patches.router_logits.layers.clear()  # MoE blocks append theirs during this forward
+        # MoE: the router loss is added to supervised losses only (not to preference objectives)
+        self.patches.router_logits.start(self.objective is None and aux_loss_enabled(self.causal_lm.config))
         ids = batch["input_ids"].reshape(-1)[keep][None].to(self.device, non_blocking=True)  # (1, N)
         hidden = self._embed(ids)  # (1, N, H)
         cos_sin = self._rotary(hidden, seq.position_ids)
@@ -241,9 +242,9 @@ class TritonEngine:
         hidden = self._final_hidden(batch, keep)
         weight, bias, softcap = self._head()
         loss = fused_linear_cross_entropy(hidden, weight, targets, bias, IGNORE_INDEX, "sum", softcap=softcap)
-        config = self.causal_lm.config
-        if aux_loss_enabled(config):  # MoE router loss, over the real tokens
-            loss = loss + aux_loss_sum(self.patches.router_logits.layers, config, (targets != IGNORE_INDEX).sum())
+        if self.patches.router_logits.enabled:  # MoE router loss, over the real tokens
+            loss = add_router_loss(loss, self.patches.router_logits, self.causal_lm.config,
+                                   (targets != IGNORE_INDEX).sum())
         return loss
 
     def load_trainable(self, checkpoint: Path) -> None:
