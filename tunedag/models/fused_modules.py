@@ -156,9 +156,12 @@ class FusedLoRAAttention(nn.Module):
         v = v.reshape(n, -1, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = position_embeddings  # (1, N, D)
-        q4, k4 = rope(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)  # (1, H, N, D), in place
-        q, k = q4[0].transpose(0, 1), k4[0].transpose(0, 1)
+        cos, sin = position_embeddings  # (1, N, R): R < D rotates the first R dims only (partial rotary)
+        q4, k4, rot = q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos.shape[-1]  # (1, H, N, D) views
+        qr, kr = rope(q4[..., :rot], k4[..., :rot], cos, sin)  # in place
+        if rot < self.head_dim:  # the rotated dims' graph runs through rope's outputs
+            qr, kr = torch.cat([qr, q4[..., rot:]], dim=-1), torch.cat([kr, k4[..., rot:]], dim=-1)
+        q, k = qr[0].transpose(0, 1), kr[0].transpose(0, 1)
         out = packed_attention(q, k, v, attention_mask, self.scaling, self.softcap, self.sliding_window)
         out = out.reshape(n, -1)
         if off:

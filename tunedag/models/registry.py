@@ -13,7 +13,7 @@ model; what differs between architectures is data, not code paths:
 | gemma | Gemma (1 + w) | GELU-tanh | embeddings scaled by sqrt(hidden) |
 | gemma2 | Gemma (1 + w) | GELU-tanh | sandwich norms, attention and final logit softcapping, alternating sliding window |
 | gemma3_text (Gemma3ForCausalLM) | Gemma (1 + w) | GELU-tanh | sandwich norms, Gemma q/k norms, sliding-window layers interleaved with global ones, one RoPE base per layer type |
-| phi3 (Phi-3, Phi-4) | Llama | SiLU | packed ``qkv_proj`` and ``gate_up_proj`` (one LoRA each), sliding window from the config |
+| phi3 (Phi-3, Phi-4) | Llama | SiLU | packed ``qkv_proj`` and ``gate_up_proj`` (one LoRA each), sliding window from the config, partial rotary (Phi-4-mini: RoPE on the first 3/4 of each head) |
 | mixtral | Llama | SiLU | sparse MoE (:mod:`tunedag.models.moe`): LoRA on every expert, grouped GEMMs, router loss |
 | qwen3_moe | Llama | SiLU | per-head q/k RMSNorm; sparse MoE as Mixtral (top-k renormalised only with norm_topk_prob) |
 
@@ -168,11 +168,6 @@ def _architecture_blocker(config: Any) -> str | None:
     for key in ("resid_pdrop", "embd_pdrop"):  # Phi-3
         if getattr(config, key, 0.0):
             return f"{key} {getattr(config, key)} > 0 (the fused path applies no dropout)"
-    rope = getattr(config, "rope_parameters", None) or {}
-    for params in (rope.values() if all(isinstance(v, dict) for v in rope.values()) and rope else [rope]):
-        factor = (params or {}).get("partial_rotary_factor", 1.0)
-        if factor != 1.0:
-            return f"partial_rotary_factor {factor} (the RoPE kernel rotates whole heads)"
     if getattr(config, "use_bidirectional_attention", False):
         return "use_bidirectional_attention (the packed attention is causal)"
     if getattr(config, "router_jitter_noise", 0.0):
