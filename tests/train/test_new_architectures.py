@@ -161,6 +161,17 @@ def test_phi3_partial_rotary_matches_the_torch_engine(tmp_path):
     _assert_same_step(ref, fast, packed_batch())
 
 
+def test_phi3_qlora_holds_the_packed_projections_in_nf4(tmp_path):
+    from tunedag.kernels.nf4 import NF4Weight
+
+    ref, fast = _engines(_model("phi3", tmp_path), adapter="qlora")
+    layer = fast.decoder.layers[0]
+    assert isinstance(layer.self_attn._nf4["qkv_proj"], NF4Weight)
+    assert isinstance(layer.mlp._nf4["gate_up_proj"], NF4Weight)
+    assert len(fast.model.tunedag_patches.nf4_weights) == 4 * 2  # qkv, o, gate_up, down x 2 layers
+    _assert_same_step(ref, fast, packed_batch())
+
+
 @pytest.mark.parametrize("key, value, reason", [
     ("resid_pdrop", 0.1, "resid_pdrop 0.1 > 0"),
 ])

@@ -24,7 +24,7 @@ from tunedag.errors import TunedagError
 from tunedag.kernels.nf4 import dequantize_nf4_reference
 from tunedag.models.moe import expert_loras
 from tunedag.models.qlora import quantize_weight
-from tunedag.models.registry import LORA_TARGETS
+from tunedag.models.registry import QUANTIZED_PROJECTIONS
 
 PREFIX = "base_model.model."
 # fp32 merge vs the unmerged product, relative: rounding of the sum stays near 1e-6; a wrong
@@ -184,7 +184,7 @@ class ShardWriter:
 def is_nf4_weight(name: str) -> bool:
     """Whether QLoRA training held this base weight in NF4 (the decoder layers' projections)."""
     module, _, leaf = name.rpartition(".")
-    return (leaf == "weight" and ".layers." in f".{module}" and module.rsplit(".", 1)[-1] in LORA_TARGETS
+    return (leaf == "weight" and ".layers." in f".{module}" and module.rsplit(".", 1)[-1] in QUANTIZED_PROJECTIONS
             and ".experts." not in module)  # MoE experts are 3-D parameters, never NF4
 
 

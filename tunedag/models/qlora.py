@@ -16,15 +16,15 @@ import torch
 from torch import nn
 
 from tunedag.kernels.nf4 import NF4Weight, dequantize_nf4_reference, quantize_nf4_reference
-from tunedag.models.registry import LORA_TARGETS
+from tunedag.models.registry import QUANTIZED_PROJECTIONS
 
 
 def quantizable_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """Decoder-layer projections named in LORA_TARGETS (peft's base_layer when wrapped)."""
+    """Decoder-layer projections named in QUANTIZED_PROJECTIONS (peft's base_layer when wrapped)."""
     found = {}
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
-        if leaf in LORA_TARGETS and ".layers." in f".{name}":
+        if leaf in QUANTIZED_PROJECTIONS and ".layers." in f".{name}":
             found[name] = getattr(module, "base_layer", module)
     return found
 

@@ -85,6 +85,8 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
 }
 # packed projection -> the Llama projections it holds, in its row order
 PACKED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+# QLoRA holds these decoder projections in NF4 (the seven, and Phi-3's packed ones)
+QUANTIZED_PROJECTIONS = LORA_TARGETS + tuple(PACKED_PROJECTIONS)
 # MoE: the experts' 3-D parameters peft adapts (target_parameters), for the Llama MLP names
 EXPERT_PARAMETERS = {"experts.gate_up_proj": ("gate_proj", "up_proj"), "experts.down_proj": ("down_proj",)}
 MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
