@@ -130,9 +130,10 @@ def test_snakemake_exits_nonzero_on_a_bad_config(raw, tmp_path):
     assert "unknown key 'lora_rank' (did you mean 'lora_r'?)" in proc.stdout + proc.stderr
 
 
-def test_full_fine_tuning_is_refused_until_the_train_stage_supports_it(raw):
-    raw["runs"]["demo"]["adapter"] = None
-    assert "runs.demo.adapter: full fine-tuning (adapter: null) is not supported" in error_of(raw)
+def test_full_fine_tuning_is_a_run_without_adapter(raw):
+    raw["runs"]["demo"].update(adapter=None, unfrozen_parameters=["^lm_head"], lora_r=7)  # lora_r: unused, not checked
+    run = parse_config(raw).runs["demo"]
+    assert run.adapter is None and run.unfrozen_parameters == ["^lm_head"]
 
 
 def test_hub_revisions_pin_data_and_models_and_apply_to_the_hub_only(tmp_path):

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from tunedag.config import ConfigError
+from tunedag.export.vllm import export_vllm
 from tunedag.merge.full import merge_full_model
 from tunedag.merge.weights import MergeError
 from tunedag.train.checkpoint import list_checkpoints
@@ -67,6 +68,8 @@ def test_two_ranks_match_one_process(engine, reference, sample_shards, tiny_mode
     config = write_runs(tmp_path / "config.yaml", src, {engine: {
         **FULL, **ENGINES[engine], "max_steps": 10, "micro_batch_size": 2, "gradient_accumulation_steps": 2}})
     torchrun_train(config, engine, shards, tiny_model_dir, tmp_path / engine)
+    info = json.loads((tmp_path / engine / "train_info.json").read_text())
+    assert info["world_size"] == 2 and info.get("zero_init", False) == (engine == "zero3")  # built partitioned
     ranks, one = metrics(tmp_path / engine), metrics(reference)
     # fp32 sums in another order (two ranks, then a reduction): a few ulps of a loss near 5
     assert [m["loss"] for m in ranks] == pytest.approx([m["loss"] for m in one], rel=1e-5)
@@ -146,6 +149,9 @@ def test_merge_writes_an_hf_folder_of_the_trained_weights(reference, sample_shar
     merge_full_model(bf16, tiny_model_dir, reference / "adapter", tmp_path / "merged-bf16")
     config = json.loads((tmp_path / "merged-bf16/config.json").read_text())
     assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+    serve = export_vllm(merged, reference / "adapter", tmp_path / "vllm")  # the merged model only: no adapter
+    assert serve["lora"] is None and not (tmp_path / "vllm/adapter").exists()
+    assert (tmp_path / "vllm/model/config.json").is_file()
     with pytest.raises(MergeError, match="needs the trained model"):
         merge_full_model(run, tiny_model_dir, tmp_path / "merged-bf16" / "missing", tmp_path / "never")
     assert not (tmp_path / "never").exists()

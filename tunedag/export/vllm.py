@@ -90,16 +90,19 @@ def _write_chat_template(model_dir: Path, template: str) -> None:
 
 
 def export_vllm(merged_dir: Path, adapter_dir: Path, out_dir: Path, chat_template: str | None = None) -> dict[str, Any]:
-    """Write ``out_dir``/model, ``out_dir``/adapter and ``out_dir``/serve.json (``chat_template``: the run's)."""
+    """Write ``out_dir``/model, ``out_dir``/adapter and ``out_dir``/serve.json (``chat_template``: the run's).
+    A full fine-tune (``adapter: null``: ``adapter_dir`` holds the trained model, config.json and no
+    adapter_config.json) has no adapter to serve: only the model is written."""
     model_config = check_model_dir(merged_dir)
-    adapter_config = check_adapter_dir(adapter_dir)
+    full = (adapter_dir / "config.json").is_file() and not (adapter_dir / "adapter_config.json").is_file()
+    adapter_config = None if full else check_adapter_dir(adapter_dir)
     model_files = sorted({p.name for p in merged_dir.glob("*.safetensors")}
                          | {n for n in MODEL_FILES if (merged_dir / n).is_file()})
     serve = {
         "architectures": model_config["architectures"],
         "merged": "vllm serve model --served-model-name tunedag",
         "lora": (f"vllm serve <base model> --enable-lora --max-lora-rank {adapter_config['r']} "
-                 "--lora-modules tunedag=adapter"),
+                 "--lora-modules tunedag=adapter") if adapter_config else None,
     }
     if is_reward_model(model_config):  # a pooling model; its score head is in the adapter in full, not as LoRA
         serve.update(merged="vllm serve model --runner pooling --served-model-name tunedag",
@@ -109,6 +112,7 @@ def export_vllm(merged_dir: Path, adapter_dir: Path, out_dir: Path, chat_templat
         _copy_files(merged_dir, tmp / "model", model_files)
         if chat_template is not None:
             _write_chat_template(tmp / "model", chat_template)
-        _copy_files(adapter_dir, tmp / "adapter", ["adapter_config.json", "adapter_model.safetensors"])
+        if adapter_config:
+            _copy_files(adapter_dir, tmp / "adapter", ["adapter_config.json", "adapter_model.safetensors"])
         (tmp / "serve.json").write_text(json.dumps(serve, indent=2) + "\n")
     return serve

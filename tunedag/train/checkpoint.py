@@ -2,7 +2,8 @@
 for every engine.
 
 A checkpoint holds the engine's payload (its trainable weights and optimizer state, in the
-engine's own layout: a PEFT adapter folder + ``optimizer.pt``, FSDP's gathered state, or
+engine's own layout: a PEFT adapter folder, or a full fine-tune's model folder, + ``optimizer.pt``;
+FSDP's gathered state, or a full fine-tune's ``torch.distributed.checkpoint`` shards; or
 DeepSpeed's per-rank partitions) and the loop's trainer state (``trainer_state.pt``: schedule,
 every RNG state, the data position, the resume key, the engine, the world size and the size of
 every payload file). Every rank writes its part into ``.step-N.partial``; rank 0 then adds the

@@ -20,8 +20,9 @@ by the user's, checked by :mod:`tunedag.deepspeed_json` when the config is valid
 - Final adapter: the fp32 master weights of the trainable parameters, gathered from every
   rank's partition, saved by rank 0 as a PEFT folder.
 
-Limits: the base model is loaded whole on every rank before ZeRO-3 partitions it (no
-``zero.Init``), so it must fit one device in fp32.
+Full fine-tuning (``adapter: null``) with ZeRO-3 builds the model under ``deepspeed.zero.Init``
+(:func:`zero3_model`): no rank holds the whole model. LoRA, and ZeRO-2, load the base whole on every
+rank first, so it must fit one device in fp32.
 """
 from __future__ import annotations
 
@@ -64,6 +65,20 @@ def offloads_optimizer(config: dict[str, Any]) -> bool:
     return offload.get("device", "none") != "none"
 
 
+def zero3_model(run: RunConfig, model_path: Path, config: dict[str, Any]) -> torch.nn.Module:
+    """The causal LM built under ``deepspeed.zero.Init``: every weight is partitioned over the ranks as it
+    is created, and rank 0 reads the safetensors into the partitions (transformers' ZeRO-3 loading, on
+    while an ``HfDeepSpeedConfig`` of ``config`` lives), so no rank holds the whole model."""
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from tunedag.models.loading import load_causal_lm
+
+    deepspeed.init_distributed(dist_backend=dist.get_backend())  # zero.Init asks deepspeed.comm for the ranks
+    zero3 = HfDeepSpeedConfig(config)  # noqa: F841  (transformers holds only a weak reference to it)
+    return load_causal_lm(model_path, torch.float32, run.trust_remote_code)
+
+
 class DeepSpeedEngine:
     """The torch engine's model and loss under ``deepspeed.initialize``; see the module docstring."""
 
@@ -75,9 +90,11 @@ class DeepSpeedEngine:
         self.env = env
         if not dist.is_initialized():  # one rank: DeepSpeed still wants a process group
             init_process_group(env, device)
-        self.inner = TorchEngine(run, model_path, device)
-        self.device, self.objective = device, self.inner.objective
         self.config = deepspeed_config(run, env.world_size, device.type == "cuda")
+        zero3_init = run.adapter is None and self.config["zero_optimization"]["stage"] == 3
+        base = zero3_model(run, model_path, self.config) if zero3_init else None
+        self.inner = TorchEngine(run, model_path, device, base=base)
+        self.device, self.objective = device, self.inner.objective
         self.run_files = {"deepspeed_config.json": self.config}
         params = self.inner.trainable_parameters()
         if offloads_optimizer(self.config):
@@ -94,7 +111,7 @@ class DeepSpeedEngine:
         self.model = self.ds.module
         self.dtype = torch.bfloat16 if self.ds.bfloat16_enabled() else torch.float32
         self.info: dict[str, Any] = {"model_engine": "torch", "zero_stage": self.ds.zero_optimization_stage(),
-                                     "optimizer_offload": offloads_optimizer(self.config)}
+                                     "optimizer_offload": offloads_optimizer(self.config), "zero_init": zero3_init}
         log.info("deepspeed: ZeRO stage %d, %s, optimizer offload %s", self.ds.zero_optimization_stage(),
                  self.dtype, offloads_optimizer(self.config))
 

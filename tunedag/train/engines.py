@@ -70,13 +70,14 @@ class EngineError(TunedagError, RuntimeError):
 class TorchEngine:
     """HF model + PEFT LoRA, or with ``adapter: null`` the HF model itself (every weight trained, or
     those ``unfrozen_parameters`` names); fp32 weights, bf16 autocast on CUDA. ``base``: the HF model
-    already built (fsdp builds it on the meta device and loads each rank's shard)."""
+    already built and placed (fsdp builds it on the meta device, deepspeed's ZeRO-3 partitioned)."""
 
     name = "torch"
 
     def __init__(self, run: RunConfig, model_path: Path, device: torch.device, base: PreTrainedModel | None = None):
         self.device, self.full = device, run.adapter is None
         reward = run.rl == "reward"
+        placed = base is not None  # on the meta device, or partitioned by ZeRO-3: left where it is
         if base is None:  # with rl: reward, the decoder under a scalar head (tunedag.train.reward)
             base = (load_reward_model(model_path, torch.float32, run.trust_remote_code, run.seed) if reward
                     else load_causal_lm(model_path, torch.float32, run.trust_remote_code))
@@ -91,7 +92,7 @@ class TorchEngine:
         if self.full:
             n = unfreeze_only(base, run.unfrozen_parameters)
             log.info("full fine-tuning: %d of %d parameter tensors trained", n, len(list(base.parameters())))
-            self.model = base.to(device) if base.device.type != "meta" else base
+            self.model = base if placed else base.to(device)
             self.model.train()
             return
         lora = LoraConfig(r=run.lora_r, lora_alpha=run.lora_alpha, lora_dropout=run.lora_dropout,
