@@ -33,6 +33,12 @@ MODELS = {
     # Phi-4-mini's partial rotary: RoPE on half of each head (rope dimension count 8 of 16)
     "phi3_partial": ("Phi3Config", "gpt2", 0, dict(sliding_window=None, rope_parameters={
         "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})),
+    # Phi-3.5 / Phi-4-mini's LongRoPE: per-frequency factors (the short ones up to 256 tokens: llama.cpp
+    # rounds its 128-token context up to 256) and the cos/sin attention factor sqrt(1 + ln 2 / ln 256)
+    "phi3_longrope": ("Phi3Config", "gpt2", 0, dict(sliding_window=None, max_position_embeddings=512,
+                                                    original_max_position_embeddings=256, rope_parameters={
+        "rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 256,
+        "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 3.8], "long_factor": [1.0, 2.0, 4.0, 8.0] * 2})),
     # 6 layers: llama.cpp's gemma3 pattern (layer 5 global, the others sliding, two RoPE bases)
     "gemma3_text": ("Gemma3TextConfig", "sentencepiece", 8, dict(num_hidden_layers=6, sliding_window=4,
                                                                   query_pre_attn_scalar=16)),
@@ -91,7 +97,7 @@ def test_merged_lora_exports_to_what_llama_cpp_computes(name, tmp_path):
     model_dir, report = merged(name, tmp_path)
     assert report["relative_logit_error"] < 1e-5
     # per-layer LoRA'd tensors: attention q/k/v/o (Phi-3: qkv, o) and MLP, or every expert's gate/up/down
-    per_layer = {"phi3": 4, "phi3_partial": 4, "gemma3_text": 7}.get(name, 4 + 3 * 4)  # MoE: 4 experts
+    per_layer = {"phi3": 4, "phi3_partial": 4, "phi3_longrope": 4, "gemma3_text": 7}.get(name, 4 + 3 * 4)  # MoE: 4 experts
     assert report["merged_tensors"] == per_layer * MODELS[name][3].get("num_hidden_layers", 2)
     path = export_gguf(model_dir, tmp_path / f"{name}.gguf", "f32").path
     r = compare(path, model_dir, argmax_margin=0.0)

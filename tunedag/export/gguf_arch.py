@@ -17,7 +17,8 @@ model and which weight transforms it needs:
   10000, attention scale 1/sqrt(head_dim); a config that differs is refused rather than exported
   into a file that computes something else.
 - phi3 -> ``phi3``: packed ``qkv_proj`` and ``gate_up_proj`` are llama.cpp's own ``attn_qkv`` and
-  ``ffn_up`` ([gate; up], split by its SwiGLU); NEOX rope; llama.cpp runs it without the sliding
+  ``ffn_up`` ([gate; up], split by its SwiGLU); NEOX rope; LongRoPE (Phi-3.5, Phi-4-mini) as
+  ``rope_factors_{short,long}`` tensors, the cos/sin attention factor and the original context; llama.cpp runs it without the sliding
   window (seen: a window written into the file changes nothing), so the window is warned about, as Mistral's.
 - mixtral -> ``llama`` with experts, qwen3_moe -> ``qwen3moe``: the checkpoint's per-expert weights
   are stacked into (experts, out, in) ``ffn_{gate,up,down}_exps`` tensors; the router is
@@ -76,7 +77,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 GEMMA3_SWA_EVERY = 6  # llama.cpp's gemma3 graph: layers 5, 11, ... global, the others sliding
 GEMMA3_SWA_ROPE_THETA = 10000.0
 SUPPORTED_ARCHITECTURES = tuple(sorted(ARCHITECTURES))
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,9 @@ def read_hparams(config: dict[str, Any], spec: ArchSpec) -> HParams:
             spec.model_type, window, gguf.MODEL_ARCH_NAMES[spec.gguf_arch], window,
         )
     hp = dataclasses.replace(hp, rope_dim=int(hp.head_dim * _partial_rotary(config)), **_experts(config, spec))
+    if hp.rope_scaling and hp.rope_scaling["rope_type"] == "longrope" and spec.gguf_arch != gguf.MODEL_ARCH.PHI3:
+        raise GGUFExportError(f"{spec.model_type} with longrope scaling cannot be exported: llama.cpp reads "
+                              "LongRoPE factors for phi3 only")
     if spec.gguf_arch == gguf.MODEL_ARCH.GEMMA3:
         _check_gemma3(config, hp)
     if spec.always_tied and not hp.tie_word_embeddings:
@@ -227,6 +231,31 @@ def _check_gemma3(config: dict[str, Any], hp: HParams) -> None:
                               "graph would compute a different model")
 
 
+def longrope_factors(hp: HParams) -> dict[str, np.ndarray]:
+    """LongRoPE's per-frequency divisors, (rope_dim/2,) f32 each, by the GGUF tensor they become: llama.cpp
+    uses the long ones when its context exceeds the original one, as transformers does past that length."""
+    s = hp.rope_scaling or {}
+    names = {"short_factor": gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT, "long_factor": gguf.MODEL_TENSOR.ROPE_FACTORS_LONG}
+    out = {}
+    for key, tensor in names.items():
+        factors = np.asarray(s[key], dtype=np.float32)
+        if factors.shape != ((hp.rope_dim or hp.head_dim) // 2,):
+            raise GGUFExportError(f"longrope {key} has {factors.size} values, the rotated head needs "
+                                  f"{(hp.rope_dim or hp.head_dim) // 2}")
+        out[gguf.TENSOR_NAMES[tensor] + ".weight"] = factors
+    return out
+
+
+def longrope_attention_factor(hp: HParams) -> float:
+    """The factor transformers multiplies cos and sin by (its default when the config names none)."""
+    s = hp.rope_scaling or {}
+    if s.get("attention_factor") is not None:
+        return float(s["attention_factor"])
+    original = float(s["original_max_position_embeddings"])
+    factor = float(s.get("factor") or hp.context_length / original)
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
 def llama3_rope_factors(hp: HParams) -> np.ndarray:
     """Per-frequency divisors for Llama-3 rope scaling, shape (head_dim/2,), f32.
 
@@ -274,6 +303,9 @@ def add_hparams(writer: gguf.GGUFWriter, hp: HParams, file_type: int, name: str)
     writer.add_rope_freq_base(hp.rope_theta)
     writer.add_layer_norm_rms_eps(hp.rms_norm_eps)
     writer.add_vocab_size(hp.vocab_size)
+    if hp.rope_scaling and hp.rope_scaling["rope_type"] == "longrope":
+        writer.add_rope_scaling_attn_factors(longrope_attention_factor(hp))
+        writer.add_rope_scaling_orig_ctx_len(int(hp.rope_scaling["original_max_position_embeddings"]))
     if hp.rope_scaling and hp.rope_scaling["rope_type"] == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(hp.rope_scaling["factor"]))

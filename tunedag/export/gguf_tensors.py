@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from tunedag.export.gguf_arch import ArchSpec, HParams, llama3_rope_factors
+from tunedag.export.gguf_arch import ArchSpec, HParams, llama3_rope_factors, longrope_factors
 from tunedag.export.gguf_errors import GGUFExportError
 
 QT = gguf.GGMLQuantizationType
@@ -159,6 +159,9 @@ def plan_tensors(model_dir: Path, spec: ArchSpec, hp: HParams, outtype: str) -> 
         factors = llama3_rope_factors(hp)
         name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
         plans.append(TensorPlan(name, factors.shape, QT.F32, lambda: factors))
+    if hp.rope_scaling and hp.rope_scaling["rope_type"] == "longrope":
+        for name, factors in longrope_factors(hp).items():
+            plans.append(TensorPlan(name, factors.shape, QT.F32, lambda f=factors: f))
     seen: set[str] = set()
     experts: dict[str, dict[int, tuple[Path, str, tuple[int, ...]]]] = {}
     for path in safetensors_files(model_dir):
