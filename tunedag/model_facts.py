@@ -24,8 +24,9 @@ BUILTIN_MODEL_TYPE = "llama"
 
 # vLLM's --max-lora-rank accepts these values; an adapter of another rank cannot be served.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-# Module names vLLM's LoRA layers wrap in Llama-family models (packed qkv / gate_up included).
-VLLM_LORA_MODULES = frozenset(LORA_TARGETS + ("embed_tokens", "lm_head"))
+# Module names vLLM's LoRA layers wrap in Llama-family models, and the packed qkv / gate_up projections
+# Phi-3 checkpoints hold (which vLLM's Phi-3 adapts as such).
+VLLM_LORA_MODULES = frozenset(LORA_TARGETS + ("qkv_proj", "gate_up_proj", "embed_tokens", "lm_head"))
 
 # config.json keys that hold the longest sequence a model was built for, by model family.
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")

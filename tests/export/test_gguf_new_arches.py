@@ -105,6 +105,20 @@ def test_merged_lora_exports_to_what_llama_cpp_computes(name, tmp_path):
     assert r["max_abs"] <= (2e-2 if name.startswith("gemma") else ATOL_F32_DEFAULT) and r["argmax_ok"]
 
 
+def test_phi3_adapter_is_one_vllm_serves(tmp_path):
+    """The packed qkv_proj / gate_up_proj LoRA passes the vLLM export's adapter check."""
+    from peft import LoraConfig, get_peft_model
+
+    from tunedag.export.vllm import check_adapter_dir
+    from tunedag.models.loading import load_causal_lm
+
+    base = load_causal_lm(build("phi3", tmp_path / "base"))
+    lora = LoraConfig(r=8, lora_alpha=16, **lora_target_kwargs(base.config, LORA_TARGETS))
+    get_peft_model(base, lora).save_pretrained(tmp_path / "adapter")
+    assert set(check_adapter_dir(tmp_path / "adapter")["target_modules"]) == {
+        "qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+
+
 @pytest.mark.parametrize("name, old, new, reason", [
     ("gemma3_text", '"full_attention"', '"sliding_attention"', "layer_types"),  # llama.cpp: every 6th global
     ("qwen3_moe", '"norm_topk_prob": true', '"norm_topk_prob": false', "norm_topk_prob=false"),
