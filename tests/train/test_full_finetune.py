@@ -14,7 +14,7 @@ from tunedag.export.vllm import export_vllm
 from tunedag.merge.full import merge_full_model
 from tunedag.merge.weights import MergeError
 from tunedag.train.checkpoint import list_checkpoints
-from tunedag.train.engines import EngineError, TorchEngine
+from tunedag.train.engines import EngineError, TorchEngine, all_reduce_sum
 from tunedag.train.loop import train
 from tunedag.train.optimizers import OptimizerError, build_optimizer
 from tunedag.train.ranks import DistEnv
@@ -78,6 +78,21 @@ def test_two_ranks_match_one_process(engine, reference, sample_shards, tiny_mode
     assert a.keys() == b.keys()
     for name in b:  # Adam's g/sqrt(v) lets near-zero gradients' rounding move single elements by up to an lr step
         assert float((a[name] - b[name]).norm()) <= 1e-3 * float(b[name].norm()), name
+
+
+def test_gradient_buckets_put_every_tensor_back_in_place():
+    """ddp's all-reduce in buckets of a few elements: each tensor returns to its place and shape (one gloo
+    rank: the sum is the tensor itself; the 2-rank test above sums a real model's gradients)."""
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        tensors = [torch.randn(shape, generator=torch.Generator().manual_seed(i))
+                   for i, shape in enumerate([(3, 5), (40,), (2, 2, 2), (1,), (7, 3)])]
+        copies = [t.clone() for t in tensors]
+        all_reduce_sum(tensors, bucket_numel=20)  # buckets: [15], [40], [8, 1], [21]
+        for t, c in zip(tensors, copies):
+            assert torch.equal(t, c)
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 class Killed(Exception):

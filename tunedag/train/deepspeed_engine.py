@@ -5,8 +5,9 @@ The DeepSpeed JSON is generated from config.yaml (:func:`deepspeed_config`) and 
 by the user's, checked by :mod:`tunedag.deepspeed_json` when the config is validated.
 
 - Precision: bf16 weights with fp32 master copies in the optimizer on CUDA; fp32 on CPU.
-- Optimizer: the client ``torch.optim.AdamW``; with optimizer offload DeepSpeed's
-  ``DeepSpeedCPUAdam`` (same update, AVX on the CPU; its extension is compiled on first use).
+- Optimizer: the client optimizer of ``optimizer`` (:mod:`tunedag.train.optimizers`; ZeRO updates
+  flat partitions, so adafactor keeps an unfactored second moment here); with optimizer offload
+  DeepSpeed's ``DeepSpeedCPUAdam`` (AdamW's update, AVX on the CPU; compiled on first use).
   The learning-rate schedule is the loop's, on that optimizer's parameter groups.
 - Gradients: ``managed_gradient_accumulation: false``, so every ``step()`` is an optimizer step
   after however many micro-batches the loop fed (an epoch's last step may hold fewer).
@@ -46,6 +47,8 @@ log = logging.getLogger(__name__)
 def deepspeed_config(run: RunConfig, world_size: int, cuda: bool) -> dict[str, Any]:
     """The DeepSpeed JSON for ``run`` on ``world_size`` ranks: the user's, or generated from config.yaml."""
     owned = owned_values(run.micro_batch_size, run.gradient_accumulation_steps, run.max_grad_norm, world_size)
+    if run.optimizer not in ("adamw_torch", "adamw_torch_fused"):  # ZeRO wraps any torch optimizer, if told to
+        owned["zero_allow_untested_optimizer"] = True
     if run.deepspeed_config:
         config = read_user_config(run.deepspeed_config)
         check_user_config(config, owned, run.deepspeed_config)
