@@ -17,8 +17,11 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # Module leaf names per Hugging Face model_type, for the architectures tunedag knows; a model
 # type not listed here is not checked before training (peft names what it lacks there).
 LLAMA_FAMILY = frozenset(LORA_TARGETS + ("embed_tokens", "lm_head"))
+# Phi-3 packs q/k/v and gate/up (the Llama names map onto them); MoE models hold the MLP names as experts.
 MODULE_NAMES: dict[str, frozenset[str]] = {
-    t: LLAMA_FAMILY for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")}
+    **{t: LLAMA_FAMILY for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "mixtral",
+                                 "qwen3_moe")},
+    "phi3": LLAMA_FAMILY | {"qkv_proj", "gate_up_proj"}}
 # Every built-in model is a Llama (tunedag.models.builtin builds LlamaForCausalLM).
 BUILTIN_MODEL_TYPE = "llama"
 

@@ -153,6 +153,17 @@ def test_phi3_llama_names_map_onto_the_packed_projections():
     assert "adapts as a whole" in why
 
 
+def test_config_check_knows_the_packed_names(tmp_path):
+    from tests.helpers import tiny_run
+    from tunedag.errors import TunedagError
+
+    model_dir = _model("phi3", tmp_path)
+    run = tiny_run(model_dir / "config.json", base_model=str(model_dir), lora_target_modules=["qkv_proj", "o_proj"])
+    assert run.lora_target_modules == ["qkv_proj", "o_proj"]
+    with pytest.raises(TunedagError, match="no module named 'qkv'"):
+        tiny_run(model_dir / "config.json", base_model=str(model_dir), lora_target_modules=["qkv", "o_proj"])
+
+
 def test_phi3_partial_rotary_matches_the_torch_engine(tmp_path):
     """Phi-4-mini's layout: RoPE on the first half of each head, the rest passed through."""
     rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
