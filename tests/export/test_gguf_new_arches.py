@@ -71,7 +71,7 @@ def build(name: str, out: Path) -> Path:
     return out
 
 
-def merged(name: str, root: Path) -> tuple[Path, dict]:
+def merged(name: str, root: Path, **run_keys) -> tuple[Path, dict]:
     """The tiny model with a random LoRA on all its projections merged in, and the merge's report."""
     from peft import LoraConfig, get_peft_model
 
@@ -87,7 +87,7 @@ def merged(name: str, root: Path) -> tuple[Path, dict]:
             if "lora_" in n:
                 p.mul_(0.5)  # keep the adapted model's logits in the range llama.cpp is compared over
     model.save_pretrained(root / "adapter")
-    run = tiny_run(base_dir / "config.json", base_model=str(base_dir), merge_dtype="float32")
+    run = tiny_run(base_dir / "config.json", base_model=str(base_dir), merge_dtype="float32", **run_keys)
     report = merge_adapter(run, base_dir, root / "adapter", root / "merged")
     return root / "merged", report
 
@@ -103,6 +103,19 @@ def test_merged_lora_exports_to_what_llama_cpp_computes(name, tmp_path):
     r = compare(path, model_dir, argmax_margin=0.0)
     print(f"{name} f32: max |Δlogit| = {r['max_abs']:.3g}, rms(Δ)/std = {r['rel_rms']:.3g}")
     assert r["max_abs"] <= (2e-2 if name.startswith("gemma") else ATOL_F32_DEFAULT) and r["argmax_ok"]
+
+
+def test_phi3_qlora_merge_rounds_the_packed_projections_to_nf4(tmp_path):
+    from safetensors.torch import load_file
+
+    model_dir, report = merged("phi3", tmp_path, adapter="qlora")
+    assert report["relative_logit_error"] < 1e-5  # against peft on the NF4-rounded base
+    rounded = load_file(model_dir / "model.safetensors")
+    plain = merged("phi3", tmp_path / "plain")[0]
+    plain_weights = load_file(plain / "model.safetensors")
+    for name in ("model.layers.0.self_attn.qkv_proj.weight", "model.layers.0.mlp.gate_up_proj.weight"):
+        diff = (rounded[name] - plain_weights[name]).abs().max()
+        assert 0 < diff < 0.2 * plain_weights[name].abs().max(), name  # NF4 rounding, nothing larger
 
 
 def test_phi3_adapter_is_one_vllm_serves(tmp_path):
