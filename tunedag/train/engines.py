@@ -247,8 +247,8 @@ def triton_blocker(run: RunConfig, model_path: Path, device: torch.device) -> st
     if run.adapter is None:
         from tunedag.train.triton_engine import TritonEngine
 
-        if not getattr(TritonEngine, "trains_full_models", False):
-            return "adapter: null (the triton engine trains LoRA and QLoRA adapters)"
+        if not TritonEngine.trains_full_models:
+            return "adapter: null (this triton engine trains LoRA and QLoRA adapters only)"
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=run.trust_remote_code)
     return fast_path_blocker(config, rl=run.rl, lora_dropout=run.lora_dropout,
                              lora_target_modules=run.lora_target_modules,
