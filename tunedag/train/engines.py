@@ -2,9 +2,9 @@
 
 Every engine gives the loop (:func:`tunedag.train.loop.train`) the same few things:
 
-- ``name``, ``device``, ``model`` (the PEFT model; with ``adapter: null`` the HF model), ``objective`` (None, or the rl objective),
-  ``optimizer`` (whose parameter groups the loop's schedule drives), ``info`` (what train_info.json
-  records about it);
+- ``name``, ``device``, ``model`` (the PEFT model; with ``adapter: null`` the HF model), ``objective``
+  (None, or the rl objective), ``optimizer`` (whose parameter groups the loop's schedule drives),
+  ``info`` (what train_info.json records about it);
 - ``loss_sum(batch)``: the summed loss of one micro-batch; ``backward(loss)``;
   ``step(max_norm)``: reduce gradients across ranks, clip, update, zero; the norm before clipping;
 - ``write_payload(folder)`` / ``load_payload(checkpoint)``: its trainable weights and optimizer
