@@ -6,7 +6,7 @@
 | adamw_torch_fused | ``torch.optim.AdamW(fused=True)`` (CUDA, or the CPU on torch >= 2.4) | 2 fp32 |
 | adamw_bnb_8bit | bitsandbytes' ``AdamW8bit``: blockwise 8-bit moments | 2 bytes |
 | paged_adamw_8bit | bitsandbytes' ``PagedAdamW8bit``: the same, paged to CPU memory under pressure | 2 bytes |
-| adafactor | transformers' ``Adafactor`` at the run's rate (no relative step or parameter scaling: as HF's Trainer) | row + column |
+| adafactor | transformers' ``Adafactor``, no relative step or parameter scaling (as HF's Trainer) | row + column |
 
 The loop's schedule drives every one of them through their parameter groups' ``lr``; every one
 saves and loads its state through ``state_dict`` (each engine stores it the way it stores AdamW's).
