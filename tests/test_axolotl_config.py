@@ -191,3 +191,15 @@ def test_a_bare_hub_id_in_a_tunedag_run_gets_the_hf_hint(work):
     with pytest.raises(ConfigError, match=r"file not found: 'tatsu-lab/alpaca' \(a hub dataset\? write "
                                           r"hf:tatsu-lab/alpaca\)"):
         parse_config({"runs": {"r": raw}})
+
+
+def test_adam_betas_and_epsilon_reach_the_optimizer(work):
+    import torch
+
+    from tunedag.train.engines import make_optimizer
+
+    run, _ = run_of("mistral-lora.yml", adam_beta2=0.95, adam_epsilon="1e-5", optimizer="adamw_torch")
+    group = make_optimizer([torch.nn.Parameter(torch.zeros(2))], run).param_groups[0]
+    assert (group["betas"], group["eps"]) == ((0.9, 0.95), 1e-5)
+    with pytest.raises(ConfigError, match="adam_beta2: must be in"):
+        run_of("mistral-lora.yml", adam_beta2=1.0)

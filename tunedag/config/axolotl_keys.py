@@ -135,13 +135,13 @@ REFUSED: dict[str, tuple[str, ...]] = {
     "tunedag resumes from the run's own latest checkpoint by itself; a checkpoint from elsewhere cannot be "
     "resumed (remove the key, or start from a merged model as base_model)":
         ("resume_from_checkpoint",),
-    "tunedag's optimizer settings are optimizer, learning_rate, weight_decay, max_grad_norm, lr_scheduler "
-    "and the warmup; this one is not offered":
+    "tunedag's optimizer settings are optimizer, learning_rate, weight_decay, adam_beta1, adam_beta2, "
+    "adam_epsilon, max_grad_norm, lr_scheduler and the warmup; this one is not offered":
         ("optim_args", "optim_target_modules", "lr_groups", "embedding_lr", "embedding_lr_scale", "dion_lr",
          "dion_momentum", "dion_rank_fraction", "dion_rank_multiple_of", "qgalore_rank", "qgalore_update_proj_gap",
          "qgalore_scale", "qgalore_proj_type", "qgalore_proj_quant", "qgalore_proj_bits", "qgalore_proj_group_size",
-         "qgalore_cos_threshold", "qgalore_gamma_proj", "qgalore_queue_size", "adam_beta1", "adam_beta2",
-         "adam_beta3", "adam_epsilon", "adam_epsilon2", "lr_scheduler_kwargs", "lr_quadratic_warmup",
+         "qgalore_cos_threshold", "qgalore_gamma_proj", "qgalore_queue_size", "adam_beta3", "adam_epsilon2",
+         "lr_scheduler_kwargs", "lr_quadratic_warmup",
          "cosine_min_lr_ratio", "cosine_constant_lr_ratio", "lr_div_factor", "torchdistx_path",
          "neftune_noise_alpha", "batch_size", "auto_find_batch_size"),
     "tunedag trains on downloaded dataset files (datasets:, type: completion for raw text); streaming "

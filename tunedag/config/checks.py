@@ -199,6 +199,10 @@ def _check_ranges(run: RunConfig, where: str) -> None:
         problems.append(f"{where}.warmup_ratio: set beside warmup_steps {run.warmup_steps}; set one of them")
     if run.saves_per_epoch is not None and run.saves_per_epoch < 1:
         problems.append(f"{where}.saves_per_epoch: must be at least 1, got {run.saves_per_epoch!r}")
+    problems += [f"{where}.{name}: must be in [0, 1), got {getattr(run, name)!r}"
+                 for name in ("adam_beta1", "adam_beta2") if not 0.0 <= getattr(run, name) < 1.0]
+    if run.adam_epsilon <= 0:
+        problems.append(f"{where}.adam_epsilon: must be positive, got {run.adam_epsilon!r}")
     if not 0.0 <= run.lora_dropout < 1.0:
         problems.append(f"{where}.lora_dropout: must be in [0, 1), got {run.lora_dropout!r}")
     if not 0.0 < run.eval_top_p <= 1.0:

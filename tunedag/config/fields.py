@@ -199,6 +199,9 @@ class RunConfig:
         "adamw_torch", stages=("train",),
         doc="adamw_torch (fused on CUDA where the engine allows), adamw_torch_fused, adamw_bnb_8bit and "
             "paged_adamw_8bit (need bitsandbytes), adafactor (transformers')")
+    adam_beta1: float = _field(0.9, stages=("train",), doc="AdamW's first-moment decay (the adamw_* optimizers)")
+    adam_beta2: float = _field(0.999, stages=("train",), doc="AdamW's second-moment decay")
+    adam_epsilon: float = _field(1e-8, stages=("train",), doc="AdamW's epsilon")
     lora_r: int = _field(16, stages=("train",), doc="LoRA rank")
     lora_alpha: float = _field(32, stages=("train",), doc="LoRA scale numerator (scale = alpha / r)")
     lora_dropout: float = _field(0.0, stages=("train",), doc="dropout on the LoRA input")

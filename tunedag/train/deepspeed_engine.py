@@ -104,6 +104,7 @@ class DeepSpeedEngine:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             self.optimizer = DeepSpeedCPUAdam(params, lr=run.learning_rate, weight_decay=run.weight_decay,
+                                              betas=(run.adam_beta1, run.adam_beta2), eps=run.adam_epsilon,
                                               adamw_mode=True)
         else:
             self.optimizer = make_optimizer(params, run)

@@ -169,7 +169,8 @@ def read_weights(folder: Path, names: set[str]) -> dict[str, torch.Tensor]:
 
 def make_optimizer(params: list[torch.nn.Parameter], run: RunConfig, fused: bool = False) -> torch.optim.Optimizer:
     """``run.optimizer`` over ``params`` (:mod:`tunedag.train.optimizers`)."""
-    return build_optimizer(params, run.optimizer, run.learning_rate, run.weight_decay, fused)
+    return build_optimizer(params, run.optimizer, run.learning_rate, run.weight_decay, fused,
+                           betas=(run.adam_beta1, run.adam_beta2), eps=run.adam_epsilon)
 
 
 class ReplicatedEngine:
@@ -244,13 +245,9 @@ def triton_blocker(run: RunConfig, model_path: Path, device: torch.device) -> st
 
     from tunedag.models.registry import fast_path_blocker
 
-    if run.adapter is None:
-        from tunedag.train.triton_engine import TritonEngine
-
-        if not TritonEngine.trains_full_models:
-            return "adapter: null (this triton engine trains LoRA and QLoRA adapters only)"
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=run.trust_remote_code)
-    return fast_path_blocker(config, rl=run.rl, lora_dropout=run.lora_dropout,
+    # a full fine-tune has no LoRA dropout, whatever lora_dropout says
+    return fast_path_blocker(config, rl=run.rl, lora_dropout=run.lora_dropout if run.adapter else 0.0,
                              lora_target_modules=run.lora_target_modules,
                              lora_modules_to_save=run.lora_modules_to_save)
 

@@ -37,21 +37,23 @@ def _bitsandbytes(name: str):
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], name: str, lr: float, weight_decay: float,
-                    fused: bool = False) -> torch.optim.Optimizer:
+                    fused: bool = False, betas: tuple[float, float] = (0.9, 0.999),
+                    eps: float = 1e-8) -> torch.optim.Optimizer:
     """``name``'s optimizer over ``params``; ``fused``: the engine's parameters are plain tensors on a
-    device with a fused AdamW (adamw_torch then takes it)."""
+    device with a fused AdamW (adamw_torch then takes it). ``betas`` and ``eps`` are the AdamW ones
+    (Adafactor has its own)."""
     params = list(params)
     if name in ("adamw_torch", "adamw_torch_fused"):
         try:
-            return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay,
+            return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps,
                                      fused=True if name == "adamw_torch_fused" else fused)
         except RuntimeError as err:
             raise OptimizerError(f"optimizer: {name}: torch has no fused AdamW for these parameters ({err}); "
                                  "use adamw_torch") from None
     if name == "adamw_bnb_8bit":
-        return _bitsandbytes(name).AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+        return _bitsandbytes(name).AdamW8bit(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
     if name == "paged_adamw_8bit":
-        return _bitsandbytes(name).PagedAdamW8bit(params, lr=lr, weight_decay=weight_decay)
+        return _bitsandbytes(name).PagedAdamW8bit(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
     if name == "adafactor":
         from transformers.optimization import Adafactor
 

@@ -103,7 +103,6 @@ class TritonEngine:
     interface as ``TorchEngine``."""
 
     name = "triton"
-    trains_full_models = True  # adapter: null is covered (make_engine's triton_blocker asks)
 
     def __init__(self, run: RunConfig, model_path: Path | None, device: torch.device,
                  base: PreTrainedModel | None = None):
