@@ -129,7 +129,7 @@ def reference(server, tmp_path_factory) -> tuple[Path, dict[str, float]]:
     write_jsonl(work / "data/animals.jsonl", sample_rows(120, seed=2))
     config = {"runs": {RUN: {"base_model": "builtin:tiny-llama", "datasets": [
         {"path": "data/animals.jsonl", "type": "alpaca", "name": "animals"}],
-        "sequence_len": 64, "micro_batch_size": 4, "max_steps": 8, "save_steps": 2, "lora_r": 8, "lora_alpha": 16,
+        "sequence_len": 128, "micro_batch_size": 4, "max_steps": 8, "save_steps": 2, "lora_r": 8, "lora_alpha": 16,
         "val_set_size": 12, "eval_max_samples": 4, "eval_max_new_tokens": 4, "seed": 7}}}
     (work / "config.yaml").write_text(yaml.safe_dump(config))
     seconds = {}
