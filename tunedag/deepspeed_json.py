@@ -64,7 +64,8 @@ def read_user_config(path: str | Path) -> dict[str, Any]:
 def check_user_config(user: dict[str, Any], owned: dict[str, Any], source: str) -> None:
     """Refuse a user JSON that contradicts config.yaml or holds what tunedag supplies itself."""
     for key, why in REFUSED.items():
-        off = key == "fp16" and isinstance(user[key] if key in user else None, dict) and not user[key].get("enabled")
+        off = key == "fp16" and isinstance(user[key] if key in user else None, dict) and (
+            user[key].get("enabled") in (None, False, "auto"))  # "auto": on only where the trainer's fp16 is
         if key in user and not off:
             raise DeepSpeedConfigError(f"{source}: remove {key!r}: {why}")
     for key, value in owned.items():
@@ -75,3 +76,26 @@ def check_user_config(user: dict[str, Any], owned: dict[str, Any], source: str) 
     stage = zero.get("stage") if isinstance(zero, dict) else None
     if stage not in (2, 3):
         raise DeepSpeedConfigError(f"{source}: zero_optimization.stage must be 2 or 3, got {stage!r}")
+
+
+# zero_optimization keys stock JSONs (Axolotl's deepspeed_configs/, HF's) leave "auto", filled in from the
+# model's hidden size as the HF Trainer fills them
+AUTO_FROM_HIDDEN = {"reduce_bucket_size": lambda h: h * h, "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
+                    "stage3_param_persistence_threshold": lambda h: 10 * h}
+
+
+def resolve_auto(user: dict[str, Any], hidden_size: int, cuda: bool) -> dict[str, Any]:
+    """The user's JSON with its precision and bucket-size ``"auto"`` values filled in: bf16 on CUDA, fp16
+    off (tunedag does not train in fp16), buckets from ``hidden_size``. Owned keys are set by the caller."""
+    config = dict(user)
+    config.pop("fp16", None)  # check_user_config let it through only switched off or "auto"
+    bf16 = dict(config.get("bf16") or {"enabled": cuda})
+    if bf16.get("enabled") == "auto":
+        bf16["enabled"] = cuda
+    config["bf16"] = bf16
+    zero = dict(config.get("zero_optimization") or {})
+    for key, fill in AUTO_FROM_HIDDEN.items():
+        if zero.get(key) == "auto":
+            zero[key] = fill(hidden_size)
+    config["zero_optimization"] = zero
+    return config

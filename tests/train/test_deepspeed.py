@@ -73,13 +73,14 @@ def test_generated_config_follows_config_yaml(sample_shards):
     src, _ = sample_shards
     run = tiny_run(src, train_engine="deepspeed", deepspeed_zero_stage=3, deepspeed_offload="all",
                    micro_batch_size=2, gradient_accumulation_steps=3, max_grad_norm=0.0)
-    config = deepspeed_config(run, world_size=8, cuda=True)
+    config = deepspeed_config(run, world_size=8, cuda=True, hidden_size=64)
     assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"],
             config["train_batch_size"], config["gradient_clipping"]) == (2, 3, 48, 0.0)
     assert config["bf16"] == {"enabled": True}
     assert config["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": True},
                                            "offload_param": {"device": "cpu", "pin_memory": True}}
-    on_cpu = deepspeed_config(tiny_run(src, train_engine="deepspeed", deepspeed_offload="optimizer"), 2, cuda=False)
+    on_cpu = deepspeed_config(tiny_run(src, train_engine="deepspeed", deepspeed_offload="optimizer"), 2, cuda=False,
+                             hidden_size=64)
     assert on_cpu["bf16"] == {"enabled": False}
     assert on_cpu["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": False}}
 
@@ -91,9 +92,33 @@ def test_a_user_json_replaces_the_generated_one_and_gets_tunedags_keys(sample_sh
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(user))
     run = tiny_run(src, train_engine="deepspeed", deepspeed_config=str(path), gradient_accumulation_steps=2)
-    config = deepspeed_config(run, world_size=4, cuda=False)
+    config = deepspeed_config(run, world_size=4, cuda=False, hidden_size=64)
     assert config["zero_optimization"] == user["zero_optimization"] and config["bf16"] == {"enabled": True}
     assert (config["train_micro_batch_size_per_gpu"], config["train_batch_size"]) == (4, 32)
+
+
+def test_a_stock_json_with_auto_values_runs_as_written(sample_shards, tmp_path):
+    """Axolotl's deepspeed_configs/zero3_bf16.json and zero2.json shapes: "auto" precision and buckets."""
+    src, _ = sample_shards
+    user = {"zero_optimization": {"stage": 3, "overlap_comm": True, "reduce_bucket_size": "auto",
+                                  "stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto",
+                                  "gather_16bit_weights_on_model_save": True},
+            "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto", "loss_scale": 0},
+            "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "train_batch_size": "auto",
+            "train_micro_batch_size_per_gpu": "auto", "wall_clock_breakdown": False}
+    path = tmp_path / "zero3.json"
+    path.write_text(json.dumps(user))
+    run = tiny_run(src, train_engine="deepspeed", deepspeed_config=str(path), deepspeed_zero_stage=3)
+    for cuda in (True, False):
+        config = deepspeed_config(run, world_size=2, cuda=cuda, hidden_size=64)
+        assert "auto" not in json.dumps(config) and "fp16" not in config
+        assert config["bf16"] == {"enabled": cuda}
+        zero = config["zero_optimization"]
+        assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"],
+                zero["stage3_param_persistence_threshold"]) == (4096, 3686, 640)
+    path.write_text(json.dumps({**user, "fp16": {"enabled": True}}))
+    with pytest.raises(ConfigError, match="remove 'fp16'"):
+        tiny_run(src, train_engine="deepspeed", deepspeed_config=str(path), deepspeed_zero_stage=3)
 
 
 @pytest.mark.parametrize("content, message", [
@@ -121,9 +146,9 @@ def test_train_batch_size_is_checked_once_ranks_are_known(sample_shards, tmp_pat
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_batch_size": 8}))
     run = tiny_run(src, train_engine="deepspeed", deepspeed_config=str(path))  # 8 = 4 x 1 x 2 ranks
-    assert deepspeed_config(run, world_size=2, cuda=False)["train_batch_size"] == 8
+    assert deepspeed_config(run, world_size=2, cuda=False, hidden_size=64)["train_batch_size"] == 8
     with pytest.raises(DeepSpeedConfigError, match="train_batch_size is 8 but config.yaml gives 16"):
-        deepspeed_config(run, world_size=4, cuda=False)
+        deepspeed_config(run, world_size=4, cuda=False, hidden_size=64)
 
 
 def test_offloading_weights_needs_stage_3(sample_shards):

@@ -33,9 +33,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from transformers import AutoConfig
 
 from tunedag.config import RunConfig
-from tunedag.deepspeed_json import check_user_config, owned_values, read_user_config
+from tunedag.deepspeed_json import check_user_config, owned_values, read_user_config, resolve_auto
 from tunedag.io import atomic_path
 from tunedag.models.batch_inputs import loss_sum, model_inputs
 from tunedag.train.engines import EngineError, TorchEngine, make_optimizer
@@ -44,16 +45,16 @@ from tunedag.train.ranks import DistEnv, init_process_group
 log = logging.getLogger(__name__)
 
 
-def deepspeed_config(run: RunConfig, world_size: int, cuda: bool) -> dict[str, Any]:
-    """The DeepSpeed JSON for ``run`` on ``world_size`` ranks: the user's, or generated from config.yaml."""
+def deepspeed_config(run: RunConfig, world_size: int, cuda: bool, hidden_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON for ``run`` on ``world_size`` ranks: the user's (its "auto" values filled in,
+    bucket sizes from the model's ``hidden_size``), or generated from config.yaml."""
     owned = owned_values(run.micro_batch_size, run.gradient_accumulation_steps, run.max_grad_norm, world_size)
     if run.optimizer not in ("adamw_torch", "adamw_torch_fused"):  # ZeRO wraps any torch optimizer, if told to
         owned["zero_allow_untested_optimizer"] = True
     if run.deepspeed_config:
         config = read_user_config(run.deepspeed_config)
         check_user_config(config, owned, run.deepspeed_config)
-        config.setdefault("bf16", {"enabled": cuda})
-        return {**config, **owned}
+        return {**resolve_auto(config, hidden_size, cuda), **owned}
     zero: dict[str, Any] = {"stage": run.deepspeed_zero_stage}
     if run.deepspeed_offload in ("optimizer", "all"):
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cuda}
@@ -93,7 +94,9 @@ class DeepSpeedEngine:
         self.env = env
         if not dist.is_initialized():  # one rank: DeepSpeed still wants a process group
             init_process_group(env, device)
-        self.config = deepspeed_config(run, env.world_size, device.type == "cuda")
+        self.config = deepspeed_config(run, env.world_size, device.type == "cuda",
+                                       hidden_size=AutoConfig.from_pretrained(
+                                           model_path, trust_remote_code=run.trust_remote_code).hidden_size)
         zero3_init = run.adapter is None and self.config["zero_optimization"]["stage"] == 3
         base = zero3_model(run, model_path, self.config) if zero3_init else None
         self.inner = TorchEngine(run, model_path, device, base=base)
