@@ -14,7 +14,6 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from tunedag.builtin_models import BUILTIN_MODELS
-from tunedag.data.formats import ALPACA_PREAMBLE, ALPACA_PREAMBLE_NO_INPUT
 from tunedag.data.sample_task import INSTRUCTION, WORDS
 from tunedag.io import atomic_path
 
@@ -28,9 +27,9 @@ _CHAT_TEMPLATE = (
 
 
 def _tokenizer_corpus() -> list[str]:
-    """A fixed corpus: the built-in task's words and the alpaca prompt (Axolotl's), plus plain text."""
-    template = ["### Instruction:", "### Input:", "### Response:", INSTRUCTION, ALPACA_PREAMBLE,
-                ALPACA_PREAMBLE_NO_INPUT]
+    """A fixed corpus: the built-in task's words and the prompt template, plus plain text."""
+    template = ["### Instruction:", "### Input:", "### Response:", INSTRUCTION,
+                "Below is an instruction that describes a task. Write a response that completes it."]
     sentences = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))]
     prose = ("The quick brown fox jumps over the lazy dog. Numbers 0 1 2 3 4 5 6 7 8 9 and "
              "punctuation , . ; : ! ? ( ) [ ] { } ' \" - _ / \\ # @ & * + = < > % $ are here.")
