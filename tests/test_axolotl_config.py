@@ -150,6 +150,8 @@ def test_configfile_replaces_the_default_config_and_notes_are_logged(work):
                             capture_output=True, text=True, timeout=180, cwd=work)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mine.yaml: runs.mine.load_in_8bit = True: tunedag has no 8-bit base" in result.stderr
+    again = subprocess.run(result.args, capture_output=True, text=True, timeout=180, cwd=work)
+    assert "runs.mine.load_in_8bit = True" in again.stderr  # every time the user starts Snakemake
     (effective,) = Path(".snakemake/tunedag").glob("config-*.yaml")
     assert list(load_config(effective).runs) == ["mine"]
     assert load_config(effective).runs["mine"].output_dir == "outputs/lora-out"

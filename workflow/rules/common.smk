@@ -48,11 +48,10 @@ if not EFFECTIVE_CONFIG.exists():
     EFFECTIVE_CONFIG.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(EFFECTIVE_CONFIG) as _tmp:
         Path(_tmp).write_text(_EFFECTIVE)
-    for _notes in CFG.notes.values():  # once per config, not in every job's parse
-        for _note in _notes:
-            print(f"tunedag: note: {_note}", file=sys.stderr)
-    if CFG.notes:
-        print(f"tunedag: the effective config, with these notes: {EFFECTIVE_CONFIG}", file=sys.stderr)
+if CFG.notes and not (workflow.remote_exec or workflow.subprocess_exec):  # the user's run, not each job's
+    for _note in (note for notes in CFG.notes.values() for note in notes):
+        print(f"tunedag: note: {_note}", file=sys.stderr)
+    print(f"tunedag: the effective config, with these notes: {EFFECTIVE_CONFIG}", file=sys.stderr)
 
 # parse_config has checked that run folders differ and that a dataset name means one source.
 # Every value below reaches a shell command through {x:q} (shlex-quoted) in the rules.
