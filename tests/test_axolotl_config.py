@@ -205,3 +205,10 @@ def test_adam_betas_and_epsilon_reach_the_optimizer(work):
     assert (group["betas"], group["eps"]) == ((0.9, 0.95), 1e-5)
     with pytest.raises(ConfigError, match="adam_beta2: must be in"):
         run_of("mistral-lora.yml", adam_beta2=1.0)
+
+
+def test_a_secret_in_an_axolotl_config_never_reaches_a_note_or_the_effective_config(work):
+    config = parse_config({"runs": {"r": {"axolotl": "axolotl/mistral-lora.yml", "comet_api_key": "s3cr3t-key",
+                                          "hf_use_auth_token": "hf_abcdef"}}}, source="c.yaml")
+    assert any("comet_api_key = '***'" in n for n in config.notes["r"])
+    assert "s3cr3t" not in effective_config(config) and "hf_abc" not in effective_config(config)

@@ -29,6 +29,14 @@ LINEAR_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_p
 OPTIMIZER_ALIASES = {"adamw_8bit": "adamw_bnb_8bit", "paged_adamw_32bit": "adamw_torch"}
 
 
+SECRET_KEY = re.compile(r"api_key|_token$|secret|password")  # their values never reach a log or a saved config
+
+
+def shown(key: str, value: Any) -> str:
+    """``value`` as a note or a refusal may print it: a secret's value is hidden."""
+    return "'***'" if SECRET_KEY.search(key) else repr(value)
+
+
 def asks_nothing(value: Any) -> bool:
     """null, false or empty: the setting is off, so no key is refused for it."""
     return value is None or value is False or value == "" or value == [] or value == {}
@@ -69,11 +77,11 @@ def translate(raw: dict[str, Any], where: str, base_dir: Path) -> tuple[dict[str
             out[key] = value
         elif key in REFUSED_KEYS:
             if not asks_nothing(value):
-                problems.found.append(f"{where}.{key}: Axolotl's {key} = {value!r} is not offered: "
+                problems.found.append(f"{where}.{key}: Axolotl's {key} = {shown(key, value)} is not offered: "
                                       f"{REFUSED_KEYS[key]}; remove the key")
         elif key in IGNORED_KEYS:
             if not asks_nothing(value):
-                notes.append(f"{where}.{key} = {value!r}: no effect in tunedag: {IGNORED_KEYS[key]}")
+                notes.append(f"{where}.{key} = {shown(key, value)}: no effect in tunedag: {IGNORED_KEYS[key]}")
     with problems.check():
         _translate_keys(raw, out, notes, where)
     if "datasets" in out:
