@@ -124,13 +124,7 @@ class TorchEngine:
         return loss_sum(logits, batch["labels"])
 
     def load_trainable(self, checkpoint: Path) -> None:
-        if self.full:
-            trained = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-            with torch.no_grad():
-                for name, tensor in read_weights(checkpoint, set(trained)).items():
-                    trained[name].copy_(tensor)
-            return
-        set_peft_model_state_dict(self.model, load_file(checkpoint / "adapter_model.safetensors"))
+        load_trainable(self.model, checkpoint, self.full)
 
     def save(self, dest: Path) -> None:
         """The PEFT adapter, or with ``adapter: null`` the whole model (HF folder: safetensors + config)."""
@@ -151,6 +145,18 @@ def unfreeze_only(model: torch.nn.Module, patterns: Sequence[str]) -> int:
     for name, param in model.named_parameters():
         param.requires_grad_(name in chosen)
     return len(chosen)
+
+
+def load_trainable(model: torch.nn.Module, checkpoint: Path, full: bool) -> None:
+    """A checkpoint's trained weights into ``model``: every trainable weight of a full fine-tune
+    (an HF folder), or the PEFT adapter."""
+    if full:
+        trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        with torch.no_grad():
+            for name, tensor in read_weights(checkpoint, set(trained)).items():
+                trained[name].copy_(tensor)
+        return
+    set_peft_model_state_dict(model, load_file(checkpoint / "adapter_model.safetensors"))
 
 
 def read_weights(folder: Path, names: set[str]) -> dict[str, torch.Tensor]:

@@ -53,9 +53,8 @@ import logging
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+from peft import LoraConfig, get_peft_model
 from peft.utils import ModulesToSaveWrapper
-from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
 from tunedag.config import RunConfig
@@ -68,7 +67,7 @@ from tunedag.models.patching import patch_model
 from tunedag.models.qlora import quantize_base_weights
 from tunedag.models.moe import add_router_loss, aux_loss_enabled
 from tunedag.models.registry import ARCHITECTURES, lora_target_kwargs
-from tunedag.train.engines import read_weights, unfreeze_only
+from tunedag.train.engines import load_trainable, unfreeze_only
 from tunedag.train.layer_checkpoint import Mode, run_layers
 from tunedag.train.preference import PreferenceObjective
 
@@ -247,13 +246,7 @@ class TritonEngine:
         return loss
 
     def load_trainable(self, checkpoint: Path) -> None:
-        if self.full:
-            trained = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-            with torch.no_grad():
-                for name, tensor in read_weights(checkpoint, set(trained)).items():
-                    trained[name].copy_(tensor)
-            return
-        set_peft_model_state_dict(self.model, load_file(checkpoint / "adapter_model.safetensors"))
+        load_trainable(self.model, checkpoint, self.full)
 
     def save(self, dest: Path) -> None:
         """The peft adapter, or with ``adapter: null`` the whole model (HF folder: safetensors + config;
