@@ -8,7 +8,7 @@ from transformers import PreTrainedTokenizerFast
 
 from tunedag.config import ConfigError, DatasetConfig
 from tunedag.config.fields import AXOLOTL_TYPES, CHAT_TEMPLATE_FILES
-from tunedag.data import chat
+from tunedag.data import chat, formats
 from tunedag.data.formats import PLANNERS, FormatSpec, RowFormatError, TextTokenizer, encode_plans
 from tests.data.test_tokenize import _prepare
 from tests.data.wordtok import save_word_tokenizer
@@ -75,6 +75,40 @@ def test_alpaca_prompt_is_axolotls_with_and_without_input():
     assert plan.prompt.text == "be nice\n\n### Instruction:\nhi\n\n### Response:\n"
 
 
+ALPACA_ROWS = ({"instruction": "hi", "input": "x y", "output": "ok"}, {"instruction": "hi", "output": "ok"})
+
+
+@pytest.mark.parametrize("style, with_input, without_input", [
+    ("instruct", "### Instruction:\nhi\n\n### Input:\nx y\n\n### Response:\n",
+     "### Instruction:\nhi\n\n### Response:\n"),
+    ("chat", "USER: hi\nx y\nASSISTANT:", "USER: hi\nASSISTANT:"),
+    ("chatml", "<|im_start|>user\nhi\nx y<|im_end|>\n<|im_start|>assistant\n",
+     "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"),
+    ("phi", "<|user|>\nhi<|end|>x y<|assistant|>", "<|user|>\nhi<|end|>\n<|assistant|>\n"),
+])
+def test_alpaca_styles_are_axolotls_prompts_with_the_answer_and_eos_trained(style, with_input, without_input):
+    system = {"instruct": "{}\n\n", "chat": "SYSTEM: {}\n", "chatml": "<|im_start|>system\n{}<|im_end|>\n",
+              "phi": "<|system|>\n{}<|end|>\n"}[style]
+    assert DatasetConfig(path="unused", type=f"alpaca:{style}").alpaca_style == style
+    for row, turn, preamble in zip(ALPACA_ROWS, (with_input, without_input),
+                                   (formats.ALPACA_PREAMBLE, formats.ALPACA_PREAMBLE_NO_INPUT)):
+        s, plan = encode({"type": f"alpaca:{style}"}, row)
+        assert plan.prompt.text == system.format(preamble) + turn
+        prompt_ids = [hf_tokenizer().bos_token_id] + hf_tokenizer()(plan.prompt.text, add_special_tokens=False)[
+            "input_ids"]
+        assert s.input_ids == prompt_ids + hf_tokenizer()("ok", add_special_tokens=False)["input_ids"] + [2]
+        assert s.labels == [M] * len(prompt_ids) + s.input_ids[len(prompt_ids):]
+        assert trained(s) == "ok </s>"
+    _, plan = encode({"type": f"alpaca:{style}", "field_system": "system"}, {**ALPACA_ROWS[1], "system": "be nice"})
+    assert plan.prompt.text == system.format("be nice") + without_input
+
+
+def test_alpaca_style_is_for_alpaca_rows_only(tmp_path):
+    with pytest.raises(ConfigError, match=r"alpaca_style: applies to type: alpaca, not type: completion"):
+        tiny_run(tmp_path, datasets=[{"path": str(write_jsonl(tmp_path / "d.jsonl", [{"text": "x"}])),
+                                      "type": "completion", "alpaca_style": "phi"}])
+
+
 # --------------------------------------------------------------------------- chat_template
 
 SHAREGPT = {"conversations": [{"from": "system", "value": "be nice"}, {"from": "human", "value": "hi"},
@@ -112,6 +146,24 @@ def test_the_rows_system_field_opens_the_conversation_untrained():
     s, _ = encode({"type": "chat_template"}, {"system": "be nice", "messages": [
         {"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]})
     assert words(s.input_ids[:4]) == "<|im_start|> system be nice" and trained(s) == "ok <|im_end|>"
+
+
+@pytest.mark.parametrize("row", [SHAREGPT, {"system": "be nice", "conversations": SHAREGPT["conversations"][1:]}])
+def test_drop_system_message_leaves_out_the_opening_system_turn(row):
+    s, plan = encode({**SHAREGPT_KEYS, "drop_system_message": True}, row)
+    assert words(s.input_ids) == ("<|im_start|> user hi <|im_end|> <|im_start|> assistant hello <|im_end|> "
+                                  "<|im_start|> user bye <|im_end|> <|im_start|> assistant ok <|im_end|>")
+    assert trained(s) == "hello <|im_end|> ok <|im_end|>"
+    assert not plan.prompt.text.startswith("<|im_start|>system")
+    later = {"conversations": [*SHAREGPT["conversations"][1:3], {"from": "system", "value": "be nice"}]}
+    s, _ = encode({**SHAREGPT_KEYS, "drop_system_message": True}, later)  # only the first turn, as Axolotl
+    assert "system be nice" in words(s.input_ids)
+
+
+def test_drop_system_message_is_for_conversations_only(tmp_path):
+    with pytest.raises(ConfigError, match=r"drop_system_message: applies to conversations .* not type: alpaca"):
+        tiny_run(tmp_path, datasets=[{"path": str(write_jsonl(tmp_path / "d.jsonl", ALPACA_ROWS)), "type": "alpaca",
+                                      "drop_system_message": True}])
 
 
 TOOLS = [{"type": "function", "function": {"name": "get", "parameters": '{"city": "x"}'}}]
@@ -172,6 +224,13 @@ def test_dpo_chat_template_default_reads_messages_and_the_last_chosen_message():
                                                   {"role": "assistant", "content": "good"}],
                       "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "bad"}]},
      "<s> <|start_header_id|> user <|end_header_id|> hi <|eot_id|> <|start_header_id|> assistant <|end_header_id|>"),
+    ("chat_template.argilla", {"system": "be nice", "prompt": "hi",  # Axolotl's ORPO rows (ultrafeedback)
+                               "chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "good"}],
+                               "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "bad"}]},
+     "<|im_start|> system be nice <|im_end|> <|im_start|> user hi <|im_end|> <|im_start|> assistant"),
+    ("chat_template.argilla", {"chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "good"}],
+                               "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "bad"}]},
+     "<|im_start|> user hi <|im_end|> <|im_start|> assistant"),
     ("bradley_terry.chat_template", {"input": "hi", "chosen": "good", "rejected": "bad"},
      "<|im_start|> user hi <|im_end|> <|im_start|> assistant"),
 ])
@@ -186,7 +245,7 @@ def test_axolotl_dpo_spellings_are_dpo_with_their_fields_and_template(type_, row
 def test_an_entrys_own_keys_win_over_its_axolotl_type():
     ds = DatasetConfig(path="unused", type="chatml.intel", field_prompt="q", chat_template="llama3")
     assert (ds.type, ds.field_prompt, ds.chat_template, ds.field_chosen) == ("dpo", "q", "llama3", None)
-    assert all(v["type"] == "dpo" for v in AXOLOTL_TYPES.values())
+    assert all(v["type"] == ("alpaca" if t.startswith("alpaca:") else "dpo") for t, v in AXOLOTL_TYPES.items())
 
 
 def test_kto_rows_of_prompt_completion_label():

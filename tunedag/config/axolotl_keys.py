@@ -206,7 +206,7 @@ DATASET_REFUSED: dict[str, tuple[str, ...]] = {
     "tunedag runs no dataset code: it reads data files":
         ("trust_remote_code", "input_transform"),
     "tunedag keeps every message and trains the turns of roles_to_train; edit the rows for more":
-        ("drop_system_message", "message_field_training", "message_field_training_detail", "split_thinking",
+        ("message_field_training", "message_field_training_detail", "split_thinking",
          "field_thinking", "template_thinking_key", "field_human", "field_model"),
     "tunedag's dataset types are listed in README, \"Dataset formats\"; this form is not offered":
         ("conversation", "input_format", "format", "no_input_format", "system_format", "system_prompt",

@@ -53,6 +53,11 @@ def _check_dataset(ds: DatasetConfig, where: str, base_dir: Path) -> None:
         raise ConfigError(f"{where}.path: {what}: {ds.path!r}{hub}")
     if ds.weight <= 0:
         raise ConfigError(f"{where}.weight: must be positive, got {ds.weight!r}")
+    if ds.drop_system_message and ds.type not in ("sharegpt", "chat_template"):
+        raise ConfigError(f"{where}.drop_system_message: applies to conversations (type: chat_template or "
+                          f"sharegpt), not type: {ds.type}")
+    if ds.alpaca_style is not None and ds.type != "alpaca":
+        raise ConfigError(f"{where}.alpaca_style: applies to type: alpaca, not type: {ds.type}")
     if ds.revision is not None and not ds.path.startswith("hf:"):
         raise ConfigError(f"{where}.revision: applies to hf: sources only, not {ds.path!r} "
                           "(pin a URL with sha256:)")

@@ -87,6 +87,9 @@ AXOLOTL_TYPES: dict[str, dict[str, str]] = {
     "chat_template.default": {"type": "dpo", "field_prompt": "messages"},
     "chat_template.argilla_chat": {"type": "dpo"},
     "bradley_terry.chat_template": {"type": "dpo", "field_prompt": "input"},
+    "chat_template.argilla": {"type": "dpo", "field_prompt": "prompt"},
+    **{f"alpaca:{style}": {"type": "alpaca", "alpaca_style": style}
+       for style in ("instruct", "chat", "chatml", "phi")},
     **{f"{template}.{name}": {"type": "dpo", "chat_template": template, **keys}
        for template in ("chatml", "llama3")
        for name, keys in {"prompt_pairs": {}, "ultra": {}, "argilla_chat": {},
@@ -105,7 +108,8 @@ class DatasetConfig:
                        doc="local file (jsonl/json/csv/parquet), https:// URL, or hf:org/name[:config][@split]")
     type: Literal[(*FORMATS, *AXOLOTL_TYPES)] = _field(
         "alpaca", stages=("tokenize",), doc="row format (see tunedag/data/formats.py); Axolotl's DPO and reward "
-                                            "spellings (chat_template.default, chatml.intel, …) become dpo")
+                                            "spellings (chat_template.default, chatml.intel, …) become dpo, "
+                                            "alpaca:<style> becomes alpaca with that alpaca_style")
     name: Optional[str] = _field(None, stages=("download", "tokenize"),
                                  doc="name of data/raw/{name}/ (default: derived from path)")
     sha256: Optional[str] = _field(None, stages=("download",), doc="required for https:// sources")
@@ -129,6 +133,11 @@ class DatasetConfig:
     message_property_mappings: Optional[dict[str, str]] = _field(
         None, stages=("tokenize",), doc="message keys as {template key: key in the data}, e.g. {role: from, "
                                         "content: value}; other keys (tool_calls, reasoning_content) pass as they are")
+    drop_system_message: bool = _field(
+        False, stages=("tokenize",), doc="sharegpt/chat_template: leave out a conversation's opening system turn "
+                                         "(the row's system field too)")
+    alpaca_style: Optional[Literal["instruct", "chat", "chatml", "phi"]] = _field(
+        None, stages=("tokenize",), doc="alpaca: Axolotl's prompt style (type: alpaca:<style>); null: instruct")
     field: Optional[str] = _field(None, stages=("tokenize",), doc="text field (completion; segments for input_output)")
     field_instruction: Optional[str] = _field(None, stages=("tokenize",), doc="alpaca instruction field")
     field_input: Optional[str] = _field(None, stages=("tokenize",), doc="alpaca input field")

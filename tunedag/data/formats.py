@@ -12,9 +12,9 @@ row's loss from reaching across a sample boundary after the shift.
 
 | type | fields (override with ``field_*``) | what is trained |
 | --- | --- | --- |
-| alpaca | instruction, input, output (Axolotl's prompt; ``field_system`` replaces its preamble) | output + EOS |
+| alpaca | instruction, input, output (Axolotl's prompt in its ``alpaca_style``; ``field_system`` replaces its preamble) | output + EOS |
 | sharegpt | conversations: [{from, value}], system, tools | roles_to_train turns + end-of-turn |
-| chat_template | messages: [{role, content}], system, tools | roles_to_train turns + end-of-turn |
+| chat_template | messages: [{role, content}], system, tools (``drop_system_message``: without the first system turn) | roles_to_train turns + end-of-turn |
 | completion | text | everything; long documents split into ``sequence_len`` pieces |
 | input_output | segments: [{text, label}] | segments with label true (no BOS/EOS added) |
 | dpo | prompt (text or messages), chosen, rejected (text, message or messages), system | the final turn of each |
@@ -32,6 +32,7 @@ segment: 1 for chosen/desirable, 0 for rejected/undesirable.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Union
@@ -63,6 +64,18 @@ ALPACA_PREAMBLE = ("Below is an instruction that describes a task, paired with a
                    "context. Write a response that appropriately completes the request.")
 ALPACA_PREAMBLE_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately "
                             "completes the request.")
+# Axolotl's alpaca prompt styles (type: alpaca:<style>), its strings exactly, odd spacing and all:
+# (system format, turn with input, turn without input)
+ALPACA_STYLES: dict[str, tuple[str, str, str]] = {
+    "instruct": ("{system}\n\n", "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
+                 "### Instruction:\n{instruction}\n\n### Response:\n"),
+    "chat": ("SYSTEM: {system}\n", "USER: {instruction}\n{input}\nASSISTANT:", "USER: {instruction}\nASSISTANT:"),
+    "chatml": ("<|im_start|>system\n{system}<|im_end|>\n",
+               "<|im_start|>user\n{instruction}\n{input}<|im_end|>\n<|im_start|>assistant\n",
+               "<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n"),
+    "phi": ("<|system|>\n{system}<|end|>\n", "<|user|>\n{instruction}<|end|>{input}<|assistant|>",
+            "<|user|>\n{instruction}<|end|>\n<|assistant|>\n"),
+}
 
 
 class RowFormatError(TunedagError, ValueError):
@@ -176,6 +189,8 @@ class FormatSpec:
     split_len: int | None = None  # completion: split documents into pieces of this many tokens
     roles: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_ROLES))  # name in the data -> role
     mappings: dict[str, str] = field(default_factory=dict)  # message key for the template -> key in the data
+    alpaca_style: str = "instruct"
+    drop_system_message: bool = False
 
     @classmethod
     def build(cls, type: str, overrides: dict[str, str | None], tok: TextTokenizer, chat_source: str | None,
@@ -202,8 +217,10 @@ class FormatSpec:
                      "prompt": ds.field_prompt or (ds.field_messages if ds.type == "dpo" else None),
                      "chosen": ds.field_chosen, "rejected": ds.field_rejected, "completion": ds.field_completion,
                      "label": ds.field_label, by_type.get(ds.type, "_"): ds.field}
-        return cls.build(ds.type, overrides, tok, chat_source, sequence_len, train_on_inputs,
+        spec = cls.build(ds.type, overrides, tok, chat_source, sequence_len, train_on_inputs,
                          tuple(ds.roles_to_train), ds.train_on_eos, ds.roles, ds.message_property_mappings)
+        return dataclasses.replace(spec, alpaca_style=ds.alpaca_style or "instruct",
+                                   drop_system_message=ds.drop_system_message)
 
 
 def _value(row: dict[str, Any], key: str, kind: type | tuple[type, ...], required: bool = True,
@@ -308,21 +325,22 @@ def _strip_bos(text: str, tok: TextTokenizer) -> str:
     return text[len(tok.bos_token):] if tok.bos_token and text.startswith(tok.bos_token) else text
 
 
-def alpaca_prompt(row: dict[str, Any], fields: dict[str, str | None] = DEFAULT_FIELDS["alpaca"]) -> Prompt:
-    """Axolotl's Alpaca layout: its preamble (or the row's system text, with ``field_system``),
-    instruction, optional input, response header."""
+def alpaca_prompt(row: dict[str, Any], fields: dict[str, str | None] = DEFAULT_FIELDS["alpaca"],
+                  style: str = "instruct") -> Prompt:
+    """Axolotl's Alpaca prompt in one of its styles: the preamble (or the row's system text, with
+    ``field_system``) in the style's system format, then the instruction and the optional input."""
     instruction = _value(row, fields["instruction"], str)
     extra = _value(row, fields["input"], str, required=False)
     system = _value(row, fields["system"], str, required=False) if fields["system"] else None
-    text = f"{system or (ALPACA_PREAMBLE if extra else ALPACA_PREAMBLE_NO_INPUT)}\n\n"
-    text += f"### Instruction:\n{instruction}\n\n"
-    if extra:
-        text += f"### Input:\n{extra}\n\n"
-    return Prompt(text=text + "### Response:\n", reference=_value(row, fields["output"], str))
+    system_format, turn, turn_no_input = ALPACA_STYLES[style]
+    text = system_format.format(system=system or (ALPACA_PREAMBLE if extra else ALPACA_PREAMBLE_NO_INPUT))
+    text += (turn.format(instruction=instruction, input=extra) if extra
+             else turn_no_input.format(instruction=instruction))
+    return Prompt(text=text, reference=_value(row, fields["output"], str))
 
 
 def plan_alpaca(row: dict[str, Any], spec: FormatSpec, tok: TextTokenizer) -> Plan:
-    prompt = alpaca_prompt(row, spec.fields)
+    prompt = alpaca_prompt(row, spec.fields, spec.alpaca_style)
     bos = [Ids((tok.bos_id,), False)] if tok.bos_id is not None else []
     pieces = bos + [Text(prompt.text, spec.train_on_inputs), Text(prompt.reference, True),
                     Ids((tok.eos_id,), spec.train_on_eos != "none")]
@@ -380,6 +398,8 @@ def plan_chat(row: dict[str, Any], spec: FormatSpec, tok: TextTokenizer) -> Plan
     if row.get(name) is None:
         raise RowFormatError(_absent(row, name, name))
     messages = _with_system(_messages(row[name], spec, name), row, spec)
+    if spec.drop_system_message and messages[0]["role"] == "system":  # Axolotl drops the first turn only
+        messages = messages[1:]
     tools = _tools(row, spec)
     return Plan([[_conversation(messages, spec, tools)]], prompt=_chat_prompt(messages, spec, tok, tools))
 
