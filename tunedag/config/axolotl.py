@@ -133,6 +133,10 @@ def _translate_keys(raw: dict[str, Any], out: dict[str, Any], notes: list[str], 
     optimizer = raw.get("optimizer")
     if optimizer in OPTIMIZER_ALIASES:
         out["optimizer"] = OPTIMIZER_ALIASES[optimizer]
+    if optimizer == "muon" and raw.get("adam_beta2") is None:  # Axolotl's Muon: AdamW betas (0.9, 0.95) unless set
+        out["adam_beta2"] = 0.95
+        note("optimizer", "muon: its AdamW part (embeddings, lm_head, norms, biases) takes adam_beta2: 0.95, "
+                          "Axolotl's Muon default")
     model_config = raw.get("model_config")
     if isinstance(model_config, dict) and model_config:
         if set(model_config) == {"output_router_logits"}:

@@ -33,7 +33,7 @@ TRANSLATED: dict[str, str] = {
     "model_config": "output_router_logits alone: tunedag adds a mixture-of-experts model's router "
                     "load-balancing loss as the model's config sets it (noted); other overrides are refused",
     "optimizer": "Axolotl's aliases adamw_8bit (adamw_bnb_8bit) and paged_adamw_32bit (adamw_torch: the same "
-                 "update, unpaged) become tunedag's names",
+                 "update, unpaged) become tunedag's names; muon without adam_beta2 takes 0.95 (Axolotl's Muon)",
     "num_labels": "1 with reward_model: the reward model's one score; other values are refused",
     "plugins": "Liger and Cut Cross Entropy plugins: tunedag's own kernels (noted); others are refused",
 }
@@ -142,7 +142,7 @@ REFUSED: dict[str, tuple[str, ...]] = {
          "qgalore_scale", "qgalore_proj_type", "qgalore_proj_quant", "qgalore_proj_bits", "qgalore_proj_group_size",
          "qgalore_cos_threshold", "qgalore_gamma_proj", "qgalore_queue_size", "adam_beta3", "adam_epsilon2",
          "lr_scheduler_kwargs", "lr_quadratic_warmup",
-         "cosine_min_lr_ratio", "cosine_constant_lr_ratio", "lr_div_factor", "torchdistx_path",
+         "lr_div_factor", "torchdistx_path",
          "neftune_noise_alpha", "batch_size", "auto_find_batch_size"),
     "tunedag trains on downloaded dataset files (datasets:, type: completion for raw text); streaming "
     "pretraining data is not offered":

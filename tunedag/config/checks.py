@@ -202,6 +202,7 @@ def _check_ranges(run: RunConfig, where: str) -> None:
         problems.append(f"{where}.warmup_ratio: must be in [0, 1), got {run.warmup_ratio!r}")
     if run.warmup_ratio is not None and run.warmup_steps:
         problems.append(f"{where}.warmup_ratio: set beside warmup_steps {run.warmup_steps}; set one of them")
+    problems += schedule_problems(run, where)
     if run.saves_per_epoch is not None and run.saves_per_epoch < 1:
         problems.append(f"{where}.saves_per_epoch: must be at least 1, got {run.saves_per_epoch!r}")
     problems += [f"{where}.{name}: must be in [0, 1), got {getattr(run, name)!r}"
@@ -224,6 +225,24 @@ def _check_ranges(run: RunConfig, where: str) -> None:
         problems.append(f"{where}.lora_target_modules: at least one module is needed")
     if problems:
         raise ConfigError(*problems)
+
+
+def schedule_problems(run: RunConfig, where: str) -> list[str]:
+    """The cosine floor and hold (Axolotl's meaning: both shares of something, both for lr_scheduler: cosine),
+    and an optimizer that the engine's parameters cannot take."""
+    problems = [f"{where}.{name}: must be in [0, 1], got {getattr(run, name)!r}"
+                for name in ("cosine_min_lr_ratio", "cosine_constant_lr_ratio")
+                if getattr(run, name) is not None and not 0.0 <= getattr(run, name) <= 1.0]
+    if run.lr_scheduler != "cosine":
+        problems += [f"{where}.{name}: shapes lr_scheduler: cosine, but the run's is {run.lr_scheduler}"
+                     for name in ("cosine_min_lr_ratio", "cosine_constant_lr_ratio") if getattr(run, name) is not None]
+    if run.cosine_constant_lr_ratio and not run.cosine_min_lr_ratio:
+        problems.append(f"{where}.cosine_constant_lr_ratio: holds the cosine's floor, so it needs a "
+                        "cosine_min_lr_ratio above 0")
+    if run.optimizer == "muon" and run.train_engine == "deepspeed":
+        problems.append(f"{where}.optimizer: muon orthogonalises whole weight matrices, which DeepSpeed's flat "
+                        "ZeRO partitions do not keep; use train_engine: fsdp (or ddp)")
+    return problems
 
 
 def _base_model_config(run: RunConfig, base_dir: Path) -> tuple[dict[str, Any] | None, str]:

@@ -204,10 +204,13 @@ class RunConfig:
         doc="adapter: null: train only the parameters whose names one of these Python regular expressions "
             "matches (re.search, as Axolotl: anchor with ^ and $), e.g. ['^model.layers.(2[4-9]|3[01])\\.', "
             "'^lm_head']; empty: every parameter")
-    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit", "paged_adamw_8bit", "adafactor"] = _field(
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_torch_8bit", "adamw_torch_4bit", "adamw_bnb_8bit",
+                       "paged_adamw_8bit", "adafactor", "muon"] = _field(
         "adamw_torch", stages=("train",),
-        doc="adamw_torch (fused on CUDA where the engine allows), adamw_torch_fused, adamw_bnb_8bit and "
-            "paged_adamw_8bit (need bitsandbytes), adafactor (transformers')")
+        doc="adamw_torch (fused on CUDA where the engine allows), adamw_torch_fused, adamw_torch_8bit and "
+            "adamw_torch_4bit (AdamW with block-wise 8- or 4-bit moments, every engine), adamw_bnb_8bit and "
+            "paged_adamw_8bit (need bitsandbytes), adafactor (transformers'), muon (Muon on the hidden weight "
+            "matrices, AdamW on embeddings, lm_head, norms and biases)")
     adam_beta1: float = _field(0.9, stages=("train",), doc="AdamW's first-moment decay (the adamw_* optimizers)")
     adam_beta2: float = _field(0.999, stages=("train",), doc="AdamW's second-moment decay")
     adam_epsilon: float = _field(1e-8, stages=("train",), doc="AdamW's epsilon")
@@ -227,6 +230,12 @@ class RunConfig:
     learning_rate: float = _field(2e-4, stages=("train",), doc="peak learning rate")
     lr_scheduler: Literal["cosine", "linear", "constant"] = _field("cosine", stages=("train",),
                                                                   doc="decay after warmup")
+    cosine_min_lr_ratio: Optional[float] = _field(
+        None, stages=("train",), doc="lr_scheduler: cosine: decay to this share of learning_rate instead of 0 "
+                                     "(1.0: constant after the warmup)")
+    cosine_constant_lr_ratio: Optional[float] = _field(
+        None, stages=("train",), doc="lr_scheduler: cosine with cosine_min_lr_ratio: the cosine reaches its floor "
+                                     "at this share of the steps and holds it; null or 0: at the last step")
     warmup_steps: int = _field(0, stages=("train",), doc="linear warmup steps")
     warmup_ratio: Optional[float] = _field(None, stages=("train",),
                                            doc="warmup as a share of all optimizer steps (instead of warmup_steps)")

@@ -173,8 +173,13 @@ def read_weights(folder: Path, names: set[str]) -> dict[str, torch.Tensor]:
     return found
 
 
-def make_optimizer(params: list[torch.nn.Parameter], run: RunConfig, fused: bool = False) -> torch.optim.Optimizer:
-    """``run.optimizer`` over ``params`` (:mod:`tunedag.train.optimizers`)."""
+def make_optimizer(params: list[torch.nn.Parameter], run: RunConfig, fused: bool = False,
+                   model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+    """``run.optimizer`` over ``params`` (:mod:`tunedag.train.optimizers`), named as in ``model`` when
+    given (muon splits them by name)."""
+    if model is not None:
+        names = {id(p): name for name, p in model.named_parameters()}
+        params = [(names[id(p)], p) for p in params]
     return build_optimizer(params, run.optimizer, run.learning_rate, run.weight_decay, fused,
                            betas=(run.adam_beta1, run.adam_beta2), eps=run.adam_epsilon)
 
@@ -189,7 +194,7 @@ class ReplicatedEngine:
         self.name = "ddp" if env.world_size > 1 else inner.name
         self.model, self.device, self.objective = inner.model, inner.device, inner.objective
         self.params = inner.trainable_parameters()
-        self.optimizer = make_optimizer(self.params, run, fused=self.device.type == "cuda")
+        self.optimizer = make_optimizer(self.params, run, fused=self.device.type == "cuda", model=self.model)
         self.info: dict[str, Any] = {"model_engine": inner.name}
         self.run_files: dict[str, Any] = {}
 

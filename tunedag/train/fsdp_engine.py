@@ -120,7 +120,7 @@ class FSDPEngine:
                     self.model.get_buffer(name).copy_(value)
             load_shards_(self.model, model_path)
         self.params = self.inner.trainable_parameters()
-        self.optimizer = make_optimizer(self.params, run)  # over DTensor shards: not fused
+        self.optimizer = make_optimizer(self.params, run, model=self.model)  # over DTensor shards: not fused
         self.info: dict[str, Any] = {"model_engine": "torch"}
         self.run_files: dict[str, Any] = {}
 

@@ -36,7 +36,6 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-from transformers import get_scheduler
 
 from tunedag.config import RunConfig
 from tunedag.data.batches import collate, trained_token_count
@@ -50,9 +49,9 @@ from tunedag.train.metrics_log import MetricsLog
 from tunedag.train.preference import check_preference_shards
 from tunedag.train.rank_failures import rank_session
 from tunedag.train.ranks import DistEnv, all_sum, any_rank, broadcast, choose_device
+from tunedag.train.schedule import build_scheduler
 
 log = logging.getLogger(__name__)
-SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 SHARD_OBJECTIVE = {None: "sft", "kto": "kto"}  # what the shards of each rl hold; the other objectives: dpo pairs
 
 
@@ -186,8 +185,8 @@ def _train(run: RunConfig, shards_dir: Path, model_path: Path, run_dir: Path, en
     seed_everything(run.seed)
     engine = make_engine(run, model_path, env)
     count = loss_units(run, shards_dir, manifest, engine.model.config, engine.objective)
-    scheduler = get_scheduler(SCHEDULERS[run.lr_scheduler], engine.optimizer,
-                              num_warmup_steps=warmup_steps(run, steps), num_training_steps=steps)
+    scheduler = build_scheduler(engine.optimizer, run.lr_scheduler, warmup_steps(run, steps), steps,
+                                run.cosine_min_lr_ratio, run.cosine_constant_lr_ratio)
     position = ckpt.Position()
     if resumed is not None:
         state = ckpt.load_state(resumed)

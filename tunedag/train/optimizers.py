@@ -4,9 +4,16 @@
 | --- | --- | --- |
 | adamw_torch | ``torch.optim.AdamW``, fused where the engine says its parameters allow it | 2 fp32 |
 | adamw_torch_fused | ``torch.optim.AdamW(fused=True)`` (CUDA, or the CPU on torch >= 2.4) | 2 fp32 |
+| adamw_torch_8bit | tunedag's AdamW with block-wise 8-bit moments (torchao's AdamW8bit design), every engine | 2 bytes + 2 fp32 per 256 |
+| adamw_torch_4bit | the same with 4-bit moments (torchao's AdamW4bit design) | 1 byte + 2 fp32 per 128 |
 | adamw_bnb_8bit | bitsandbytes' ``AdamW8bit``: blockwise 8-bit moments | 2 bytes |
 | paged_adamw_8bit | bitsandbytes' ``PagedAdamW8bit``: the same, paged to CPU memory under pressure | 2 bytes |
 | adafactor | transformers' ``Adafactor``, no relative step or parameter scaling (as HF's Trainer) | row + column |
+| muon | Muon on the hidden weight matrices, AdamW on embeddings, lm_head, norms, biases (:mod:`tunedag.train.muon`) | 1 fp32 (Muon), 2 fp32 (AdamW) |
+
+The quantized moments and Muon are tunedag's own (:mod:`tunedag.train.quantized_adamw`,
+:mod:`tunedag.train.muon`): they update plain tensors and FSDP2's DTensor shards alike. Weights under
+4096 elements keep fp32 moments with the quantized AdamWs.
 
 The loop's schedule drives every one of them through their parameter groups' ``lr``; every one
 saves and loads its state through ``state_dict`` (each engine stores it the way it stores AdamW's).
@@ -19,8 +26,13 @@ from typing import Iterable
 import torch
 
 from tunedag.errors import TunedagError
+from tunedag.train.muon import Muon, muon_groups
+from tunedag.train.quantized_adamw import QuantizedAdamW
 
-OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit", "paged_adamw_8bit", "adafactor")
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_torch_8bit", "adamw_torch_4bit", "adamw_bnb_8bit",
+              "paged_adamw_8bit", "adafactor", "muon")
+QUANTIZED_BITS = {"adamw_torch_8bit": 8, "adamw_torch_4bit": 4}
+Params = Iterable[torch.nn.Parameter] | Iterable[tuple[str, torch.nn.Parameter]]
 
 
 class OptimizerError(TunedagError, RuntimeError):
@@ -36,13 +48,21 @@ def _bitsandbytes(name: str):
     return bitsandbytes.optim
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], name: str, lr: float, weight_decay: float,
+def build_optimizer(params: Params, name: str, lr: float, weight_decay: float,
                     fused: bool = False, betas: tuple[float, float] = (0.9, 0.999),
                     eps: float = 1e-8) -> torch.optim.Optimizer:
-    """``name``'s optimizer over ``params``; ``fused``: the engine's parameters are plain tensors on a
-    device with a fused AdamW (adamw_torch then takes it). ``betas`` and ``eps`` are the AdamW ones
-    (Adafactor has its own)."""
-    params = list(params)
+    """``name``'s optimizer over ``params`` (or (name, parameter) pairs, which muon needs to tell the
+    embeddings apart); ``fused``: the engine's parameters are plain tensors on a device with a fused
+    AdamW (adamw_torch then takes it). ``betas`` and ``eps`` are the AdamW ones (Adafactor has its own)."""
+    named = [p if isinstance(p, tuple) else (None, p) for p in params]
+    if name == "muon":
+        if any(n is None for n, _ in named):
+            raise OptimizerError("optimizer: muon needs the parameters' names (embeddings and lm_head take AdamW)")
+        return Muon(muon_groups(named, weight_decay), lr=lr, betas=betas, eps=eps)
+    params = [p for _, p in named]
+    if name in QUANTIZED_BITS:
+        return QuantizedAdamW(params, lr=lr, bits=QUANTIZED_BITS[name], betas=betas, eps=eps,
+                              weight_decay=weight_decay)
     if name in ("adamw_torch", "adamw_torch_fused"):
         try:
             return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps,
