@@ -209,6 +209,12 @@ def _translate_keys(raw: dict[str, Any], out: dict[str, Any], notes: list[str], 
         else:
             note("special_tokens", "tunedag pads with the tokenizer's pad token, or its end-of-text token, and "
                                    "masks padding from the loss itself")
+    qat = raw.get("qat")
+    if isinstance(qat, dict) and "quantize_embedding" in qat:
+        if qat["quantize_embedding"]:
+            refuse("qat", "quantize_embedding: true is not offered: tunedag fake-quantizes the linear layers "
+                          "(lm_head included), not the embedding")
+        out["qat"] = {k: v for k, v in qat.items() if k != "quantize_embedding"}
     if raw.get("val_set_size") in (0, 0.0):
         out.pop("val_set_size")
         note("val_set_size", "tunedag's evaluate stage scores held-out rows, so its default val_set_size 0.05 "

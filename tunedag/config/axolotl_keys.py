@@ -114,11 +114,11 @@ IGNORED: dict[str, tuple[str, ...]] = {
 }
 
 REFUSED: dict[str, tuple[str, ...]] = {
-    "tunedag trains in bf16 (GPUs from Ampere on) or fp32; fp16 and fp8 training are not offered":
-        ("fp16", "float16", "fp8", "fp8_enable_fsdp_float8_all_gather"),
-    "tunedag's quantized base is 4-bit NF4 (adapter: qlora); quantization-aware training, GPTQ and other "
-    "quantizers are not offered":
-        ("qat", "quantization", "model_quantization_config", "model_quantization_config_kwargs", "gptq",
+    "tunedag trains in bf16 (GPUs from Ampere on), fp32, or with fp8: true in float8; fp16 training is not offered":
+        ("fp16", "float16"),
+    "tunedag's quantized base is 4-bit NF4 (adapter: qlora) and it trains quantization-aware with qat; GPTQ "
+    "and other quantizers are not offered":
+        ("quantization", "model_quantization_config", "model_quantization_config_kwargs", "gptq",
          "use_onebitllms", "bnb_config_kwargs", "quantize_moe_experts", "nvfp4_merge_aware", "llmcompressor"),
     "tunedag trains plain LoRA (lora_r, lora_alpha, lora_dropout, lora_target_modules, lora_modules_to_save); "
     "this variant is not offered":

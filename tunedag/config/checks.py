@@ -24,7 +24,8 @@ def check_run(run: RunConfig, where: str, base_dir: Path) -> None:
               lambda: _check_ranges(run, where), lambda: _check_base_model(run, where, base_dir),
               lambda: _check_adapter(run, where), lambda: _check_objective(run, where),
               lambda: _check_jinja(run.chat_template, run.chat_template_jinja, where),
-              lambda: _check_engine(run, where, base_dir), lambda: _check_eval_schedule(run, where))
+              lambda: _check_engine(run, where, base_dir), lambda: _check_eval_schedule(run, where),
+              lambda: _check_low_precision(run, where))
     for check in checks:
         with problems.check():
             check()
@@ -115,6 +116,42 @@ def _check_engine(run: RunConfig, where: str, base_dir: Path) -> None:
             check_user_config(read_user_config(path), owned, str(path))
         except DeepSpeedConfigError as err:
             raise ConfigError(f"{where}.deepspeed_config: {err}") from None
+
+
+QAT_PAIRS = {("int4", "int8"), ("mxfp4", "mxfp4"), ("nvfp4", "nvfp4")}  # (weights, activations) offered
+QAT_BLOCKS = {"mxfp4": 32, "nvfp4": 16}  # the formats' fixed block sizes
+
+
+def _check_low_precision(run: RunConfig, where: str) -> None:
+    """qat and fp8: a full fine-tune on the torch, ddp or fsdp engine, with a weight/activation pair offered."""
+    keys = [k for k in ("qat", "fp8") if getattr(run, k)]
+    if run.fp8_enable_fsdp_float8_all_gather and (not run.fp8 or run.train_engine != "fsdp"):
+        raise ConfigError(f"{where}.fp8_enable_fsdp_float8_all_gather: applies to fp8: true on train_engine: fsdp")
+    if not keys:
+        return
+    if len(keys) == 2:
+        raise ConfigError(f"{where}.fp8: beside qat; a run trains with one of them")
+    key = keys[0]
+    if run.adapter is not None:
+        raise ConfigError(f"{where}.{key}: trains every weight: set adapter: null (a full fine-tune), not "
+                          f"adapter: {run.adapter}")
+    if run.train_engine in ("triton", "deepspeed"):
+        raise ConfigError(f"{where}.{key}: runs on the torch, ddp and fsdp engines (train_engine: auto picks "
+                          f"them), not train_engine: {run.train_engine}")
+    qat = run.qat
+    if qat is None:
+        return
+    if (qat.weight_dtype, qat.activation_dtype) not in QAT_PAIRS:
+        raise ConfigError(f"{where}.qat: weight_dtype {qat.weight_dtype} with activation_dtype "
+                          f"{qat.activation_dtype} is not offered; the pairs are int4 weights with int8 "
+                          "activations, mxfp4 with mxfp4 and nvfp4 with nvfp4")
+    fixed = QAT_BLOCKS.get(qat.weight_dtype)
+    if qat.group_size is not None and (qat.group_size < 2 if fixed is None else qat.group_size != fixed):
+        need = "at least 2" if fixed is None else f"{fixed} (or null)"
+        raise ConfigError(f"{where}.qat.group_size: {qat.weight_dtype} takes {need}, got {qat.group_size}")
+    if qat.fake_quant_after_n_steps is not None and qat.fake_quant_after_n_steps < 0:
+        raise ConfigError(f"{where}.qat.fake_quant_after_n_steps: must be 0 or more, got "
+                          f"{qat.fake_quant_after_n_steps}")
 
 
 def _check_eval_schedule(run: RunConfig, where: str) -> None:

@@ -170,6 +170,25 @@ class DatasetConfig:
 
 
 @dataclass(frozen=True)
+class QATConfig:
+    """``qat``: quantization-aware training (Axolotl's key): every linear layer computes with fake-quantized
+    weights and activations (tunedag.models.qat); the trained weights are saved in full precision."""
+
+    weight_dtype: Literal["int4", "mxfp4", "nvfp4"] = _field(
+        stages=("train",), doc="weight grid: int4 (symmetric per group_size inputs), mxfp4 (FP4 E2M1, a "
+                               "power-of-two scale per 32) or nvfp4 (FP4 E2M1, an E4M3 scale per 16 and one per tensor)")
+    activation_dtype: Optional[Literal["int8", "mxfp4", "nvfp4"]] = _field(
+        None, stages=("train",), doc="activation grid: int8 (asymmetric per token) with int4 weights; mxfp4 or "
+                                     "nvfp4 as the weights")
+    group_size: Optional[int] = _field(None, stages=("train",),
+                                       doc="inputs per weight scale: int4 any divisor of the layers' input "
+                                           "size (null: 32); mxfp4 32 and nvfp4 16 only")
+    fake_quant_after_n_steps: Optional[int] = _field(
+        None, stages=("train",), doc="train the first this many optimizer steps without fake quantization "
+                                     "(null: from the start)")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything one run needs, after ``defaults`` are merged in."""
 
@@ -245,6 +264,17 @@ class RunConfig:
     activation_offloading: bool = _field(False, stages=("train",),
                                          doc="with gradient_checkpointing: keep layer inputs in pinned CPU "
                                              "memory (triton engine)")
+    qat: Optional[QATConfig] = _field(
+        None, stages=("train",), doc="quantization-aware training of a full fine-tune (torch, ddp and fsdp "
+                                     "engines): weight_dtype, activation_dtype, group_size, fake_quant_after_n_steps")
+    fp8: bool = _field(False, stages=("train",),
+                       doc="full fine-tune with the linear layers' matmuls in float8 (E4M3 forward, E5M2 "
+                           "gradients, per-tensor dynamic scales; first and last linear layer in bf16); needs a "
+                           "GPU of compute capability 8.9+ (torch, ddp and fsdp engines)")
+    fp8_enable_fsdp_float8_all_gather: bool = _field(
+        False, stages=("train",), doc="fp8 on fsdp (Axolotl's key): accepted; tunedag all-gathers the bf16 "
+                                      "weights and casts them to float8 after the gather (more traffic, the "
+                                      "same per-tensor scales)")
     train_engine: Literal["auto", "triton", "torch", "ddp", "fsdp", "deepspeed"] = _field(
         "auto", stages=("train",),
         doc="training engine; auto: triton on exactly one CUDA GPU, else torch; in a Slurm job with "

@@ -49,6 +49,8 @@ from tunedag.errors import TunedagError
 from tunedag.io import atomic_path
 from tunedag.models.batch_inputs import loss_sum, model_inputs
 from tunedag.models.loading import load_causal_lm
+from tunedag.models.fp8 import convert_to_fp8, require_fp8_device
+from tunedag.models.qat import prepare_qat
 from tunedag.models.qlora import fake_quantize_
 from tunedag.models.moe import aux_loss_enabled, hf_moe_loss_sum
 from tunedag.models.registry import lora_target_kwargs
@@ -85,6 +87,7 @@ class TorchEngine:
             n = fake_quantize_(base)
             log.info("torch engine, qlora: %d projections hold their NF4-dequantised values "
                      "(the numerics of a 4-bit base, not its memory saving)", n)
+        low_precision_(base, run, device)
         if run.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.enable_input_require_grads()
@@ -132,6 +135,20 @@ class TorchEngine:
             self.model.save_pretrained(dest)
         else:
             self.model.save_pretrained(dest, safe_serialization=True)
+
+
+def low_precision_(model: torch.nn.Module, run: RunConfig, device: torch.device) -> None:
+    """``qat``: every linear layer fake-quantized (tunedag.models.qat); ``fp8``: the linear layers' matmuls in
+    float8 (tunedag.models.fp8), refused on a device without float8 matmuls. In place, before any wrapping."""
+    if run.qat is not None:
+        q = run.qat
+        n = prepare_qat(model, q.weight_dtype, q.activation_dtype, q.group_size)
+        log.info("qat: %d linear layers fake-quantize %s weights and %s activations", n, q.weight_dtype,
+                 q.activation_dtype)
+    if run.fp8:
+        require_fp8_device(device)
+        names = convert_to_fp8(model)
+        log.info("fp8: %d linear layers compute in float8 (the first and last stay in bf16)", len(names))
 
 
 def unfreeze_only(model: torch.nn.Module, patterns: Sequence[str]) -> int:
@@ -250,6 +267,9 @@ def all_reduce_sum(tensors: list[torch.Tensor], bucket_numel: int = BUCKET_NUMEL
 def triton_blocker(run: RunConfig, model_path: Path, device: torch.device) -> str | None:
     """Why the triton engine cannot train ``run`` here (None: it can). ``auto`` and ``ddp`` take it on
     CUDA only; ``triton`` also on the CPU under ``TRITON_INTERPRET=1`` (slow: for tests)."""
+    if run.qat is not None or run.fp8:
+        return ("qat and fp8 swap the linear layers of the HF model (fake-quantized or float8 matmuls), which the "
+                "triton engine's fused kernels replace")
     if device.type != "cuda" and (run.train_engine != "triton" or os.environ.get("TRITON_INTERPRET") != "1"):
         return "no CUDA GPU (the Triton kernels run on the CPU only under TRITON_INTERPRET=1 with train_engine: triton)"
     from transformers import AutoConfig

@@ -42,6 +42,7 @@ from tunedag.data.batches import collate, trained_token_count
 from tunedag.data.shards import ShardReader, verify_shards
 from tunedag.errors import TunedagError
 from tunedag.io import atomic_path, write_json
+from tunedag.models.qat import fake_quant_due, set_fake_quant
 from tunedag.train import checkpoint as ckpt
 from tunedag.train.engines import make_engine
 from tunedag.train.held_out import Evaluation, HeldOutRows, best_dir, eval_interval, prune_best, was_stopped_early
@@ -209,6 +210,8 @@ def _train(run: RunConfig, shards_dir: Path, model_path: Path, run_dir: Path, en
     last_loss = float("nan")
     try:
         while position.step < steps:
+            if run.qat is not None:  # Axolotl's fake_quant_after_n_steps: plain linears until then
+                set_fake_quant(engine.model, fake_quant_due(position.step, run.qat.fake_quant_after_n_steps))
             group = [b for _, b in zip(range(run.gradient_accumulation_steps), batches)]
             if not any_rank(bool(group), engine.device):
                 break
