@@ -7,7 +7,7 @@ from tunedag.cli import stage_main, stage_parser
 from tunedag.config import check_model_fits, load_run
 from tunedag.data.tokenize import tokenize_run
 from tunedag.model_facts import read_model_config
-from tunedag.models.loading import load_tokenizer
+from tunedag.models.loading import load_run_tokenizer
 
 
 def main() -> None:
@@ -23,7 +23,7 @@ def main() -> None:
     if model_config is not None:
         check_model_fits(run, model_config, f"{args.config}: runs.{args.run}",
                          f"{args.model}/config.json, read by tokenize: a hub model is checked once downloaded")
-    tokenizer = load_tokenizer(args.model, run.trust_remote_code)
+    tokenizer = load_run_tokenizer(args.model, run)
     manifest = tokenize_run(run, args.raw, args.model, tokenizer, args.out, processes=args.processes)
     summary = {name: {k: split[k] for k in ("samples", "rows", "tokens", "packing_efficiency")}
                for name, split in manifest["splits"].items()}

@@ -31,9 +31,9 @@ def tokenize_with_model(run: RunConfig, raw_dirs: list[Path], model_dir: Path, o
                         processes: int = 1) -> dict:
     """``tokenize_run`` with the tokenizer of ``model_dir``, loaded as scripts/tokenize.py loads it."""
     from tunedag.data.tokenize import tokenize_run
-    from tunedag.models.loading import load_tokenizer
+    from tunedag.models.loading import load_run_tokenizer
 
-    tokenizer = load_tokenizer(model_dir, run.trust_remote_code)
+    tokenizer = load_run_tokenizer(model_dir, run)
     return tokenize_run(run, raw_dirs, model_dir, tokenizer, out_dir, processes=processes)
 
 

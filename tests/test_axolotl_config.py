@@ -44,7 +44,8 @@ def test_a_qlora_config_as_written(work):
     assert run.lora_target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     noted = {re.match(r"c\.yaml: runs\.r\.(\w+)", n).group(1) for n in notes if n.startswith("c.yaml: runs.r.")}
     assert {"model_type", "tokenizer_type", "flash_attention", "eval_sample_packing", "gradient_checkpointing_kwargs",
-            "loss_watchdog_threshold", "special_tokens", "lora_target_linear"} <= noted
+            "loss_watchdog_threshold", "lora_target_linear"} <= noted
+    assert run.special_tokens.pad_token == "<|end_of_text|>"  # a tunedag key of the same name and meaning
     assert any("unset (null)" in n and "wandb_watch" in n and "lora_model_dir" in n for n in notes)
 
 
@@ -76,12 +77,12 @@ def test_every_problem_is_reported_at_once_each_naming_key_value_and_fix(work):
     raw = {"base_model": "builtin:tiny-llama", "datasets": [{"path": "data/missing.jsonl", "type": "alpaca"}],
            "adapter": "lora", "fp16": True, "peft_use_dora": True, "lora_model_dir": "old-adapter",
            "neftune_noise_alpha": 5, "lora_r": "sixteen", "learnig_rate": 1e-4, "num_epochs": 0,
-           "special_tokens": {"eos_token": "<|im_end|>"}, "fsdp_config": {"offload_params": True}}
+           "added_tokens_overrides": {128002: "<x>"}, "fsdp_config": {"offload_params": True}}
     with pytest.raises(ConfigError) as err:
         parse_config({"runs": {"r": raw}}, source="c.yaml")
     problems = err.value.problems
     expected = {"fp16": "bf16", "peft_use_dora": "plain LoRA", "lora_model_dir": "merge it",
-                "neftune_noise_alpha": "not offered", "special_tokens": "eos_token", "fsdp_config": "deepspeed_offload"}
+                "neftune_noise_alpha": "not offered", "added_tokens_overrides": "not offered", "fsdp_config": "deepspeed_offload"}
     for key, fix in expected.items():
         assert any(p.startswith(f"c.yaml: runs.r.{key}:") and fix in p for p in problems), (key, problems)
     # refusals, unknown keys, type errors and value checks together: the config is fixed in one pass

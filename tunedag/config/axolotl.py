@@ -200,15 +200,6 @@ def _translate_keys(raw: dict[str, Any], out: dict[str, Any], notes: list[str], 
     for key in ("bf16", "bfloat16"):
         if raw.get(key) is False and not raw.get("fp16"):
             note(key, "tunedag computes in bf16 on CUDA GPUs regardless (fp32 on CPU)")
-    special = raw.get("special_tokens")
-    if isinstance(special, dict) and special:
-        others = sorted(k for k, v in special.items() if k != "pad_token" and v is not None)
-        if others:
-            refuse("special_tokens", f"tunedag uses the tokenizer's own {', '.join(others)}; setting special "
-                                     "tokens is not offered (pad_token alone is accepted)")
-        else:
-            note("special_tokens", "tunedag pads with the tokenizer's pad token, or its end-of-text token, and "
-                                   "masks padding from the loss itself")
     qat = raw.get("qat")
     if isinstance(qat, dict) and "quantize_embedding" in qat:
         if qat["quantize_embedding"]:

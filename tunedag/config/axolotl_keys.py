@@ -28,7 +28,6 @@ TRANSLATED: dict[str, str] = {
     "evaluation_strategy": "as eval_strategy",
     "bf16": "tunedag computes in bf16 on CUDA (fp32 on CPU); bf16: false with fp16: true is refused",
     "bfloat16": "as bf16",
-    "special_tokens": "pad_token only: tunedag pads and masks by itself (noted); other tokens are refused",
     "val_set_size": "0: tunedag's evaluate stage needs held-out rows, so its default share 0.05 is kept (noted)",
     "model_config": "output_router_logits alone: tunedag adds a mixture-of-experts model's router "
                     "load-balancing loss as the model's config sets it (noted); other overrides are refused",
@@ -94,7 +93,8 @@ IGNORED: dict[str, tuple[str, ...]] = {
         ("gradient_checkpointing_kwargs",),
     "a check of Axolotl's own, not needed here":
         ("strict", "debug", "axolotl_config_path", "loss_watchdog_threshold", "loss_watchdog_patience"),
-    "tunedag keeps the model's vocabulary and embedding size as they are":
+    "tunedag grows the embeddings to the tokenizer's size exactly when special_tokens or tokens add tokens (new "
+    "rows start at the mean of the others) and never shrinks them":
         ("resize_token_embeddings_to_32x", "mean_resizing_embeddings", "shrink_embeddings"),
     "tunedag's evaluate stage generates from the held-out prompts and scores them (eval_max_samples, "
     "eval_max_new_tokens, lm_eval_tasks)":
@@ -165,8 +165,9 @@ REFUSED: dict[str, tuple[str, ...]] = {
          "layer_offloading", "dynamic_checkpoint", "expert_parallel_size"),
     "tunedag trains text decoders; images and other modalities are not offered":
         ("image_size", "image_resize_algorithm", "role_boundaries", "processor_kwargs", "freeze_mm_modules"),
-    "tunedag uses the tokenizer's tokens as they are; adding or overriding tokens is not offered":
-        ("tokens", "added_tokens_overrides", "fix_untrained_tokens"),
+    "tunedag adds tokens (special_tokens, tokens); renaming the tokenizer's reserved tokens and resetting "
+    "untrained embedding rows are not offered":
+        ("added_tokens_overrides", "fix_untrained_tokens"),
     "tunedag loads the base model as its config.json describes it; edit a copy of the model folder instead":
         ("base_model_config", "cls_model_config", "tokenizer_config", "overrides_of_model_config",
          "overrides_of_model_kwargs", "rope_scaling", "reinit_weights", "noisy_embedding_alpha",

@@ -188,6 +188,43 @@ class QATConfig:
                                      "(null: from the start)")
 
 
+TOKENIZER_STAGES = ("tokenize", "train", "merge", "evaluate")  # read the run's tokenizer (and its vocab size)
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """``special_tokens``: the tokenizer's special tokens as the run sets them (Axolotl's key). A token the
+    vocabulary lacks is added, and grows the model's embeddings (see tunedag.data.run_tokenizer)."""
+
+    bos_token: Optional[str] = _field(None, stages=TOKENIZER_STAGES, doc="beginning-of-sequence token")
+    eos_token: Optional[str] = _field(None, stages=TOKENIZER_STAGES,
+                                      doc="end-of-sequence token: ends every sample of the data formats and "
+                                          "stops generation")
+    pad_token: Optional[str] = _field(None, stages=TOKENIZER_STAGES, doc="padding token (masked from the loss)")
+    unk_token: Optional[str] = _field(None, stages=TOKENIZER_STAGES, doc="unknown-token token")
+    additional_special_tokens: list[str] = _field(stages=TOKENIZER_STAGES, factory=list,
+                                                  doc="more special tokens (never split, added when new)")
+
+
+@dataclass(frozen=True)
+class QATConfig:
+    """``qat``: quantization-aware training (Axolotl's key): every linear layer computes with fake-quantized
+    weights and activations (tunedag.models.qat); the trained weights are saved in full precision."""
+
+    weight_dtype: Literal["int4", "mxfp4", "nvfp4"] = _field(
+        stages=("train",), doc="weight grid: int4 (symmetric per group_size inputs), mxfp4 (FP4 E2M1, a "
+                               "power-of-two scale per 32) or nvfp4 (FP4 E2M1, an E4M3 scale per 16 and one per tensor)")
+    activation_dtype: Optional[Literal["int8", "mxfp4", "nvfp4"]] = _field(
+        None, stages=("train",), doc="activation grid: int8 (asymmetric per token) with int4 weights; mxfp4 or "
+                                     "nvfp4 as the weights")
+    group_size: Optional[int] = _field(None, stages=("train",),
+                                       doc="inputs per weight scale: int4 any divisor of the layers' input "
+                                           "size (null: 32); mxfp4 32 and nvfp4 16 only")
+    fake_quant_after_n_steps: Optional[int] = _field(
+        None, stages=("train",), doc="train the first this many optimizer steps without fake quantization "
+                                     "(null: from the start)")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything one run needs, after ``defaults`` are merged in."""
@@ -210,6 +247,14 @@ class RunConfig:
         doc="template for chat and preference formats (Axolotl's names; see tunedag/data/templates/)")
     chat_template_jinja: Optional[str] = _field(
         None, stages=("tokenize",), doc="chat_template: jinja: the template text (jinja)")
+    special_tokens: Optional[SpecialTokens] = _field(
+        None, stages=TOKENIZER_STAGES,
+        doc="set the tokenizer's bos/eos/pad/unk tokens ({eos_token: <|im_end|>}); a token the vocabulary lacks is "
+            "added and the embeddings grow (with adapter: lora/qlora, lora_modules_to_save must hold embed_tokens "
+            "and lm_head unless it is only a pad_token)")
+    tokens: list[str] = _field(stages=TOKENIZER_STAGES, factory=list,
+                               doc="tokens added to the vocabulary (each one id, never split); new ones grow the "
+                                   "embeddings, as special_tokens")
     excess_length_strategy: Literal["drop", "truncate", "raise"] = _field(
         "drop", stages=("tokenize",), doc="samples longer than sequence_len: drop, truncate or raise")
     on_bad_rows: Literal["raise", "skip"] = _field("raise", stages=("tokenize",),

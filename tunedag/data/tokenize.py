@@ -413,8 +413,9 @@ def tokenize_run(run: RunConfig, raw_dirs: list[Path], model_path: Path, tokeniz
                  processes: int = 1) -> dict[str, Any]:
     """Build ``out_dir`` (train/, val/, val_prompts.jsonl, manifest.json) for ``run``.
 
-    ``tokenizer`` is the HF (fast) tokenizer of the base model at ``model_path``, loaded by the
-    caller; its files there are hashed into the manifest.
+    ``tokenizer`` is the run's HF (fast) tokenizer: the base model's at ``model_path`` as the caller
+    prepared it (tunedag.models.loading.load_run_tokenizer); the files there are hashed into the manifest
+    and the run's special_tokens and tokens into its config hash.
     """
     model_path, out_dir = Path(model_path), Path(out_dir)
     tok = _text_tokenizer(tokenizer, model_path)
@@ -428,6 +429,7 @@ def tokenize_run(run: RunConfig, raw_dirs: list[Path], model_path: Path, tokeniz
         "padded": not run.sample_packing, "config_hash": run.stage_hash("tokenize"),
         "tokenizer_hash": tokenizer_hash(model_path), "code_hash": code_hash(),
         "pad_token_id": tok.pad_id if tok.pad_id is not None else tok.eos_id, "objective": objective,
+        "eos_token_id": tok.eos_id, "vocab_size": len(tokenizer),  # the run's tokenizer (special_tokens, tokens)
         "excess_length_strategy": run.excess_length_strategy, "on_bad_rows": run.on_bad_rows,
         "columns": (shards.PREFERENCE_SCHEMA if settings.preference else shards.ROW_SCHEMA).names,
         "counts": totals, "datasets": ds_records, "splits": {},

@@ -33,7 +33,7 @@ from tunedag.evaluate.scores import kto_metrics, pair_logps, pair_rewards, prefe
 from tunedag.evaluate.text_metrics import score_answers
 from tunedag.io import atomic_path
 from tunedag.models.batch_inputs import loss_sum, model_inputs
-from tunedag.models.loading import load_causal_lm, load_tokenizer
+from tunedag.models.loading import load_causal_lm, load_run_tokenizer
 from tunedag.models.reward_head import load_reward_model
 
 EVAL_BATCH_ROWS = 8
@@ -129,7 +129,7 @@ def evaluate_run(run: RunConfig, base_path: Path, merged_path: Path, shards_dir:
         return metrics
     prompts = [json.loads(l) for l in (shards_dir / "val_prompts.jsonl").read_text().splitlines() if l.strip()]
     prompts = prompts[: run.eval_max_samples]
-    tokenizer = load_tokenizer(merged_path, run.trust_remote_code)
+    tokenizer = load_run_tokenizer(merged_path, run)  # the merged folder holds the run's tokenizer already
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     metrics: dict[str, Any] = {"config_hash": run.stage_hash("evaluate"), "prompts": len(prompts)}
     answers: dict[str, list[str]] = {}
@@ -138,7 +138,8 @@ def evaluate_run(run: RunConfig, base_path: Path, merged_path: Path, shards_dir:
     logps: dict[str, torch.Tensor] = {}
     for label, path in (("base", base_path), ("finetuned", merged_path)):
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        model = load_causal_lm(path, dtype, run.trust_remote_code).to(device).eval()
+        # the base's embeddings grow to the tokens the run added, as training started from them
+        model = load_causal_lm(path, dtype, run.trust_remote_code, vocab_size=len(tokenizer)).to(device).eval()
         result = teacher_forced_metrics(model, shards_dir / "val", manifest["pad_token_id"])
         if prompts:
             texts = [p["prompt"] for p in prompts]

@@ -104,6 +104,10 @@ def export_vllm(merged_dir: Path, adapter_dir: Path, out_dir: Path, chat_templat
         "lora": (f"vllm serve <base model> --enable-lora --max-lora-rank {adapter_config['r']} "
                  "--lora-modules tunedag=adapter") if adapter_config else None,
     }
+    merge_report = merged_dir / "tunedag_merge.json"
+    if adapter_config and merge_report.is_file() and json.loads(merge_report.read_text()).get("added_vocab_rows"):
+        serve.update(lora=None, lora_note="the run added tokens (special_tokens, tokens), whose embedding rows the "
+                                          "base model lacks: serve the merged model")
     if is_reward_model(model_config):  # a pooling model; its score head is in the adapter in full, not as LoRA
         serve.update(merged="vllm serve model --runner pooling --served-model-name tunedag",
                      lora=None, lora_note="the adapter holds the score head trained in full, which vLLM's LoRA "

@@ -26,7 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 from tunedag.config import RunConfig
 from tunedag.io import atomic_path
 from tunedag.merge.weights import MergeError, merge_weights, parse_size
-from tunedag.models.loading import check_weight_files, load_causal_lm, load_tokenizer
+from tunedag.models.loading import check_weight_files, load_causal_lm, load_run_tokenizer, run_vocab_size
 from tunedag.models.reward_head import load_reward_model, reward_pad_token_id, sequence_classification_layout
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -65,6 +65,14 @@ def reward_model_config(config: dict[str, Any], architecture: str, pad_token_id:
             "pad_token_id": pad_token_id}
 
 
+def run_token_ids(run: RunConfig, tokenizer: Any) -> dict[str, int]:
+    """{bos,eos,pad,unk}_token_id of the roles the run's special_tokens set, as ``tokenizer`` (the run's) has them."""
+    special = run.special_tokens
+    roles = ("bos_token", "eos_token", "pad_token", "unk_token")
+    return {f"{role}_id": tokenizer.convert_tokens_to_ids(getattr(special, role)) for role in roles
+            if special is not None and getattr(special, role) is not None}
+
+
 def copy_model_files(run: RunConfig, model_path: Path, out: Path, dtype: torch.dtype,
                       reward_architecture: str | None) -> None:
     config = json.loads((model_path / "config.json").read_text())
@@ -72,7 +80,8 @@ def copy_model_files(run: RunConfig, model_path: Path, out: Path, dtype: torch.d
     config["torch_dtype"] = name
     if "dtype" in config:
         config["dtype"] = name
-    tokenizer = load_tokenizer(model_path, run.trust_remote_code)
+    tokenizer = load_run_tokenizer(model_path, run)
+    config.update(vocab_size=max(config.get("vocab_size", 0), len(tokenizer)), **run_token_ids(run, tokenizer))
     if reward_architecture:
         pad = reward_pad_token_id(AutoConfig.from_pretrained(model_path, trust_remote_code=run.trust_remote_code),
                                   tokenizer)
@@ -83,7 +92,12 @@ def copy_model_files(run: RunConfig, model_path: Path, out: Path, dtype: torch.d
     if sentencepiece.is_file() and not (out / sentencepiece.name).exists():
         shutil.copy2(sentencepiece, out / sentencepiece.name)
     if (model_path / "generation_config.json").is_file() and not reward_architecture:  # a reward model generates nothing
-        GenerationConfig.from_pretrained(model_path).save_pretrained(out)
+        generation = GenerationConfig.from_pretrained(model_path)
+        for key, value in run_token_ids(run, tokenizer).items():  # the run's eos stops generation, the base's too
+            old = getattr(generation, key)
+            old = old if isinstance(old, list) else [] if old is None else [old]
+            setattr(generation, key, list(dict.fromkeys([value, *old])) if key == "eos_token_id" else value)
+        generation.save_pretrained(out)
     if run.trust_remote_code:  # the model's own code travels with it
         for code in model_path.glob("*.py"):
             shutil.copy2(code, out / code.name)
@@ -96,7 +110,8 @@ def _logit_error(run: RunConfig, model_path: Path, adapter_dir: Path, merged_dir
     if reward:  # the head's seeded start is replaced by the adapter's trained score
         base = load_reward_model(model_path, torch.float32, run.trust_remote_code, run.seed)
     else:
-        base = load_causal_lm(model_path, torch.float32, run.trust_remote_code)
+        base = load_causal_lm(model_path, torch.float32, run.trust_remote_code,
+                              vocab_size=run_vocab_size(model_path, run))
     if run.adapter == "qlora":
         from tunedag.models.qlora import fake_quantize_
 
@@ -121,7 +136,7 @@ def merge_adapter(run: RunConfig, model_path: Path, adapter_dir: Path, out_dir: 
         tmp.mkdir()
         report: dict[str, Any] = merge_weights(model_path, adapter_dir, tmp, dtype, parse_size(run.max_shard_size),
                                                nf4_base=run.adapter == "qlora", seed=run.seed,
-                                               target_names=target_names)
+                                               target_names=target_names, vocab_size=run_vocab_size(model_path, run))
         copy_model_files(run, model_path, tmp, dtype, architecture)
         report["relative_logit_error"] = None
         if weight_bytes(model_path) <= LOGIT_CHECK_MAX_BYTES:

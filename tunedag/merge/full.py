@@ -23,8 +23,8 @@ from tunedag.config import RunConfig
 from tunedag.io import atomic_path
 from tunedag.merge.adapter import (LOGIT_CHECK_MAX_BYTES, MAX_RELATIVE_LOGIT_ERROR, copy_model_files, target_dtype,
                                    weight_bytes)
-from tunedag.merge.weights import MergeError, ShardWriter, base_tensors, parse_size
-from tunedag.models.loading import check_weight_files
+from tunedag.merge.weights import MergeError, ShardWriter, base_tensors, grown_shape, parse_size
+from tunedag.models.loading import check_weight_files, run_vocab_size
 
 
 def tensor_shapes(model_path: Path) -> dict[str, tuple[int, ...]]:
@@ -61,6 +61,8 @@ def merge_full_model(run: RunConfig, model_path: Path, trained_dir: Path, out_di
     check_weight_files(model_path)
     dtype = target_dtype(run, model_path)
     base = tensor_shapes(model_path)
+    vocab = run_vocab_size(model_path, run)  # the embeddings grew to the run's tokenizer
+    base = {name: grown_shape(shape, model_path, vocab) for name, shape in base.items()}
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         writer, total, names = ShardWriter(tmp, parse_size(run.max_shard_size)), 0, []

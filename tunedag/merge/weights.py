@@ -24,6 +24,7 @@ from tunedag.errors import TunedagError
 from tunedag.kernels.nf4 import dequantize_nf4_reference
 from tunedag.models.moe import expert_loras
 from tunedag.models.qlora import quantize_weight
+from tunedag.models.vocab import grow_rows
 from tunedag.models.registry import QUANTIZED_PROJECTIONS
 
 PREFIX = "base_model.model."
@@ -193,10 +194,25 @@ def nf4_round_trip(weight: torch.Tensor) -> torch.Tensor:
     return dequantize_nf4_reference(quantize_weight(weight), torch.float32).to(weight.dtype)
 
 
+def grown_shape(shape: tuple[int, ...], model_path: Path, vocab_size: int | None) -> tuple[int, ...]:
+    """``shape`` of a base tensor once the embeddings grow to ``vocab_size`` rows (tokens the run adds):
+    a matrix with one row per token of config.json's vocab_size (input embeddings, LM head) gets
+    ``vocab_size`` rows; every other shape stays."""
+    if vocab_size is None or len(shape) != 2:
+        return shape
+    config = json.loads((model_path / "config.json").read_text())
+    rows = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    return (vocab_size, shape[1]) if rows == shape[0] < vocab_size else shape
+
+
 def merge_weights(model_path: Path, adapter_dir: Path, out_dir: Path, dtype: torch.dtype,
                   max_shard_bytes: int, nf4_base: bool, seed: int = 0,
-                  target_names: set[str] | None = None) -> dict[str, Any]:
+                  target_names: set[str] | None = None, vocab_size: int | None = None) -> dict[str, Any]:
     """Write the merged weights into ``out_dir``; return the worst per-tensor check error.
+
+    ``vocab_size``: the rows of the run's tokenizer (tokens it adds); the base's embeddings and LM head
+    grow to it as training grew them (tunedag.models.vocab.grow_rows), unless the adapter holds them
+    trained in full (lora_modules_to_save).
 
     ``target_names``: the weights of the model being written when it is not the base's own
     architecture (a reward model: the decoder and the adapter's ``score``, no ``lm_head``). Base
@@ -207,6 +223,7 @@ def merge_weights(model_path: Path, adapter_dir: Path, out_dir: Path, dtype: tor
     lora = split_expert_loras(lora, model_path)
     generator = torch.Generator().manual_seed(seed)
     writer, worst, seen, dropped, written = ShardWriter(out_dir, max_shard_bytes), 0.0, set(), [], {}
+    added_rows = 0
 
     def write(name: str, tensor: torch.Tensor) -> None:
         tensor = tensor.to(dtype) if tensor.is_floating_point() else tensor
@@ -220,6 +237,10 @@ def merge_weights(model_path: Path, adapter_dir: Path, out_dir: Path, dtype: tor
             continue
         if nf4_base and is_nf4_weight(name):
             tensor = nf4_round_trip(tensor)
+        shape = grown_shape(tuple(tensor.shape), model_path, vocab_size)
+        if shape != tuple(tensor.shape):
+            added_rows = shape[0] - tensor.shape[0]
+            tensor = grow_rows(tensor, shape[0])
         if name in lora:
             parts = lora[name]
             scale = lora_scale(config, parts.a.shape[0])
@@ -241,4 +262,4 @@ def merge_weights(model_path: Path, adapter_dir: Path, out_dir: Path, dtype: tor
         raise MergeError(f"{adapter_dir} + {model_path}: no tensor for {sorted(unwritten)[:5]} of the merged model")
     writer.close(sum(written.values()))
     return {"max_relative_tensor_error": worst, "merged_tensors": len(lora), "replaced_tensors": len(replaced),
-            "added_tensors": added, "dropped_tensors": dropped}
+            "added_tensors": added, "dropped_tensors": dropped, "added_vocab_rows": added_rows}

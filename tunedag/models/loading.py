@@ -13,8 +13,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from tunedag.config import RunConfig
+from tunedag.data.run_tokenizer import prepare_run_tokenizer
 from tunedag.errors import TunedagError
 from tunedag.io import atomic_path
+from tunedag.models.vocab import resize_vocab_
 
 HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.jinja", "tokenizer*",
                 "*.model", "*.txt"]
@@ -67,6 +70,19 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrai
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
+def load_run_tokenizer(path: str | Path, run: RunConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer of the model folder at ``path`` with ``run``'s special_tokens and tokens
+    (tunedag.data.run_tokenizer): what every stage of the run tokenizes and decodes with."""
+    return prepare_run_tokenizer(load_tokenizer(path, run.trust_remote_code), run, str(path))
+
+
+def run_vocab_size(path: str | Path, run: RunConfig) -> int | None:
+    """The embedding rows ``run`` needs at least: its tokenizer's size (None when the run adds no tokens)."""
+    if run.special_tokens is None and not run.tokens:
+        return None
+    return len(load_run_tokenizer(path, run))
+
+
 def check_weight_files(path: str | Path) -> None:
     """Stop, naming the file, when a weight file of the model folder at ``path`` is missing, cut short
     or not safetensors. Reads only each file's header: safetensors stores an 8-byte header length,
@@ -100,10 +116,14 @@ def check_weight_files(path: str | Path) -> None:
 
 
 def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32,
-                   trust_remote_code: bool = False) -> PreTrainedModel:
+                   trust_remote_code: bool = False, vocab_size: int | None = None) -> PreTrainedModel:
+    """The causal LM of the folder at ``path``, its embeddings grown to ``vocab_size`` rows where it has
+    fewer (tokens a run adds: run_vocab_size)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ModelSourceError(f"{path}: no config.json (not a Hugging Face model folder)")
     check_weight_files(path)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
-                                                trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                 trust_remote_code=trust_remote_code)
+    resize_vocab_(model, vocab_size)
+    return model

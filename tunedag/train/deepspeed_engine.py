@@ -39,6 +39,7 @@ from tunedag.config import RunConfig
 from tunedag.deepspeed_json import check_user_config, owned_values, read_user_config, resolve_auto
 from tunedag.io import atomic_path
 from tunedag.models.batch_inputs import loss_sum, model_inputs
+from tunedag.models.vocab import ADAPTER_SAVE
 from tunedag.train.engines import EngineError, TorchEngine, make_optimizer
 from tunedag.train.ranks import DistEnv, init_process_group
 
@@ -76,11 +77,12 @@ def zero3_model(run: RunConfig, model_path: Path, config: dict[str, Any]) -> tor
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
-    from tunedag.models.loading import load_causal_lm
+    from tunedag.models.loading import load_causal_lm, run_vocab_size
 
     deepspeed.init_distributed(dist_backend=dist.get_backend())  # zero.Init asks deepspeed.comm for the ranks
     zero3 = HfDeepSpeedConfig(config)  # noqa: F841  (transformers holds only a weak reference to it)
-    return load_causal_lm(model_path, torch.float32, run.trust_remote_code)
+    return load_causal_lm(model_path, torch.float32, run.trust_remote_code,
+                          vocab_size=run_vocab_size(model_path, run))
 
 
 class DeepSpeedEngine:
@@ -169,7 +171,7 @@ class DeepSpeedEngine:
                 if self.inner.full:
                     self.model.save_pretrained(tmp, state_dict=weights)
                 else:
-                    self.model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+                    self.model.save_pretrained(tmp, state_dict=weights, **ADAPTER_SAVE)
 
 
 def gathered(param: torch.nn.Parameter) -> torch.Tensor:

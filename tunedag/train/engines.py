@@ -48,7 +48,8 @@ from tunedag.config import RunConfig
 from tunedag.errors import TunedagError
 from tunedag.io import atomic_path
 from tunedag.models.batch_inputs import loss_sum, model_inputs
-from tunedag.models.loading import load_causal_lm
+from tunedag.models.loading import load_causal_lm, run_vocab_size
+from tunedag.models.vocab import ADAPTER_SAVE
 from tunedag.models.fp8 import convert_to_fp8, require_fp8_device
 from tunedag.models.qat import prepare_qat
 from tunedag.models.qlora import fake_quantize_
@@ -82,7 +83,8 @@ class TorchEngine:
         placed = base is not None  # on the meta device, or partitioned by ZeRO-3: left where it is
         if base is None:  # with rl: reward, the decoder under a scalar head (tunedag.train.reward)
             base = (load_reward_model(model_path, torch.float32, run.trust_remote_code, run.seed) if reward
-                    else load_causal_lm(model_path, torch.float32, run.trust_remote_code))
+                    else load_causal_lm(model_path, torch.float32, run.trust_remote_code,
+                                        vocab_size=run_vocab_size(model_path, run)))
         if run.adapter == "qlora":
             n = fake_quantize_(base)
             log.info("torch engine, qlora: %d projections hold their NF4-dequantised values "
@@ -134,7 +136,7 @@ class TorchEngine:
         if self.full:
             self.model.save_pretrained(dest)
         else:
-            self.model.save_pretrained(dest, safe_serialization=True)
+            self.model.save_pretrained(dest, **ADAPTER_SAVE)
 
 
 def low_precision_(model: torch.nn.Module, run: RunConfig, device: torch.device) -> None:

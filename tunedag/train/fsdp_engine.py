@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 
 from tunedag.config import RunConfig
 from tunedag.io import atomic_path
+from tunedag.models.vocab import ADAPTER_SAVE, grow_rows
 from tunedag.train.engines import OPTIMIZER_FILE, EngineError, TorchEngine, make_optimizer
 from tunedag.train.ranks import DistEnv, init_process_group
 
@@ -47,10 +48,11 @@ def meta_model(run: RunConfig, model_path: Path) -> torch.nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tunedag.models.loading import check_weight_files
+    from tunedag.models.loading import check_weight_files, run_vocab_size
 
     check_weight_files(model_path)
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=run.trust_remote_code)
+    config.vocab_size = max(config.vocab_size, run_vocab_size(model_path, run) or 0)  # tokens the run adds
     with init_empty_weights(include_buffers=False):
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=run.trust_remote_code)
 
@@ -80,6 +82,8 @@ def load_shards_(model: torch.nn.Module, model_path: Path) -> None:
                               "config.json describes)")
         with safe_open(files[name], framework="pt") as fh:
             full = fh.get_tensor(name).to(torch.float32)
+        if param.dim() == 2:  # the embedding rows of tokens the run adds (tunedag.models.vocab)
+            full = grow_rows(full, param.shape[0])
         if isinstance(param, DTensor):
             full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
             param.to_local().copy_(full)
@@ -164,7 +168,7 @@ class FSDPEngine:
         weights = self._gathered_weights()
         optim = get_optimizer_state_dict(self.model, self.optimizer, options=self._options())
         if self.env.is_main:
-            self.model.save_pretrained(folder, state_dict=weights, safe_serialization=True)
+            self.model.save_pretrained(folder, state_dict=weights, **ADAPTER_SAVE)
             torch.save(optim, folder / OPTIMIZER_FILE)
 
     def load_payload(self, checkpoint: Path) -> None:
@@ -198,4 +202,4 @@ class FSDPEngine:
                 if self.full:
                     self.model.save_pretrained(tmp, state_dict=weights)
                 else:
-                    self.model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+                    self.model.save_pretrained(tmp, state_dict=weights, **ADAPTER_SAVE)

@@ -75,7 +75,8 @@ def loss_units(run: RunConfig, shards_dir: Path, manifest: dict[str, Any], model
     if run.rl is None:
         return lambda batch: trained_token_count(batch["labels"])
     check_preference_shards(shards_dir / "train", manifest["objective"],
-                            {model_config.eos_token_id, manifest["pad_token_id"]})
+                            {model_config.eos_token_id, manifest.get("eos_token_id", manifest["pad_token_id"]),
+                             manifest["pad_token_id"]})
     return objective.loss_units
 
 

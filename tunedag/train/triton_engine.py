@@ -61,7 +61,8 @@ from tunedag.config import RunConfig
 from tunedag.data.formats import IGNORE_INDEX
 from tunedag.kernels.cross_entropy import fused_linear_cross_entropy
 from tunedag.models.logprobs import CHUNK_TOKENS, SequenceLogps, hidden_logps
-from tunedag.models.loading import load_causal_lm
+from tunedag.models.loading import load_causal_lm, run_vocab_size
+from tunedag.models.vocab import ADAPTER_SAVE
 from tunedag.models.packed_attention import PackedSequences
 from tunedag.models.patching import patch_model
 from tunedag.models.qlora import quantize_base_weights
@@ -108,7 +109,8 @@ class TritonEngine:
         self.device = device
         self.compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         if base is None:
-            base = load_causal_lm(model_path, torch.float32, run.trust_remote_code)
+            base = load_causal_lm(model_path, torch.float32, run.trust_remote_code,
+                                  vocab_size=run_vocab_size(model_path, run))
         self.full = run.adapter is None
         if self.full:
             model, nf4 = self._full_model(base, run), {}
@@ -251,4 +253,4 @@ class TritonEngine:
     def save(self, dest: Path) -> None:
         """The peft adapter, or with ``adapter: null`` the whole model (HF folder: safetensors + config;
         trained weights in fp32, frozen ones in the compute dtype)."""
-        self.model.save_pretrained(dest, safe_serialization=True)
+        self.model.save_pretrained(dest, **({"safe_serialization": True} if self.full else ADAPTER_SAVE))
