@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
+from tunedag.config import pretraining
 from tunedag.config.axolotl_keys import DATASET_REFUSED_KEYS, IGNORED_KEYS, REFUSED_KEYS, TRANSLATED
 from tunedag.config.fields import ConfigError, Problems, RunConfig
 
@@ -84,6 +85,9 @@ def translate(raw: dict[str, Any], where: str, base_dir: Path) -> tuple[dict[str
                 notes.append(f"{where}.{key} = {shown(key, value)}: no effect in tunedag: {IGNORED_KEYS[key]}")
     with problems.check():
         _translate_keys(raw, out, notes, where)
+    if not asks_nothing(raw.get(pretraining.KEY)):
+        with problems.check():
+            out["datasets"] = [pretraining.pretraining_entry(raw, where, base_dir, notes)]
     if "datasets" in out:
         out["datasets"] = _translate_datasets(out["datasets"], f"{where}.datasets", base_dir, notes, raw.get("rl"),
                                               problems)
@@ -188,6 +192,8 @@ def _translate_keys(raw: dict[str, Any], out: dict[str, Any], notes: list[str], 
         out["wandb_mode"] = "disabled"
     if raw.get("revision_of_model") is not None:
         out["base_model_revision"] = raw["revision_of_model"]
+    if raw.get("evals_per_epoch") == 0:  # Axolotl reads 0 as unset: no evaluation from it
+        out.pop("evals_per_epoch")
     for key in ("eval_strategy", "evaluation_strategy"):
         strategy = raw.get(key)
         if strategy == "epoch" and "evals_per_epoch" not in raw:

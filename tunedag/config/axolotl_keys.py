@@ -21,6 +21,8 @@ TRANSLATED: dict[str, str] = {
     "fsdp_version": "train_engine: fsdp (tunedag's fsdp is FSDP2)",
     "reward_model": "rl: reward",
     "dpo_beta": "rl_beta",
+    "pretraining_dataset": "one datasets entry: the hub split streamed only as far as max_steps reads it "
+                           "(max_words), type: completion, packed (see tunedag/config/pretraining.py)",
     "save_total_limit": "keep_last_checkpoints",
     "use_wandb": "false: wandb_mode: disabled",
     "revision_of_model": "base_model_revision",
@@ -146,7 +148,7 @@ REFUSED: dict[str, tuple[str, ...]] = {
          "neftune_noise_alpha", "batch_size", "auto_find_batch_size"),
     "tunedag trains on downloaded dataset files (datasets:, type: completion for raw text); streaming "
     "pretraining data is not offered":
-        ("pretraining_dataset", "streaming", "streaming_multipack_buffer_size", "pretrain_multipack_buffer_size",
+        ("streaming", "streaming_multipack_buffer_size", "pretrain_multipack_buffer_size",
          "pretraining_sample_concatenation", "curriculum_sampling", "shuffle_merged_datasets",
          "shuffle_before_merging_datasets", "dataset_exact_deduplication", "min_sample_len", "max_prompt_len",
          "eval_sequence_len", "sample_packing_seq_len_multiplier", "max_packed_sequence_len"),
@@ -170,7 +172,7 @@ REFUSED: dict[str, tuple[str, ...]] = {
         ("added_tokens_overrides", "fix_untrained_tokens"),
     "tunedag loads the base model as its config.json describes it; edit a copy of the model folder instead":
         ("base_model_config", "cls_model_config", "tokenizer_config", "overrides_of_model_config",
-         "overrides_of_model_kwargs", "rope_scaling", "reinit_weights", "noisy_embedding_alpha",
+         "overrides_of_model_kwargs", "rope_scaling", "noisy_embedding_alpha",
          "experts_implementation", "llama4_linearized_experts", "scaling_softmax", "scaling_softmax_factor",
          "scaling_softmax_bias", "device", "use_sonicmoe"),
     "tunedag's chat templates are chosen by chat_template; extra template arguments and a default system "

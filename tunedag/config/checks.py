@@ -62,6 +62,12 @@ def _check_dataset(ds: DatasetConfig, where: str, base_dir: Path) -> None:
     if ds.revision is not None and not ds.path.startswith("hf:"):
         raise ConfigError(f"{where}.revision: applies to hf: sources only, not {ds.path!r} "
                           "(pin a URL with sha256:)")
+    for key in ("max_rows", "max_words"):  # the leading rows of a streamed hub split
+        bound = getattr(ds, key)
+        if bound is not None and not ds.path.startswith("hf:"):
+            raise ConfigError(f"{where}.{key}: applies to hf: sources (streamed) only, not {ds.path!r}")
+        if bound is not None and bound < 1:
+            raise ConfigError(f"{where}.{key}: must be at least 1, got {bound!r}")
     if not is_plain_name(ds.dataset_name):
         own = f"name: {ds.name!r} is" if ds.name else f"the name {ds.dataset_name!r} taken from the path is"
         raise ConfigError(f"{where}.{'name' if ds.name else 'path'}: {own} not {PLAIN_NAME_RULE} "
@@ -335,6 +341,10 @@ def _check_adapter(run: RunConfig, where: str) -> None:
         raise ConfigError(f"{where}.optimizer: deepspeed_offload: {run.deepspeed_offload} updates on the CPU "
                           f"with DeepSpeed's CPU Adam; use optimizer: adamw_torch, or deepspeed_offload: none")
     if run.adapter is not None:
+        if run.reinit_weights:
+            raise ConfigError(f"{where}.reinit_weights: trains a model from its random initialisation, so every "
+                              f"weight must train: use adapter: null (an adapter over random weights learns "
+                              f"nothing of use, and the merge would not have those weights)")
         if run.unfrozen_parameters:
             raise ConfigError(f"{where}.unfrozen_parameters: applies to full fine-tuning (adapter: null) only; "
                               f"with adapter: {run.adapter} use lora_modules_to_save")

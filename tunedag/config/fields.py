@@ -116,6 +116,13 @@ class DatasetConfig:
     revision: Optional[str] = _field(None, stages=("download",),
                                      doc="hf: sources: the hub revision to read (a commit sha, tag or branch); "
                                          "a commit sha pins the data")
+    max_rows: Optional[int] = _field(None, stages=("download",),
+                                     doc="hf: sources: stream the split and keep only its first max_rows rows (the "
+                                         "rest is never downloaded); null: the whole split")
+    max_words: Optional[int] = _field(None, stages=("download",),
+                                      doc="hf: sources: stream the split and keep its first rows until their text "
+                                          "(field, default text) holds this many whitespace-separated words, at "
+                                          "least as many tokens for a tokenizer that splits at whitespace")
     weight: float = _field(1.0, stages=("tokenize",),
                            doc="sampling weight of the training rows: each is used floor(w) times, a seeded "
                                "share frac(w) once more")
@@ -237,6 +244,10 @@ class RunConfig:
                                                     "or branch); a commit sha pins the weights")
     trust_remote_code: bool = _field(False, stages=("tokenize", "train", "merge", "evaluate"),
                                      doc="allow model code from the hub (off unless turned on)")
+    reinit_weights: bool = _field(False, stages=("train",),
+                                  doc="start from the model class's own random initialisation of base_model's "
+                                      "config.json (seeded by seed), not its weights: pretraining from scratch; "
+                                      "needs adapter: null")
     sequence_len: int = _field(512, stages=("tokenize",), doc="tokens per packed row")
     sample_packing: bool = _field(True, stages=("tokenize",), doc="pack samples into full rows")
     val_set_size: float = _field(0.05, stages=("tokenize",),
@@ -390,6 +401,11 @@ class RunConfig:
         doc="GGUF files to write: f32, f16, bf16, q8_0 by tunedag; q4_0 … q6_k, iq4_nl, iq4_xs by llama.cpp's "
             "quantizer (llama-cpp-python) from the f16/bf16 file")
     output_dir: str = _field("", stages=(), doc="run folder, relative to the work folder (default runs/{run})")
+
+    @property
+    def reinit_seed(self) -> int | None:
+        """The seed of base_model's fresh initialisation (reinit_weights), or None: its weights are loaded."""
+        return self.seed if self.reinit_weights else None
 
     def stage_slice(self, stage: str) -> dict[str, Any]:
         """The keys ``stage`` reads, as plain JSON-able values."""

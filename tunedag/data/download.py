@@ -2,7 +2,8 @@
 
 Sources: a local file (.jsonl, .json, .csv, .parquet), an ``https://`` URL whose sha256 is
 given in the config, or ``hf:org/name[:config][@split]`` through the ``datasets`` library (at
-``revision:`` when the config pins one).
+``revision:`` when the config pins one; only its first rows, streamed, with ``max_rows`` or
+``max_words``: see tunedag.data.streaming).
 Runs on the login node (compute nodes are often offline); writes ``data.parquet``,
 ``bad_rows.jsonl`` (rows set aside: invalid UTF-8, invalid JSON, not an object, a field whose
 type disagrees with the other rows; the tokenize stage raises or skips them per ``on_bad_rows``)
@@ -36,6 +37,7 @@ import pyarrow.csv
 import pyarrow.parquet as pq
 
 from tunedag.config import DatasetConfig, hash_json
+from tunedag.data.streaming import stream_hub
 from tunedag.errors import TunedagError
 from tunedag.io import atomic_path, sha256_file, write_json
 
@@ -376,7 +378,8 @@ def download_dataset(ds: DatasetConfig, out_dir: str | Path) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     parquet = out_dir / "data.parquet"
     record: dict[str, Any] = {"source": ds.path, "config_hash": hash_json(
-        {"path": ds.path, "sha256": ds.sha256, "name": ds.dataset_name, "revision": ds.revision})}
+        {"path": ds.path, "sha256": ds.sha256, "name": ds.dataset_name, "revision": ds.revision,
+         **{k: v for k, v in (("max_rows", ds.max_rows), ("max_words", ds.max_words)) if v is not None}})}
     if ds.path.startswith(("https://", "http://")):
         suffix = next((s for s in LOCAL_SUFFIXES if ds.path.split("?")[0].endswith(s)), ".jsonl")
         with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
@@ -384,6 +387,13 @@ def download_dataset(ds: DatasetConfig, out_dir: str | Path) -> dict[str, Any]:
             fetch_url(ds.path, ds.sha256 or "", local)
             record.update(kind="url", sha256=ds.sha256.lower())
             record["rows"], scan = convert_to_parquet(local, parquet)
+    elif ds.path.startswith("hf:") and (ds.max_rows is not None or ds.max_words is not None):
+        repo, config_name, split = parse_hf_source(ds.path)
+        kept = stream_hub(repo, config_name, split, ds.revision, parquet, ds.path, ds.max_rows, ds.max_words,
+                          ds.field or "text")
+        record.update(kind="hf", repo=repo, config=config_name, split=split, revision=ds.revision, streamed=True,
+                      max_rows=ds.max_rows, max_words=ds.max_words, **kept)
+        scan = Scan(numbering="row")
     elif ds.path.startswith("hf:"):
         import datasets
 

@@ -3,7 +3,9 @@
 ``builtin:<name>`` is materialised under models/builtin/<name>/, a hub id is downloaded on the
 login node under models/hub/<org>--<name>/ (safetensors, configs and tokenizer only), and a
 local folder is used where it is. Weights load from safetensors only; model code from the hub
-runs only when the run sets ``trust_remote_code: true``.
+runs only when the run sets ``trust_remote_code: true``. With ``reinit_weights`` (Axolotl's key, for
+pretraining from scratch) the weights are not read: the model class initialises them itself from
+config.json, seeded, as ``from_config`` does.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from tunedag.config import RunConfig
 from tunedag.data.run_tokenizer import prepare_run_tokenizer
@@ -115,15 +117,30 @@ def check_weight_files(path: str | Path) -> None:
                                    f"(cut short or overwritten); {fix}")
 
 
-def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32,
-                   trust_remote_code: bool = False, vocab_size: int | None = None) -> PreTrainedModel:
-    """The causal LM of the folder at ``path``, its embeddings grown to ``vocab_size`` rows where it has
-    fewer (tokens a run adds: run_vocab_size)."""
+def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                   reinit_seed: int | None = None, vocab_size: int | None = None) -> PreTrainedModel:
+    """The causal LM of the folder at ``path``; with ``reinit_seed``, freshly initialised (see fresh_causal_lm);
+    its embeddings grown to ``vocab_size`` rows where it has fewer (tokens a run adds: run_vocab_size)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ModelSourceError(f"{path}: no config.json (not a Hugging Face model folder)")
-    check_weight_files(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
-                                                 trust_remote_code=trust_remote_code)
+    if reinit_seed is not None:
+        model = fresh_causal_lm(path, reinit_seed, dtype, trust_remote_code)
+    else:
+        check_weight_files(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                     trust_remote_code=trust_remote_code)
     resize_vocab_(model, vocab_size)
     return model
+
+
+def fresh_causal_lm(path: str | Path, seed: int, dtype: torch.dtype = torch.float32,
+                    trust_remote_code: bool = False) -> PreTrainedModel:
+    """The causal LM that config.json at ``path`` describes, its weights from the model class's own
+    initialisation (``_init_weights``, as ``from_config`` runs it) under ``torch.manual_seed(seed)``; the
+    folder's weight files are not read. The global RNG is left as it was, so the same seed gives the same
+    weights on every rank and in every process, whatever ran before."""
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)

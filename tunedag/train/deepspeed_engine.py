@@ -81,8 +81,8 @@ def zero3_model(run: RunConfig, model_path: Path, config: dict[str, Any]) -> tor
 
     deepspeed.init_distributed(dist_backend=dist.get_backend())  # zero.Init asks deepspeed.comm for the ranks
     zero3 = HfDeepSpeedConfig(config)  # noqa: F841  (transformers holds only a weak reference to it)
-    return load_causal_lm(model_path, torch.float32, run.trust_remote_code,
-                          vocab_size=run_vocab_size(model_path, run))
+    return load_causal_lm(model_path, torch.float32, run.trust_remote_code, run.reinit_seed,
+                          run_vocab_size(model_path, run))
 
 
 class DeepSpeedEngine:

@@ -83,8 +83,8 @@ class TorchEngine:
         placed = base is not None  # on the meta device, or partitioned by ZeRO-3: left where it is
         if base is None:  # with rl: reward, the decoder under a scalar head (tunedag.train.reward)
             base = (load_reward_model(model_path, torch.float32, run.trust_remote_code, run.seed) if reward
-                    else load_causal_lm(model_path, torch.float32, run.trust_remote_code,
-                                        vocab_size=run_vocab_size(model_path, run)))
+                    else load_causal_lm(model_path, torch.float32, run.trust_remote_code, run.reinit_seed,
+                                        run_vocab_size(model_path, run)))
         if run.adapter == "qlora":
             n = fake_quantize_(base)
             log.info("torch engine, qlora: %d projections hold their NF4-dequantised values "

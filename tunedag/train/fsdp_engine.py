@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 
 from tunedag.config import RunConfig
 from tunedag.io import atomic_path
+from tunedag.models.loading import fresh_causal_lm
 from tunedag.models.vocab import ADAPTER_SAVE, grow_rows
 from tunedag.train.engines import OPTIMIZER_FILE, EngineError, TorchEngine, make_optimizer
 from tunedag.train.ranks import DistEnv, init_process_group
@@ -70,18 +71,23 @@ def weight_files(model_path: Path) -> dict[str, Path]:
 
 
 @torch.no_grad()
-def load_shards_(model: torch.nn.Module, model_path: Path) -> None:
+def load_shards_(model: torch.nn.Module, model_path: Path, fresh: torch.nn.Module | None = None) -> None:
     """Copy each rank's shard of every parameter (DTensors after ``fully_shard``) from the safetensors
-    files: one full tensor in memory at a time, no communication."""
+    files (one full tensor in memory at a time), or from ``fresh``, the whole model freshly initialised on
+    the CPU with the same seed on every rank (reinit_weights); no communication."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    files = weight_files(model_path)
+    files = weight_files(model_path) if fresh is None else {}
+    initialised = dict(fresh.named_parameters()) if fresh is not None else {}
     for name, param in model.named_parameters():
-        if name not in files:
+        if fresh is not None:
+            full = initialised[name].detach()
+        elif name not in files:
             raise EngineError(f"{model_path}: no weight {name} in its safetensors files (not the model its "
                               "config.json describes)")
-        with safe_open(files[name], framework="pt") as fh:
-            full = fh.get_tensor(name).to(torch.float32)
+        else:
+            with safe_open(files[name], framework="pt") as fh:
+                full = fh.get_tensor(name).to(torch.float32)
         if param.dim() == 2:  # the embedding rows of tokens the run adds (tunedag.models.vocab)
             full = grow_rows(full, param.shape[0])
         if isinstance(param, DTensor):
@@ -122,7 +128,10 @@ class FSDPEngine:
             with torch.no_grad():
                 for name, value in buffers.items():
                     self.model.get_buffer(name).copy_(value)
-            load_shards_(self.model, model_path)
+            fresh = (fresh_causal_lm(model_path, run.reinit_seed, torch.float32, run.trust_remote_code)
+                     if run.reinit_seed is not None else None)
+            load_shards_(self.model, model_path, fresh)
+            del fresh
         self.params = self.inner.trainable_parameters()
         self.optimizer = make_optimizer(self.params, run, model=self.model)  # over DTensor shards: not fused
         self.info: dict[str, Any] = {"model_engine": "torch"}

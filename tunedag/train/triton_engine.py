@@ -109,8 +109,8 @@ class TritonEngine:
         self.device = device
         self.compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         if base is None:
-            base = load_causal_lm(model_path, torch.float32, run.trust_remote_code,
-                                  vocab_size=run_vocab_size(model_path, run))
+            base = load_causal_lm(model_path, torch.float32, run.trust_remote_code, run.reinit_seed,
+                                  run_vocab_size(model_path, run))
         self.full = run.adapter is None
         if self.full:
             model, nf4 = self._full_model(base, run), {}
