@@ -12,7 +12,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     _, run = load_run(args.config, args.run)
-    (spec,) = [d for d in run.datasets if d.dataset_name == args.dataset]
+    spec = next(d for d in run.datasets if d.dataset_name == args.dataset)  # a repeated entry: the same source
     download_dataset(spec, args.out)
 
 

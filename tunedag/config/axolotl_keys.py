@@ -67,7 +67,7 @@ IGNORED: dict[str, tuple[str, ...]] = {
          "dataloader_num_workers", "dataloader_prefetch_factor", "dataloader_drop_last", "push_dataset_to_hub"),
     "tunedag packs rows itself (multipack into sequence_len, attention kept within each sample)":
         ("eval_sample_packing", "pad_to_sequence_len", "pad_to_multiple_of", "sample_packing_group_size",
-         "sample_packing_bin_size", "sample_packing_sequentially", "sample_packing_mp_start_method",
+         "sample_packing_bin_size", "sample_packing_mp_start_method",
          "sample_packing_eff_est", "multipack_real_batches", "batch_flattening", "group_by_length",
          "total_num_tokens", "total_supervised_tokens", "pretrain_multipack_attn"),
     "tunedag logs loss, learning rate, tokens/s and GPU memory to train_metrics.jsonl and W&B (wandb_*)":
@@ -149,8 +149,8 @@ REFUSED: dict[str, tuple[str, ...]] = {
     "tunedag trains on downloaded dataset files (datasets:, type: completion for raw text); streaming "
     "pretraining data is not offered":
         ("streaming", "streaming_multipack_buffer_size", "pretrain_multipack_buffer_size",
-         "pretraining_sample_concatenation", "curriculum_sampling", "shuffle_merged_datasets",
-         "shuffle_before_merging_datasets", "dataset_exact_deduplication", "min_sample_len", "max_prompt_len",
+         "pretraining_sample_concatenation", "shuffle_merged_datasets",
+         "shuffle_before_merging_datasets", "min_sample_len", "max_prompt_len",
          "eval_sequence_len", "sample_packing_seq_len_multiplier", "max_packed_sequence_len"),
     "tunedag holds out val_set_size of the training rows; separate evaluation datasets are not offered":
         ("test_datasets", "do_bench_eval", "bench_dataset", "bench_split"),

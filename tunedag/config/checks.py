@@ -77,9 +77,12 @@ def _check_dataset(ds: DatasetConfig, where: str, base_dir: Path) -> None:
 def _check_dataset_names(run: RunConfig, where: str) -> None:
     if not run.datasets:
         raise ConfigError(f"{where}.datasets: at least one dataset is needed")
-    names = [ds.dataset_name for ds in run.datasets]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"{where}.datasets: two datasets are named alike ({names}); set name: on one")
+    seen: dict[str, DatasetConfig] = {}
+    for ds in run.datasets:  # a source listed twice shares its download (both copies train, as in Axolotl)
+        first = seen.setdefault(ds.dataset_name, ds)
+        if first is not ds and first.download_slice() != ds.download_slice():
+            raise ConfigError(f"{where}.datasets: two different sources are named {ds.dataset_name!r} "
+                              f"({first.path!r} and {ds.path!r}); set name: on one")
 
 
 def _check_objective(run: RunConfig, where: str) -> None:
@@ -393,7 +396,7 @@ def check_across_runs(runs: dict[str, RunConfig], source: str) -> None:
     for name, run in runs.items():
         for ds in run.datasets:
             first = seen.setdefault(ds.dataset_name, (name, ds))
-            if first[1] != ds:
+            if first[1].download_slice() != ds.download_slice():
                 raise ConfigError(f"{source}: runs.{first[0]} and runs.{name} use the dataset name "
                                   f"{ds.dataset_name!r} for two different sources; set name: on one of them")
 

@@ -166,6 +166,10 @@ class DatasetConfig:
             if key == "type" or getattr(self, key) is None:
                 object.__setattr__(self, key, value)
 
+    def download_slice(self) -> dict[str, Any]:
+        """The keys that make data/raw/{dataset_name}: entries alike in these share one download."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if "download" in f.metadata["stages"]}
+
     @property
     def dataset_name(self) -> str:
         if self.name:
@@ -250,6 +254,16 @@ class RunConfig:
                                       "needs adapter: null")
     sequence_len: int = _field(512, stages=("tokenize",), doc="tokens per packed row")
     sample_packing: bool = _field(True, stages=("tokenize",), doc="pack samples into full rows")
+    sample_packing_sequentially: bool = _field(
+        False, stages=("tokenize",), doc="pack samples in their order, next-fit (a row is closed when the next "
+                                         "sample does not fit), instead of first-fit-decreasing by length")
+    curriculum_sampling: bool = _field(
+        False, stages=("tokenize", "train"), doc="no shuffling: samples are packed in dataset order (datasets in "
+                                                 "their order) and rows are trained in that order")
+    dataset_exact_deduplication: bool = _field(
+        False, stages=("tokenize",), doc="drop every training sample whose tokens and labels repeat an earlier one "
+                                         "(across datasets), and every held-out sample that repeats a training or "
+                                         "an earlier held-out one")
     val_set_size: float = _field(0.05, stages=("tokenize",),
                                  doc="held-out share of rows (<1) or number of rows (>=1)")
     train_on_inputs: bool = _field(False, stages=("tokenize",), doc="also train on prompt tokens")

@@ -7,6 +7,10 @@ O(log n) with a max segment tree over the rows' free space, so packing n samples
 O(n log n). FFD never uses more than 11/9·OPT + 6/9 rows; on realistic length mixes it fills
 rows to 95%+ (tests and the manifest report it).
 
+Next-fit (``sample_packing_sequentially``, Axolotl's sequential packing) keeps the samples' order:
+each goes into the newest row, or opens a new one when it does not fit there. With ``seed`` None
+neither packer shuffles (``curriculum_sampling``: the samples' own order).
+
 A packed row keeps its samples' boundaries (``cu_seqlens``) and positions that restart at 0
 for every sample, so training can forbid attention across samples. A sample may hold several
 segments (a preference pair: chosen, then rejected): its segments stay adjacent in one row
@@ -22,20 +26,25 @@ import numpy as np
 from tunedag.data.formats import Sample
 
 
-def first_fit_decreasing(lengths: np.ndarray, capacity: int, seed: int | list[int]) -> tuple[np.ndarray, np.ndarray]:
+def _check_lengths(lengths: np.ndarray, capacity: int) -> None:
+    if lengths.max() > capacity or lengths.min() < 1:
+        raise ValueError(f"item lengths must lie in [1, {capacity}], got [{lengths.min()}, {lengths.max()}]")
+
+
+def first_fit_decreasing(lengths: np.ndarray, capacity: int,
+                         seed: int | list[int] | None) -> tuple[np.ndarray, np.ndarray]:
     """Assign items of ``lengths`` (each at most ``capacity``) to bins, first-fit-decreasing.
 
     Returns ``(order, bins)``: the items in placement order and the bin of each placed item
     (``bins[k]`` is the bin of item ``order[k]``); bins are numbered in opening order. The
-    result depends only on ``lengths``, ``capacity`` and ``seed``.
+    result depends only on ``lengths``, ``capacity`` and ``seed`` (None: ties keep the given order).
     """
     lengths = np.asarray(lengths, dtype=np.int64)
     n = len(lengths)
     if n == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    if lengths.max() > capacity or lengths.min() < 1:
-        raise ValueError(f"item lengths must lie in [1, {capacity}], got [{lengths.min()}, {lengths.max()}]")
-    shuffled = np.random.default_rng(seed).permutation(n)
+    _check_lengths(lengths, capacity)
+    shuffled = np.arange(n) if seed is None else np.random.default_rng(seed).permutation(n)
     order = shuffled[np.argsort(-lengths[shuffled], kind="stable")]
     # tree[1] is the root; leaves size..2*size-1 hold bins' free space. Unopened bins are full
     # (free = capacity) and lie right of every opened bin, so "leftmost bin with room" is
@@ -56,6 +65,25 @@ def first_fit_decreasing(lengths: np.ndarray, capacity: int, seed: int | list[in
                 break
             tree[node] = best
             node >>= 1
+    return order, bins
+
+
+def next_fit(lengths: np.ndarray, capacity: int, seed: int | list[int] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Assign items to bins next-fit in their order (a seeded permutation of it unless ``seed`` is None):
+    ``(order, bins)`` as :func:`first_fit_decreasing` returns them."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    n = len(lengths)
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    _check_lengths(lengths, capacity)
+    order = np.arange(n) if seed is None else np.random.default_rng(seed).permutation(n)
+    bins = np.empty(n, np.int64)
+    row, free = 0, capacity
+    for k, need in enumerate(lengths[order].tolist()):
+        if need > free:
+            row, free = row + 1, capacity
+        bins[k] = row
+        free -= need
     return order, bins
 
 
@@ -127,14 +155,22 @@ def assemble(samples: list[Sample], order: np.ndarray, bins: np.ndarray) -> Pack
                       np.bincount(row_of, minlength=n_rows).astype(np.int64), seg_labels)
 
 
-def pack_first_fit(samples: list[Sample], sequence_len: int, seed: int | list[int]) -> PackedRows:
-    """Pack ``samples`` (each at most ``sequence_len`` long) first-fit-decreasing."""
+def _lengths(samples: list[Sample], sequence_len: int) -> np.ndarray:
     lengths = np.array([len(s) for s in samples], np.int64)
     too_long = np.flatnonzero(lengths > sequence_len)
     if len(too_long):
         raise ValueError(f"sample of {lengths[too_long[0]]} tokens does not fit sequence_len {sequence_len}")
-    order, bins = first_fit_decreasing(lengths, sequence_len, seed)
-    return assemble(samples, order, bins)
+    return lengths
+
+
+def pack_first_fit(samples: list[Sample], sequence_len: int, seed: int | list[int] | None) -> PackedRows:
+    """Pack ``samples`` (each at most ``sequence_len`` long) first-fit-decreasing."""
+    return assemble(samples, *first_fit_decreasing(_lengths(samples, sequence_len), sequence_len, seed))
+
+
+def pack_next_fit(samples: list[Sample], sequence_len: int, seed: int | list[int] | None) -> PackedRows:
+    """Pack ``samples`` (each at most ``sequence_len`` long) next-fit, in order (seeded unless ``seed`` is None)."""
+    return assemble(samples, *next_fit(_lengths(samples, sequence_len), sequence_len, seed))
 
 
 def one_per_row(samples: list[Sample]) -> PackedRows:

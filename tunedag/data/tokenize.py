@@ -12,6 +12,13 @@ choice made without ever holding the row order: the count per unit is drawn from
 multivariate hypergeometric, then the rows inside the unit. Dataset weights (mixing) repeat
 training rows the same way. Validation samples are packed after the units, in one stream.
 
+``sample_packing_sequentially`` packs next-fit in sample order (a seeded order, or the rows' own
+with ``curriculum_sampling``); a window's last row is closed at the window's end. With
+``dataset_exact_deduplication`` the units write their training samples unpacked, and the parent
+streams them back in unit order, keeping each sample's first occurrence (tokens, labels and
+segments equal; the weight's repeats of a kept row stay), packs them in one stream, and drops the
+held-out samples that repeat any training or earlier held-out one (Axolotl's order: train first).
+
 The manifest records what made the shards: the config slice, the tokenizer files and this
 package's data code and chat templates, each hashed, so a changed template or tokenizer never
 reuses stale shards; and counts of bad rows skipped, over-long samples dropped or truncated, and
@@ -21,6 +28,7 @@ of a JSON array, Parquet file or hub dataset (see tunedag.data.download).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -52,6 +60,7 @@ WINDOW_TOKENS = 1 << 22
 ENCODE_ROWS = 512
 COUNT_KEYS = ("rows", "bad_rows_skipped", "too_long_dropped", "too_long_truncated", "no_trained_tokens_dropped",
               "identical_pairs_skipped", "documents_split")
+UNIQUE_SEED = 1 << 21  # the seed's tail for the one training stream of a deduplicated run
 
 
 class TokenizeError(TunedagError, ValueError):
@@ -134,6 +143,15 @@ class Settings:
     on_bad_rows: str
     seed: int
     preference: bool
+    sequential: bool = False  # sample_packing_sequentially: next-fit in sample order
+    in_order: bool = False  # curriculum_sampling: the rows' own order, no seeded shuffle
+    deduplicate: bool = False  # dataset_exact_deduplication
+
+    def pack(self, samples: list[Sample], seed: list[int]) -> packing.PackedRows:
+        if not self.sample_packing:
+            return packing.one_per_row(samples)
+        pack = packing.pack_next_fit if self.sequential else packing.pack_first_fit
+        return pack(samples, self.sequence_len, None if self.in_order else seed)
 
 
 def _read_source(raw_dir: Path) -> dict[str, Any]:
@@ -240,9 +258,7 @@ class _Window:
 
     def flush(self) -> None:
         if self.samples:
-            rows = (packing.pack_first_fit(self.samples, self.settings.sequence_len, self.seed + [self.windows])
-                    if self.settings.sample_packing else packing.one_per_row(self.samples))
-            self.writer.write(rows)
+            self.writer.write(self.settings.pack(self.samples, self.seed + [self.windows]))
         self.samples, self.tokens = [], 0
         self.windows += 1
 
@@ -258,8 +274,11 @@ def _process_unit(unit: Unit) -> dict[str, Any]:
     train_at = np.flatnonzero(~is_val)
     repeats[train_at[rng.choice(len(train_at), unit.n_extra, replace=False)]] += 1
     tag = f"u{unit.dataset:03d}-{unit.index:05d}-"
-    train = _Window(shards.ShardWriter(tmp / "units" / "train", tag, settings.preference), settings,
+    # deduplicated: the samples unpacked, each once, with its repeat count; the parent keeps and packs them
+    train = _Window(shards.ShardWriter(tmp / "units" / "train", tag, settings.preference),
+                    dataclasses.replace(settings, sample_packing=False) if settings.deduplicate else settings,
                     [settings.seed, job.index, unit.index])
+    train_repeats: list[int] = []
     val_writer = shards.ShardWriter(tmp / "units" / "val", tag, settings.preference)
     val_samples: list[Sample] = []
     prompts: list[str] = []
@@ -307,9 +326,11 @@ def _process_unit(unit: Unit) -> dict[str, Any]:
                     val_samples.append(sample)
                     counts["val_samples"] += 1
                 else:
-                    for _ in range(repeats[i - unit.start]):
+                    n = int(repeats[i - unit.start])
+                    for _ in range(1 if settings.deduplicate else n):
                         train.add(sample)
-                    counts["train_samples"] += int(repeats[i - unit.start])
+                    train_repeats.append(n)
+                    counts["train_samples"] += n
             if val and plan.prompt is not None:
                 prompts.append(json.dumps({"dataset": job.name, "prompt": plan.prompt.text,
                                            "reference": plan.prompt.reference}))
@@ -320,8 +341,8 @@ def _process_unit(unit: Unit) -> dict[str, Any]:
     if prompts:
         (tmp / "units" / "prompts").mkdir(parents=True, exist_ok=True)
         (tmp / "units" / "prompts" / f"{tag}.jsonl").write_text("\n".join(prompts) + "\n")
-    return {"unit": (unit.dataset, unit.index), "tag": tag, "counts": counts,
-            "train": train.writer.close(), "val": val_writer.close()}
+    return {"unit": (unit.dataset, unit.index), "tag": tag, "counts": counts, "train": train.writer.close(),
+            "val": val_writer.close(), "repeats": train_repeats if settings.deduplicate else None}
 
 
 # --------------------------------------------------------------------------- the stage
@@ -422,13 +443,18 @@ def tokenize_run(run: RunConfig, raw_dirs: list[Path], model_path: Path, tokeniz
     objective = _objective(run)
     jobs, units, ds_records = _jobs(run, [Path(d) for d in raw_dirs], tok, model_path)
     settings = Settings(run.sequence_len, run.sample_packing, run.excess_length_strategy, run.on_bad_rows,
-                        run.seed, objective != "sft")
+                        run.seed, objective != "sft", run.sample_packing_sequentially, run.curriculum_sampling,
+                        run.dataset_exact_deduplication)
     totals = {k: 0 for k in (*COUNT_KEYS, "train_samples", "val_samples", "train_rows", "val_rows")}
+    if settings.deduplicate:
+        totals["duplicates_dropped"] = 0
     manifest: dict[str, Any] = {
         "sequence_len": run.sequence_len, "sample_packing": run.sample_packing,
         "padded": not run.sample_packing, "config_hash": run.stage_hash("tokenize"),
         "tokenizer_hash": tokenizer_hash(model_path), "code_hash": code_hash(),
         "pad_token_id": tok.pad_id if tok.pad_id is not None else tok.eos_id, "objective": objective,
+        "sample_packing_sequentially": run.sample_packing_sequentially, "curriculum_sampling": run.curriculum_sampling,
+        "dataset_exact_deduplication": run.dataset_exact_deduplication,
         "eos_token_id": tok.eos_id, "vocab_size": len(tokenizer),  # the run's tokenizer (special_tokens, tokens)
         "excess_length_strategy": run.excess_length_strategy, "on_bad_rows": run.on_bad_rows,
         "columns": (shards.PREFERENCE_SCHEMA if settings.preference else shards.ROW_SCHEMA).names,
@@ -455,8 +481,13 @@ def tokenize_run(run: RunConfig, raw_dirs: list[Path], model_path: Path, tokeniz
         if totals["train_samples"] == 0:
             raise TokenizeError(f"run has no training samples left of {totals['rows']} rows (all longer than "
                                 f"sequence_len {run.sequence_len}, without trained tokens, or bad?)")
-        manifest["splits"]["train"] = _gather_train(results, tmp, settings)
-        manifest["splits"]["val"] = _pack_val(results, tmp, settings)
+        seen: set[bytes] | None = set() if settings.deduplicate else None
+        manifest["splits"]["train"] = (_pack_unique_train(results, tmp, settings, seen, ds_records, totals)
+                                       if seen is not None else _gather_train(results, tmp, settings))
+        manifest["splits"]["val"] = _pack_val(results, tmp, settings, seen, ds_records, totals)
+        if totals["train_samples"] == 0:
+            raise TokenizeError(f"run has no training samples left of {totals['rows']} rows after "
+                                "dataset_exact_deduplication")
         with open(tmp / "val_prompts.jsonl", "w") as fh:
             for result in results:
                 piece = tmp / "units" / "prompts" / f"{result['tag']}.jsonl"
@@ -488,13 +519,62 @@ def _gather_train(results: list[dict[str, Any]], tmp: Path, settings: Settings) 
     return _split_record(records, samples, settings.sequence_len)
 
 
-def _pack_val(results: list[dict[str, Any]], tmp: Path, settings: Settings) -> dict[str, Any]:
-    """Pack every unit's validation samples in one stream (bounded windows), unit order."""
+def _digest(sample: Sample) -> bytes:
+    """What dataset_exact_deduplication compares: a sample's tokens, labels, segments and their labels."""
+    digest = hashlib.blake2b(digest_size=16)
+    for part in (sample.input_ids, sample.labels, sample.segments, sample.segment_labels):
+        digest.update(np.asarray(part, np.int64).tobytes() + b"|")
+    return digest.digest()
+
+
+def _first(sample: Sample, seen: set[bytes] | None, record: dict[str, Any], totals: dict[str, Any]) -> bool:
+    """Whether ``sample`` is new (always, without deduplication); a repeat is counted as dropped."""
+    if seen is None:
+        return True
+    key = _digest(sample)
+    if key in seen:
+        record["duplicates_dropped"] = record.get("duplicates_dropped", 0) + 1
+        totals["duplicates_dropped"] += 1
+        return False
+    seen.add(key)
+    return True
+
+
+def _pack_unique_train(results: list[dict[str, Any]], tmp: Path, settings: Settings, seen: set[bytes],
+                       ds_records: list[dict[str, Any]], totals: dict[str, Any]) -> dict[str, Any]:
+    """The units' unpacked training samples in unit order, each kept at its first occurrence (with its
+    weight's repeats), packed in one stream."""
+    writer = shards.ShardWriter(tmp / "train", "shard-", settings.preference)
+    window = _Window(writer, settings, [settings.seed, UNIQUE_SEED])
+    for result in results:
+        record = ds_records[result["unit"][0]]
+        paths = [tmp / "units" / r["path"] for r in result["train"]]
+        for sample, repeats in zip(_sample_stream(paths), result["repeats"], strict=True):
+            if not _first(sample, seen, record, totals):
+                record["train_samples"] -= repeats
+                totals["train_samples"] -= repeats
+                continue
+            for _ in range(repeats):
+                window.add(sample)
+    window.flush()
+    return _split_record(writer.close(keep_empty=True), window.count, settings.sequence_len)
+
+
+def _pack_val(results: list[dict[str, Any]], tmp: Path, settings: Settings, seen: set[bytes] | None,
+              ds_records: list[dict[str, Any]], totals: dict[str, Any]) -> dict[str, Any]:
+    """Pack every unit's validation samples in one stream (bounded windows), unit order; with ``seen``
+    (deduplication) less those that repeat a training or an earlier validation sample."""
     writer = shards.ShardWriter(tmp / "val", "shard-", settings.preference)
     window = _Window(writer, settings, [settings.seed, 1 << 20])
-    paths = [tmp / "units" / r["path"] for result in results for r in result["val"]]
-    for sample in _sample_stream(paths):
-        window.add(sample)
+    for result in results:
+        record = ds_records[result["unit"][0]]
+        paths = [tmp / "units" / r["path"] for r in result["val"]]
+        for sample in _sample_stream(paths):
+            if _first(sample, seen, record, totals):
+                window.add(sample)
+            else:
+                record["val_samples"] -= 1
+                totals["val_samples"] -= 1
     window.flush()
     records = writer.close(keep_empty=True)  # an empty split still has its shard file
     return _split_record(records, window.count, settings.sequence_len)

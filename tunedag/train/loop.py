@@ -91,7 +91,7 @@ def micro_batches(reader: ShardReader, run: RunConfig, pad_id: int,
     """(batch, epoch, offset after it) from ``position`` on; endless when max_steps is set."""
     epoch, offset = position.epoch, position.offset
     while run.max_steps is not None or epoch < run.num_epochs:
-        order = reader.epoch_order(epoch, run.seed)
+        order = reader.epoch_order(epoch, run.seed, shuffle=not run.curriculum_sampling)
         while offset < len(order):
             rows = [reader.row(i) for i in order[offset: offset + run.micro_batch_size]]
             offset += len(rows)
