@@ -10,6 +10,10 @@ memory is per process), 2 warm-up steps and --steps timed ones, tokens/s from th
   ours         tunedag's triton engine: fp32 master weights cast to bf16 inside the fused kernels,
                fp32 gradients and moments, per-layer checkpointing, torch's fused AdamW
   ours_nockpt  the same without checkpointing
+  unsloth      Unsloth's FastLanguageModel.from_pretrained(..., full_finetuning=True, dtype=bfloat16) on the
+               same weights (scripts/bench_peers.py: saved once to a scratch folder): bf16 weights, gradients
+               and moments like hf, its offloaded checkpointing, torch's fused AdamW; its first 3 steps
+               compile the model and are not timed (import unsloth patches transformers: its own process)
 Model FLOPs per token (recomputation not counted): 6 * (matmul weights, lm_head included)
 + 12 * L * H * (S + 1) / 2 for attention; MFU against 989.5 TFLOP/s (H200 dense bf16).
 
@@ -23,6 +27,7 @@ of 2 x 2048 random tokens (memorised, so the loss falls), from the same initial 
 Each row reports the mean loss of the last 4 steps and its gap to fp32.
 
 Usage: python scripts/bench_full_finetune.py --out full.jsonl [--plan speed|precision|all]
+       python scripts/bench_full_finetune.py --plan speed --variants hf,unsloth   (some of the speed rows)
        python scripts/bench_full_finetune.py --variant ours --shape 1b --batch 4   (one measurement)
 """
 from __future__ import annotations
@@ -39,10 +44,11 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]  # scripts/tokenize.py shadows tokenize
 sys.path.insert(0, os.path.dirname(_HERE))
 
-from scripts.bench_train import SEQ, SHAPES, llama_config, make_batch  # noqa: E402
+from scripts.bench_peers import UNSLOTH_WARMUP_STEPS, scratch_folder  # noqa: E402
+from scripts.bench_train import SEQ, SHAPES, make_batch, random_model  # noqa: E402
 
 PEAK_FLOPS = 989.5e12
-SPEED_VARIANTS = ("hf", "ours", "ours_nockpt")
+SPEED_VARIANTS = ("hf", "ours", "ours_nockpt", "unsloth")
 PRECISION_SHAPE = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
                        num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=4096,
                        rms_norm_eps=1e-5, initializer_range=0.02, pad_token_id=0, tie_word_embeddings=False)
@@ -63,14 +69,16 @@ def _full_run(gradient_checkpointing: bool):
                      train_engine="triton")
 
 
-def build(variant: str, shape: str):
+def build(variant: str, shape: str, seq: int):
     """(trained parameters, step(batch) -> loss) for one speed variant, on random weights of seed 0."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        base = AutoModelForCausalLM.from_config(llama_config(shape), dtype=torch.bfloat16)
+    if variant == "unsloth":
+        from scripts.bench_peers import build_unsloth
+
+        model, step = build_unsloth(shape, seq, full_finetuning=True)
+        return [p for p in model.parameters() if p.requires_grad], step
+    base = random_model(shape)
     if variant == "hf":
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.train()
@@ -100,12 +108,13 @@ def build(variant: str, shape: str):
 def measure(variant: str, shape: str, batch: int, seq: int, steps: int) -> dict:
     import torch
 
-    params, step = build(variant, shape)
+    params, step = build(variant, shape, seq)
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
     data = make_batch(batch, seq)
     torch.cuda.reset_peak_memory_stats()
     losses, times = [], []
-    for _ in range(2 + steps):
+    warmup = UNSLOTH_WARMUP_STEPS if variant == "unsloth" else 2
+    for _ in range(warmup + steps):
         torch.cuda.synchronize()
         start = time.perf_counter()
         losses.append(float(step(data)))
@@ -113,11 +122,11 @@ def measure(variant: str, shape: str, batch: int, seq: int, steps: int) -> dict:
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    tok_s = batch * seq / statistics.median(times[2:])
+    tok_s = batch * seq / statistics.median(times[warmup:])
     return {"variant": variant, "shape": shape, "batch": batch, "seq": seq, "tokens_per_s": round(tok_s, 1),
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-            "mfu": round(tok_s * flops_per_token(shape, seq) / PEAK_FLOPS, 4), "step1_loss": round(losses[0], 4),
-            "last_loss": round(losses[-1], 4), "trained": sum(p.numel() for p in params)}
+            "mfu": round(tok_s * flops_per_token(shape, seq) / PEAK_FLOPS, 4), "step1_loss": round(losses[0], 6),
+            "last_loss": round(losses[-1], 4), "warmup_steps": warmup, "trained": sum(p.numel() for p in params)}
 
 
 def precision(steps: int) -> list[dict]:
@@ -185,8 +194,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8, help="timed steps per speed variant")
     ap.add_argument("--precision-steps", type=int, default=200)
     ap.add_argument("--plan", default="all", choices=("speed", "precision", "all"))
+    ap.add_argument("--variants", default=",".join(SPEED_VARIANTS), help="the speed rows to run, comma-separated")
     ap.add_argument("--out", default="bench_full_finetune.jsonl")
     args = ap.parse_args()
+    variants = args.variants.split(",")
+    if unknown := [v for v in variants if v not in SPEED_VARIANTS]:
+        ap.error(f"--variants: unknown speed rows {unknown} (known: {', '.join(SPEED_VARIANTS)})")
     if args.variant:
         print("RESULT " + json.dumps(measure(args.variant, args.shape, args.batch, args.seq, args.steps)), flush=True)
         return
@@ -196,16 +209,37 @@ def main() -> None:
         for r in results:
             print(json.dumps(r), flush=True)
     if args.plan in ("speed", "all"):
-        for variant in SPEED_VARIANTS:
-            cmd = [sys.executable, __file__, "--variant", variant, "--shape", args.shape, "--batch", str(args.batch),
-                   "--seq", str(args.seq), "--steps", str(args.steps)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ, timeout=240)
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            results.append(json.loads(lines[-1][7:]) if lines else
-                           {"variant": variant, "error": (proc.stderr or proc.stdout)[-1500:]})
-            print(json.dumps(results[-1]), flush=True)
+        with scratch_folder():  # where the Unsloth row saves the random base it loads
+            for variant in variants:
+                cmd = [sys.executable, __file__, "--variant", variant, "--shape", args.shape, "--batch",
+                       str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
+                try:
+                    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ, timeout=240)
+                except subprocess.TimeoutExpired:
+                    results.append({"variant": variant, "error": "timeout (240 s)"})
+                else:
+                    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+                    results.append(json.loads(lines[-1][7:]) if lines else
+                                   {"variant": variant, "error": (proc.stderr or proc.stdout)[-1500:]})
+                print(json.dumps(results[-1]), flush=True)
     with open(args.out, "a") as f:
         f.writelines(json.dumps(r) + "\n" for r in results)
+    print_speed([r for r in results if r.get("variant") in SPEED_VARIANTS])
+
+
+def print_speed(rows: list[dict]) -> None:
+    """The speed rows against hf of the same call: tokens/s, peak memory, step-1 loss (same weights and batch)."""
+    hf = next((r for r in rows if r["variant"] == "hf" and "tokens_per_s" in r), None)
+    print(f"\n{'variant':12} {'tok/s':>9} {'x hf':>6} {'peak GiB':>9} {'MFU':>6} {'loss1':>10} {'vs hf':>8} "
+          f"{'last':>8}")
+    for r in rows:
+        if "tokens_per_s" not in r:
+            print(f"{r['variant']:12} {str(r.get('error', ''))[-300:]}")
+            continue
+        ratio = f"{r['tokens_per_s'] / hf['tokens_per_s']:.2f}" if hf else "-"
+        rel = f"{abs(r['step1_loss'] - hf['step1_loss']) / hf['step1_loss']:.1e}" if hf else "-"
+        print(f"{r['variant']:12} {r['tokens_per_s']:>9.0f} {ratio:>6} {r['peak_gib']:>9.2f} {r['mfu']:>6.1%} "
+              f"{r['step1_loss']:>10.6f} {rel:>8} {r['last_loss']:>8.4f}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,13 @@ Model FLOPs per trained token (stated, not measured; recomputation is not counte
                      c = (S + 1) / 2 is the mean causal context of an S-token document)
 8B at S = 4096: 33.5 GFLOP/token. MFU = tokens/s * FLOP/token / 989.5e12 (H200 dense bf16 peak).
 
+Unsloth (``--plan unsloth``; scripts/bench_peers.py): ``unsloth_lora`` and ``unsloth_qlora`` are Unsloth's
+FastLanguageModel on the same random weights (saved to a scratch folder, loaded bf16 or quantized to NF4 on load),
+the same LoRA (r=16 alpha=32, seven projections), its own offloaded checkpointing ("unsloth"), the same batch and
+optimizer, each in its own process (import unsloth patches transformers); its first 3 steps compile every decoder
+layer and are left out of the timing. The plan runs the HF rows whose step-1 loss each must equal (hf_peft for the
+bf16 base, hf_bnb_qlora for the 4-bit one: the same NF4 bytes) in the same call; the table prints the relative gap.
+
 DPO (``--plan dpo``; ``--batch`` counts pairs, ``--seq`` is one sequence, prompt + response): a step is
 the policy forward + backward and the reference forward (LoRA adapters disabled, no gradients) over
 chosen and rejected, sigmoid loss, beta 0.1, and the optimizer step. Variants:
@@ -35,6 +42,7 @@ chosen and rejected, sigmoid loss, beta 0.1, and the optimizer step. Variants:
 
 Usage: python scripts/bench_train.py --out bench.jsonl [--budget-s 330] [--plan default]
        python scripts/bench_train.py --variant ours_lora --shape 8b --batch 4   (one measurement)
+       python scripts/bench_train.py --plan unsloth --out unsloth.jsonl --budget-s 420   (Unsloth rows, 8b, batch 4)
        python scripts/bench_train.py --plan dpo --out dpo.jsonl --budget-s 390   (DPO rows, 8b, 2 pairs)
 """
 from __future__ import annotations
@@ -83,6 +91,9 @@ PLANS = {
     "new_arches": [(v, shape, 2) for shape in ("moe-8x", "phi3-mini", "gemma3-4b") for v in ("ours_lora", "hf_peft")],
     "dpo": [("trl_dpo", "8b", 2), ("ours_dpo", "8b", 2), ("ours_dpo_torch", "8b", 2), ("trl_dpo_liger", "8b", 2),
             ("trl_liger_dpo_loss", "8b", 2), ("logp_path", "8b", 2)],
+    # Unsloth (bench_peers.py) against the HF rows whose step-1 loss it must equal, then ours of the same run
+    "unsloth": [("hf_peft", "8b", 4), ("unsloth_lora", "8b", 4), ("unsloth_qlora", "8b", 4), ("hf_bnb_qlora", "8b", 4),
+                ("ours_lora", "8b", 4), ("ours_qlora", "8b", 4)],
 }
 
 
@@ -119,6 +130,16 @@ def flops_per_token(shape: str, seq: int, r: int = 16) -> float:
     return 4 * frozen + 6 * lora + 12 * n_l * h * (seq + 1) / 2
 
 
+def random_model(shape: str, dtype=None, device: str = "cuda"):
+    """The random base every row of a shape starts from: seed 0, bf16 unless ``dtype``, built on ``device``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(model_config(shape), dtype=dtype or torch.bfloat16)
+
+
 def make_batch(batch: int, seq: int, seed: int = 0):
     import torch
 
@@ -132,15 +153,12 @@ def build_hf(shape: str, variant: str):
     """HF Llama + peft LoRA, gradient checkpointing, sdpa; + Liger or bitsandbytes 4-bit."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
     if "liger" in variant:
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
         apply_liger_kernel_to_llama()
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(model_config(shape), dtype=torch.bfloat16)
+    model = random_model(shape)
     if "bnb" in variant:
         import bitsandbytes as bnb
 
@@ -176,15 +194,12 @@ def build_hf(shape: str, variant: str):
 
 def build_ours(shape: str, variant: str):
     import torch
-    from transformers import AutoModelForCausalLM
 
     from tunedag.config import RunConfig
     from tunedag.data.batches import trained_token_count
     from tunedag.train.triton_engine import TritonEngine
 
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        base = AutoModelForCausalLM.from_config(model_config(shape), dtype=torch.bfloat16)
+    base = random_model(shape)
     run = RunConfig(base_model="bench", datasets=[], lora_r=16, lora_alpha=32,
                     adapter="qlora" if "qlora" in variant else "lora",
                     gradient_checkpointing="nockpt" not in variant,
@@ -201,18 +216,29 @@ def build_ours(shape: str, variant: str):
     return engine.model, step
 
 
+def build(variant: str, shape: str, seq: int):
+    if variant.startswith("unsloth"):  # its own process, like every row: import unsloth patches transformers
+        from scripts.bench_peers import build_unsloth
+
+        return build_unsloth(shape, seq, load_in_4bit=variant == "unsloth_qlora")
+    return (build_ours if variant.startswith("ours") else build_hf)(shape, variant)
+
+
 def measure(variant: str, shape: str, batch: int, seq: int, steps: int = 3) -> dict:
     import torch
 
+    from scripts.bench_peers import UNSLOTH_WARMUP_STEPS
+
     torch.backends.cuda.matmul.allow_tf32 = True
-    model, step = (build_ours if variant.startswith("ours") else build_hf)(shape, variant)
+    model, step = build(variant, shape, seq)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     data = make_batch(batch, seq)
     torch.cuda.reset_peak_memory_stats()
     losses = []
-    for i in range(steps + 1):
-        if i == 1:
+    warmup = UNSLOTH_WARMUP_STEPS if variant.startswith("unsloth") else 1
+    for i in range(steps + warmup):
+        if i == warmup:
             torch.cuda.synchronize()
             start = time.perf_counter()
         losses.append(float(step(data)))
@@ -223,8 +249,8 @@ def measure(variant: str, shape: str, batch: int, seq: int, steps: int = 3) -> d
     tok_s = steps * batch * seq / elapsed
     return {"variant": variant, "shape": shape, "batch": batch, "seq": seq, "tokens_per_s": round(tok_s, 1),
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-            "mfu": round(tok_s * flops_per_token(shape, seq) / PEAK_FLOPS, 4), "step1_loss": round(losses[0], 4),
-            "trainable": sum(p.numel() for p in params)}
+            "mfu": round(tok_s * flops_per_token(shape, seq) / PEAK_FLOPS, 4), "step1_loss": round(losses[0], 6),
+            "warmup_steps": warmup, "trainable": sum(p.numel() for p in params)}
 
 
 # --------------------------------------------------------------------------- DPO
@@ -256,15 +282,6 @@ def packed_pairs(examples: list[dict]) -> dict:
             "segment_labels": torch.tensor([[1, 0]] * len(rows), dtype=torch.long)}
 
 
-def _random_base(shape: str, dtype, device: str):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    with torch.device(device):
-        return AutoModelForCausalLM.from_config(llama_config(shape), dtype=dtype)
-
-
 def _lora_config():
     from peft import LoraConfig
 
@@ -291,7 +308,7 @@ def build_trl_dpo(shape: str, variant: str, examples: list[dict], device: str):
     args = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=len(examples), max_length=seq,
                      report_to="none", bf16=device == "cuda", use_liger_kernel="liger" in variant,
                      use_cpu=device == "cpu")
-    base = _random_base(shape, torch.bfloat16 if device == "cuda" else torch.float32, device)
+    base = random_model(shape, torch.bfloat16 if device == "cuda" else torch.float32, device)
     trainer = DPOTrainer(model=base, args=args, train_dataset=data, processing_class=tok, peft_config=_lora_config())
     # what trainer.train() does before its first step: Liger's kernels, checkpointing, accelerate's autocast
     if args.use_liger_kernel:
@@ -322,7 +339,7 @@ def build_liger_dpo_loss(shape: str, examples: list[dict], device: str):
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
     from peft import get_peft_model
 
-    base = _random_base(shape, torch.bfloat16, device)
+    base = random_model(shape, torch.bfloat16, device)
     _apply_liger_kernel_to_instance(model=base, fused_linear_cross_entropy=False, cross_entropy=False)
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base.enable_input_require_grads()
@@ -363,13 +380,13 @@ def build_ours_dpo(shape: str, variant: str, examples: list[dict], device: str):
                     rl_beta=DPO_BETA, gradient_checkpointing=True,
                     train_engine="torch" if variant == "ours_dpo_torch" else "triton")
     if variant == "ours_dpo":  # what make_engine builds for rl: dpo on one GPU
-        base = _random_base(shape, torch.bfloat16, device)
+        base = random_model(shape, torch.bfloat16, device)
         assert fast_path_blocker(base.config, rl=run.rl, lora_dropout=run.lora_dropout,
                                  lora_target_modules=run.lora_target_modules,
                                  lora_modules_to_save=run.lora_modules_to_save) is None
         engine = TritonEngine(run, None, torch.device(device), base=base)
     else:  # ours_dpo_torch: the torch engine (fp32 base under bf16 autocast, dense 4-D packed mask)
-        base = _random_base(shape, torch.float32, device)
+        base = random_model(shape, torch.float32, device)
         loader, engines.load_causal_lm = engines.load_causal_lm, lambda *a, **k: base
         try:
             engine = engines.TorchEngine(run, None, torch.device(device))
@@ -555,6 +572,18 @@ def main() -> None:
             result = measure(args.variant, args.shape, args.batch, args.seq or SEQ)
         print("RESULT " + json.dumps(result), flush=True)
         return
+    from scripts.bench_peers import scratch_folder
+
+    with scratch_folder():  # where Unsloth rows save the random base they load (gigabytes, removed after)
+        results = run_rows(args)
+    if args.plan == "dpo":
+        print_dpo(results)
+    else:
+        print_train(results)
+
+
+def run_rows(args) -> list[dict]:
+    """Each row of the plan in its own process, until --budget-s is spent; results appended to --out as they come."""
     start = time.perf_counter()
     results = []
     for variant, shape, batch in PLANS[args.plan]:
@@ -565,9 +594,10 @@ def main() -> None:
             continue
         cmd = [sys.executable, __file__, "--variant", variant, "--shape", shape, "--batch", str(batch),
                "--prompt", str(args.prompt)] + (["--seq", str(args.seq)] if args.seq else [])
+        slow = variant in DPO_VARIANTS or variant.startswith("unsloth")  # Unsloth: save, load, compile
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ,
-                                  timeout=min(left, 240 if variant in DPO_VARIANTS else 150))
+                                  timeout=min(left, 240 if slow else 150))
             lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
             if lines:
                 results.append(json.loads(lines[-1][7:]))
@@ -581,21 +611,30 @@ def main() -> None:
         print(json.dumps(results[-1]), flush=True)
         with open(args.out, "a") as f:
             f.write(json.dumps(results[-1]) + "\n")
-    if args.plan == "dpo":
-        print_dpo(results)
-        return
-    base = {(r["shape"], r["batch"]): r for r in results if r.get("variant") == "hf_peft" and "tokens_per_s" in r}
+    return results
+
+
+def loss_reference(variant: str) -> str:
+    """The HF row a row's step-1 loss must equal: HF + bitsandbytes for a 4-bit base (the same NF4 bytes)."""
+    return "hf_bnb_qlora" if "qlora" in variant else "hf_peft"
+
+
+def print_train(results: list[dict]) -> None:
+    """Speed and memory against hf_peft, and the step-1 loss against loss_reference, of the same shape and batch."""
+    done = {(r["variant"], r["shape"], r["batch"]): r for r in results if "tokens_per_s" in r}
     print(f"\n{'variant':22} {'shape':5} {'batch':>5} {'tok/s':>9} {'x base':>7} {'peak GiB':>9} {'mem/base':>8} "
-          f"{'MFU':>6} {'loss1':>8}")
+          f"{'MFU':>6} {'loss1':>10} {'vs ref':>8}")
     for r in results:
         if "tokens_per_s" not in r:
             print(f"{r['variant']:22} {r['shape']:5} {r['batch']:>5} {r.get('seq', r.get('error', ''))!s:>9}")
             continue
-        b = base.get((r["shape"], r["batch"]))
+        b = done.get(("hf_peft", r["shape"], r["batch"]))
         ratio = f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}" if b else "-"
         mem = f"{r['peak_gib'] / b['peak_gib']:.2f}" if b else "-"
+        ref = done.get((loss_reference(r["variant"]), r["shape"], r["batch"]))
+        rel = f"{abs(r['step1_loss'] - ref['step1_loss']) / ref['step1_loss']:.1e}" if ref else "-"
         print(f"{r['variant']:22} {r['shape']:5} {r['batch']:>5} {r['tokens_per_s']:>9.0f} {ratio:>7} "
-              f"{r['peak_gib']:>9.2f} {mem:>8} {r['mfu']:>6.1%} {r['step1_loss']:>8.4f}")
+              f"{r['peak_gib']:>9.2f} {mem:>8} {r['mfu']:>6.1%} {r['step1_loss']:>10.6f} {rel:>8}")
 
 
 def print_dpo(results: list[dict]) -> None:
