@@ -11,6 +11,7 @@ import pytest
 from tests.helpers import tokenize_with_model, write_jsonl
 from tunedag.config import ConfigError, DatasetConfig, parse_config
 from tunedag.data.download import download_dataset
+from tunedag.data.formats import pretrain_windows
 from tunedag.data.shards import ShardReader
 from tunedag.data.streaming import StreamError, write_prefix
 from tunedag.models.loading import load_tokenizer
@@ -90,11 +91,12 @@ def test_pretraining_dataset_is_the_hub_split_streamed_as_far_as_max_steps_reads
     config = parse_config({"runs": {"r": _run(tmp_path, pretraining_dataset=[entry])}}, base_dir=tmp_path)
     (ds,) = config.runs["r"].datasets
     assert (ds.path, ds.type, ds.field, ds.max_words, ds.max_rows) == (
-        "hf:allenai/c4:en@train", "completion", "body", 5 * 2 * 3 * 64, None)
+        "hf:allenai/c4:en@train", "pretrain", "body", 5 * 2 * 3 * 64, None)
     assert any("1,920 words" in note for note in config.notes["r"])
     own = {"path": "wikitext", "name": "wikitext-103-raw-v1", "type": "completion", "field": "text", "max_rows": 9}
     (ds,) = parse_config({"runs": {"r": _run(tmp_path, pretraining_dataset=[own])}}, base_dir=tmp_path).runs["r"].datasets
-    assert (ds.path, ds.field, ds.max_rows, ds.max_words) == ("hf:wikitext:wikitext-103-raw-v1", "text", 9, None)
+    assert (ds.path, ds.type, ds.field, ds.max_rows, ds.max_words) == (
+        "hf:wikitext:wikitext-103-raw-v1", "completion", "text", 9, None)
 
 
 @pytest.mark.parametrize("keys, problem", [
@@ -116,6 +118,24 @@ def test_max_words_is_for_streamed_hub_sources_only(tmp_path):
     raw = {"base_model": "builtin:tiny-llama", "datasets": [{"path": str(src), "type": "completion", "max_words": 5}]}
     with pytest.raises(ConfigError, match=r"datasets\[0\]\.max_words: applies to hf: sources"):
         parse_config({"runs": {"r": raw}}, base_dir=tmp_path)
+
+
+@pytest.mark.parametrize("sequence_len, words", [(16, 120), (64, 200), (64, 5), (9, 40)])
+@pytest.mark.parametrize("bos", [True, False])
+def test_pretrain_windows_are_the_tokenizers_overflowing_windows_as_axolotl_asks_for_them(tiny_model_dir, sequence_len,
+                                                                                        words, bos):
+    """Axolotl's type: pretrain tokenizes a document with truncation at sequence_len - 1, the overflowing
+    windows kept with stride min(256, (sequence_len - 1) // 2), and EOS after each window."""
+    tok = load_tokenizer(tiny_model_dir)
+    text = " ".join(random.Random(words).choice(WORDS) for _ in range(words))
+    stride = min(256, (sequence_len - 1) // 2)
+    windows = tok(text, truncation=True, max_length=sequence_len - 1, add_special_tokens=bos,
+                  return_overflowing_tokens=True, stride=stride)["input_ids"]
+    content = tok(text, add_special_tokens=False)["input_ids"]
+    samples = pretrain_windows(content, [tok.bos_token_id] if bos else [], tok.eos_token_id, sequence_len)
+    assert [s.input_ids for s in samples] == [w + [tok.eos_token_id] for w in windows]
+    assert all(len(s) <= sequence_len and s.labels == [-100] + s.input_ids[1:] for s in samples)
+    assert (len(samples) > 1) == (len(content) + bos + 1 > sequence_len)
 
 
 def test_streamed_documents_pack_whole_with_eos_and_hold_at_least_the_words_in_tokens(tmp_path, tiny_model_dir):
@@ -145,7 +165,7 @@ def test_streamed_documents_pack_whole_with_eos_and_hold_at_least_the_words_in_t
                 assert row["position_ids"][a:b].tolist() == list(range(b - a))  # attention kept within each
                 assert labels == [-100] + ids[1:]  # every token trained but the first, which nothing predicts
                 pieces.append(ids)
-    # each document is BOS + its tokens + EOS, whole, or (longer than sequence_len) cut into 64-token pieces
-    expected = [ids[a:a + 64] for ids in encoded for a in range(0, len(ids), 64)]
-    assert any(len(ids) > 64 for ids in encoded)
+    # each document is BOS + its tokens + EOS, whole, or (longer than sequence_len) in overlapping windows
+    expected = [w.input_ids for ids in encoded for w in pretrain_windows(ids[1:-1], ids[:1], ids[-1], 64)]
+    assert any(len(ids) > 64 for ids in encoded) and len(expected) > len(encoded)
     assert sorted(pieces) == sorted(expected)

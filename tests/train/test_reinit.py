@@ -56,15 +56,15 @@ def test_a_pretraining_run_trains_max_steps_past_the_end_of_its_data(tiny_model_
     write_jsonl(tmp_path / "corpus" / "train.jsonl",
                 [{"text": " ".join(rng.choice(words) for _ in range(rng.randint(3, 20)))} for _ in range(10)])
     raw = {"base_model": "builtin:tiny-llama", "pretraining_dataset": [{"path": str(tmp_path / "corpus")}],
-           "reinit_weights": True, "max_steps": 6, "micro_batch_size": 4, "sequence_len": 32, "val_set_size": 2,
+           "reinit_weights": True, "max_steps": 10, "micro_batch_size": 4, "sequence_len": 32, "val_set_size": 2,
            "learning_rate": 1e-3, "save_steps": 100}
     run = parse_config({"runs": {"r": raw}}, base_dir=tmp_path).runs["r"]
     assert run.adapter is None and run.reinit_weights
     download_dataset(run.datasets[0], tmp_path / "raw")
     tokenize_with_model(run, [tmp_path / "raw"], tiny_model_dir, tmp_path / "packed")
     rows = len(ShardReader(tmp_path / "packed" / "train"))
-    assert steps_per_epoch(run, rows) < 6  # the corpus ends before the words bound: fewer rows than 6 steps read
+    assert steps_per_epoch(run, rows) < 10  # the corpus ends before the words bound: fewer rows than 10 steps read
     info = train(run, tmp_path / "packed", tiny_model_dir, tmp_path / "run")
     lines = [json.loads(l) for l in (tmp_path / "run" / "train_metrics.jsonl").read_text().splitlines()]
-    assert info["steps"] == 6 and [l["step"] for l in lines] == list(range(1, 7))
+    assert info["steps"] == 10 and [l["step"] for l in lines] == list(range(1, 11))
     assert lines[-1]["epoch"] >= 1  # the data started over to reach max_steps

@@ -80,7 +80,7 @@ CHAT_TEMPLATE_FILES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 ChatTemplateName = Literal[("tokenizer_default", "jinja", *CHAT_TEMPLATE_FILES,
                             *(f"tokenizer_default_fallback_{name}" for name in CHAT_TEMPLATE_FILES))]
-FORMATS = ("alpaca", "sharegpt", "chat_template", "completion", "input_output", "dpo", "kto")
+FORMATS = ("alpaca", "sharegpt", "chat_template", "completion", "pretrain", "input_output", "dpo", "kto")
 # Axolotl's dataset types that are a tunedag format with some keys set (a key the entry sets wins):
 # its DPO strategies (chatml.*/llama3.* render with that fixed template) and its reward-model pairs.
 AXOLOTL_TYPES: dict[str, dict[str, str]] = {

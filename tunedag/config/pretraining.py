@@ -5,10 +5,11 @@ tokenizes each document with an end-of-sequence token after it, packs documents 
 ``sequence_len`` rows (each attending only within itself) and trains on every token for exactly
 ``max_steps`` steps (it refuses the key without ``max_steps``: the stream has no length). In tunedag
 the entry becomes one ``datasets`` entry: the hub split streamed by the download stage only as far
-as the run reads it (``max_words``, see tunedag.data.streaming), tokenized as ``type: completion``
-(every token trained, an end-of-sequence token after each document, documents packed with attention
-kept within each) and trained for ``max_steps`` steps, the loop starting the data over if the
-steps outlast it.
+as the run reads it (``max_words``, see tunedag.data.streaming), tokenized as Axolotl's type says
+(``pretrain``: a document longer than ``sequence_len`` cut into overlapping windows, each ending in
+an end-of-sequence token; ``completion``: cut into consecutive pieces), every token trained,
+documents packed with attention kept within each, and trained for ``max_steps`` steps, the loop
+starting the data over if the steps outlast it.
 
 The bound: one optimizer step trains ``micro_batch_size × gradient_accumulation_steps`` rows of
 ``sequence_len`` tokens on each GPU, so ``max_steps`` steps train T = max_steps × micro_batch_size ×
@@ -77,7 +78,7 @@ def pretraining_entry(raw: dict[str, Any], where: str, base_dir: Path, notes: li
     if not path.startswith("hf:") and (base_dir / path).is_file():  # a folder streams as datasets reads one
         raise ConfigError(f"{at}[0].path: {path!r} is a local file; {KEY} streams a hub dataset (or a folder "
                           "of data files), and a local text file trains as datasets: [{path: ..., type: completion}]")
-    entry.update(type="completion", field=text, path=path if path.startswith("hf:") else f"hf:{path}")
+    entry.update(type=kind, field=text, path=path if path.startswith("hf:") else f"hf:{path}")
     if entry.get("max_words") is None and entry.get("max_rows") is None:
         budget = token_budget(raw)
         if budget is None:
@@ -87,5 +88,5 @@ def pretraining_entry(raw: dict[str, Any], where: str, base_dir: Path, notes: li
         notes.append(f"{at}: the download stage streams {entry['path']}{split} and keeps its first rows holding "
                      f"{budget:,} words (max_steps × micro_batch_size × gradient_accumulation_steps × sequence_len, "
                      "at least that many tokens: one GPU's share; on N GPUs set max_words: N × that in the entry); "
-                     "documents train as type: completion, packed")
+                     f"documents train as type: {kind}, packed")
     return entry

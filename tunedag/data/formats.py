@@ -16,6 +16,7 @@ row's loss from reaching across a sample boundary after the shift.
 | sharegpt | conversations: [{from, value}], system, tools | roles_to_train turns + end-of-turn |
 | chat_template | messages: [{role, content}], system, tools (``drop_system_message``: without the first system turn) | roles_to_train turns + end-of-turn |
 | completion | text | everything; long documents split into ``sequence_len`` pieces |
+| pretrain | text | everything; long documents split into overlapping windows (Axolotl's pretraining) |
 | input_output | segments: [{text, label}] | segments with label true (no BOS/EOS added) |
 | dpo | prompt (text or messages), chosen, rejected (text, message or messages), system | the final turn of each |
 | kto | messages, or prompt and completion; label (bool); system | the final turn |
@@ -55,6 +56,7 @@ DEFAULT_FIELDS: dict[str, dict[str, str | None]] = {
     "sharegpt": {**CHAT_FIELDS, "messages": "conversations", "role": "from", "content": "value"},
     "chat_template": {**CHAT_FIELDS, "messages": "messages"},
     "completion": {"text": "text"},
+    "pretrain": {"text": "text"},
     "input_output": {"segments": "segments"},
     "dpo": {**CHAT_FIELDS, "prompt": "prompt", "chosen": "chosen", "rejected": "rejected"},
     "kto": {**CHAT_FIELDS, "messages": "messages", "prompt": "prompt", "completion": "completion",
@@ -186,7 +188,7 @@ class FormatSpec:
     roles_to_train: frozenset[str] = frozenset({"assistant"})
     train_on_eos: str = "turn"
     chat: ChatRenderer | None = None
-    split_len: int | None = None  # completion: split documents into pieces of this many tokens
+    split_len: int | None = None  # completion, pretrain: split documents into pieces of at most this many tokens
     roles: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_ROLES))  # name in the data -> role
     mappings: dict[str, str] = field(default_factory=dict)  # message key for the template -> key in the data
     alpaca_style: str = "instruct"
@@ -205,12 +207,12 @@ class FormatSpec:
                     if roles else dict(DEFAULT_ROLES))
         chat = ChatRenderer(chat_source, tok.bos_token, tok.eos_token) if type in CHAT_TYPES else None
         return cls(type, fields, train_on_inputs, frozenset(role_map.get(r, r) for r in roles_to_train), train_on_eos,
-                   chat, sequence_len if type == "completion" else None, role_map, mappings)
+                   chat, sequence_len if type in ("completion", "pretrain") else None, role_map, mappings)
 
     @classmethod
     def from_dataset(cls, ds: DatasetConfig, tok: TextTokenizer, chat_source: str | None, sequence_len: int,
                      train_on_inputs: bool) -> "FormatSpec":
-        by_type = {"completion": "text", "input_output": "segments"}
+        by_type = {"completion": "text", "pretrain": "text", "input_output": "segments"}
         overrides = {"instruction": ds.field_instruction, "input": ds.field_input, "output": ds.field_output,
                      "system": ds.field_system, "messages": ds.field_messages, "tools": ds.field_tools,
                      "role": ds.message_field_role, "content": ds.message_field_content,
@@ -462,6 +464,7 @@ def plan_kto(row: dict[str, Any], spec: FormatSpec, tok: TextTokenizer) -> Plan:
 
 PLANNERS: dict[str, Callable[[dict[str, Any], FormatSpec, TextTokenizer], Plan]] = {
     "alpaca": plan_alpaca, "sharegpt": plan_chat, "chat_template": plan_chat, "completion": plan_completion,
+    "pretrain": plan_completion,
     "input_output": plan_input_output, "dpo": plan_dpo, "kto": plan_kto,
 }
 
@@ -510,6 +513,11 @@ def encode_plans(plans: list[Plan], tok: TextTokenizer, spec: FormatSpec) -> lis
                     labels += _rendered_labels(piece_ids, enc.offsets, piece, tok.special_ids)
             seg_ids.append(ids)
             seg_labels.append(labels)
+        if spec.type == "pretrain":
+            (ids,) = seg_ids
+            bos = ids[:1] if tok.bos_id is not None else []
+            out.append(pretrain_windows(ids[len(bos):-1], bos, ids[-1], spec.split_len))
+            continue
         if spec.split_len is not None:
             (ids,), (labels,) = seg_ids, seg_labels
             n = spec.split_len
@@ -524,3 +532,17 @@ def encode_plans(plans: list[Plan], tok: TextTokenizer, spec: FormatSpec) -> lis
             out.append([Sample(sum(seg_ids, []), sum(seg_labels, []), tuple(len(s) for s in seg_ids),
                                plan.segment_labels)])
     return out
+
+
+def pretrain_windows(content: list[int], bos: list[int], eos: int, sequence_len: int) -> list[Sample]:
+    """A document as Axolotl's ``type: pretrain`` cuts it: windows of at most ``sequence_len`` tokens, each
+    BOS (where the tokenizer has one) + a stretch of the document + EOS, consecutive stretches overlapping
+    by min(256, (sequence_len - 1) // 2) tokens (the tokenizer's overflow ``stride`` there), every token
+    trained. A document that fits is one window: BOS + document + EOS, as type: completion makes it."""
+    width = max(1, sequence_len - 1 - len(bos))  # document tokens per window
+    step = max(1, width - min(256, (sequence_len - 1) // 2))
+    starts = [0]
+    while starts[-1] + width < len(content):
+        starts.append(starts[-1] + step)
+    windows = [bos + content[a:a + width] + [eos] for a in starts]
+    return [Sample(ids, [IGNORE_INDEX] + ids[1:]) for ids in windows]
