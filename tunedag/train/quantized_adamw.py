@@ -175,7 +175,7 @@ def adamw_step(param: torch.Tensor, state: dict[str, torch.Tensor], group: dict[
     weight, grad = local(param), local(param.grad).float()
     beta1, beta2 = group["betas"]
     lr = float(group["lr"])
-    state["step"] += 1
+    state["step"] = state["step"] + 1  # a new tensor: a state dict taken earlier keeps its count
     step = float(state["step"])
     exp_avg, exp_avg_sq = _moments(state, weight.shape, bits, block_size)
     exp_avg.lerp_(grad, 1 - beta1)
