@@ -13,7 +13,10 @@ from tunedag.data.download import download_dataset
 from tunedag.data.shards import ShardReader
 from tunedag.models.loading import load_causal_lm
 from tunedag.train.engines import TorchEngine
+from tunedag.train.fsdp_engine import FSDPEngine
 from tunedag.train.loop import steps_per_epoch, train
+from tunedag.train.ranks import DistEnv
+from tests.train.ranks import free_port
 
 
 def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -42,6 +45,21 @@ def test_the_torch_engine_trains_from_the_fresh_init(tiny_model_dir, tmp_path):
                    adapter=None, reinit_weights=True, seed=5)
     engine = TorchEngine(run, tiny_model_dir, torch.device("cpu"))
     assert _same(engine.model, load_causal_lm(tiny_model_dir, reinit_seed=5))
+
+
+def test_fsdp_shards_hold_the_fresh_init(tiny_model_dir, tmp_path):
+    """One rank of FSDP2 (gloo): every parameter's shards, gathered, are the fresh init's."""
+    run = tiny_run(write_jsonl(tmp_path / "a.jsonl", [{"instruction": "a", "output": "b"}] * 4),
+                   adapter=None, reinit_weights=True, seed=5, train_engine="fsdp")
+    engine = FSDPEngine(run, tiny_model_dir, DistEnv(master_port=free_port()), torch.device("cpu"))
+    try:
+        fresh = dict(load_causal_lm(tiny_model_dir, reinit_seed=5).named_parameters())
+        params = dict(engine.model.named_parameters())
+        assert params.keys() == fresh.keys()
+        for name, param in params.items():
+            assert torch.equal(param.full_tensor(), fresh[name]), name
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def test_reinit_weights_needs_a_full_fine_tune(tmp_path):
