@@ -99,6 +99,18 @@ def test_pretraining_dataset_is_the_hub_split_streamed_as_far_as_max_steps_reads
         "hf:wikitext:wikitext-103-raw-v1", "completion", "text", 9, None)
 
 
+def test_axolotls_qwen2_pretraining_example_as_written():
+    """reinit_weights, pretraining_dataset, max_steps and evals_per_epoch: 0 (Axolotl's unset) as the
+    qwen2 pretraining examples write them."""
+    examples = Path(__file__).parents[1] / "axolotl_configs"
+    config = parse_config({"runs": {"r": {"axolotl": "qwen2-pretrain.yaml"}}}, base_dir=examples)
+    run = config.runs["r"]
+    (ds,) = run.datasets
+    assert (ds.path, ds.type, ds.max_words) == ("hf:allenai/c4:en@train", "pretrain", 305 * 4 * 2048)
+    assert run.reinit_weights and run.reinit_seed == 42 and run.adapter is None and run.max_steps == 305
+    assert run.evals_per_epoch is None and run.train_engine == "fsdp"
+
+
 @pytest.mark.parametrize("keys, problem", [
     ({"max_steps": None}, r"r\.max_steps: required with pretraining_dataset"),
     ({"pretraining_dataset": [{"path": "a/b"}, {"path": "c/d"}]}, r"2 entries, but Axolotl streams only the first"),
