@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from tunedag.config import ConfigError
+from tunedag.config import ConfigError, parse_config
 from tunedag.data import packing, tokenize
 from tunedag.data.shards import ShardReader
 from tunedag.train import checkpoint as ckpt
@@ -114,3 +114,52 @@ def test_exact_deduplication_of_preference_pairs(tmp_path, tiny_model_dir):
     assert manifest["splits"]["train"]["samples"] + manifest["splits"]["val"]["samples"] == 12
     row = ShardReader(tmp_path / "dpo/train").row(0)
     assert row["segment_labels"].tolist() == [1, 0] * (len(row["cu_seqlens"]) // 2)
+
+
+# Axolotl's examples/llama-3/lora-1b-deduplicate-dpo.yml: its datasets and dedup as written, a LoRA on the built-in
+# model, the hub dataset replaced by rows of its shape
+DEDUP_DPO = """
+base_model: builtin:tiny-llama
+model_type: LlamaForCausalLM
+chat_template: llama3
+rl: dpo
+adapter: lora
+datasets:
+""" + 2 * """
+  - path: pairs.jsonl
+    type: chat_template.default
+    field_messages: conversation
+    field_chosen: chosen
+    field_rejected: rejected
+    message_property_mappings:
+      role: role
+      content: content
+    roles:
+      system:
+        - system
+      user:
+        - user
+      assistant:
+        - assistant
+""" + """
+dataset_exact_deduplication: true
+val_set_size: 0.1
+sequence_len: 512
+"""
+
+
+@pytest.mark.parametrize("dedup, samples", [(True, 15), (False, 40)])
+def test_axolotls_dedup_dpo_example_keeps_each_pair_once_or_trains_both_copies(tmp_path, tiny_model_dir, dedup,
+                                                                              samples):
+    rows = [{"conversation": [{"role": "user", "content": f"fox {i % 15}"}],
+             "chosen": {"role": "assistant", "content": "owl"}, "rejected": {"role": "assistant", "content": "cat"}}
+            for i in range(20)]
+    _prepare(tmp_path, rows, "pairs")
+    (tmp_path / "dpo.yml").write_text(DEDUP_DPO.replace("dataset_exact_deduplication: true",
+                                                        f"dataset_exact_deduplication: {str(dedup).lower()}"))
+    config = parse_config({"runs": {"r": {"axolotl": "dpo.yml"}}}, base_dir=tmp_path)
+    run = config.runs["r"]
+    assert [ds.dataset_name for ds in run.datasets] == ["pairs", "pairs"] and run.dataset_exact_deduplication == dedup
+    manifest = tokenize_with_model(run, [tmp_path / "raw/pairs"] * 2, tiny_model_dir, tmp_path / "packed")
+    assert manifest["objective"] == "dpo"
+    assert manifest["splits"]["train"]["samples"] + manifest["splits"]["val"]["samples"] == samples

@@ -84,7 +84,7 @@ FORMATS = ("alpaca", "sharegpt", "chat_template", "completion", "pretrain", "inp
 # Axolotl's dataset types that are a tunedag format with some keys set (a key the entry sets wins):
 # its DPO strategies (chatml.*/llama3.* render with that fixed template) and its reward-model pairs.
 AXOLOTL_TYPES: dict[str, dict[str, str]] = {
-    "chat_template.default": {"type": "dpo", "field_prompt": "messages"},
+    "chat_template.default": {"type": "dpo", "field_messages": "messages"},  # read as the prompt field
     "chat_template.argilla_chat": {"type": "dpo"},
     "bradley_terry.chat_template": {"type": "dpo", "field_prompt": "input"},
     "chat_template.argilla": {"type": "dpo", "field_prompt": "prompt"},
