@@ -104,6 +104,8 @@ def test_exact_deduplication_keeps_each_sample_once_across_datasets_train_and_va
     assert (counts["train_samples"], counts["val_samples"]) == (len(train), len(val))
     assert sum(d.get("duplicates_dropped", 0) for d in manifest["datasets"]) == counts["duplicates_dropped"]
     assert manifest["splits"]["train"]["samples"] == len(train) and manifest["dataset_exact_deduplication"]
+    prompts = [json.loads(line)["prompt"] for line in (tmp_path / "dedup/val_prompts.jsonl").read_text().splitlines()]
+    assert len(prompts) == len(set(prompts)) == len(val)  # evaluation never generates from a dropped repeat
 
 
 def test_exact_deduplication_of_preference_pairs(tmp_path, tiny_model_dir):

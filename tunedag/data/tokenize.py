@@ -282,6 +282,7 @@ def _process_unit(unit: Unit) -> dict[str, Any]:
     val_writer = shards.ShardWriter(tmp / "units" / "val", tag, settings.preference)
     val_samples: list[Sample] = []
     prompts: list[str] = []
+    prompt_samples: list[int] = []  # per prompt: its row's val sample in this unit (-1: none kept)
     counts = dict.fromkeys(COUNT_KEYS, 0)
     counts.update(train_samples=0, val_samples=0, train_rows=0, val_rows=0)
     local = 0
@@ -299,6 +300,7 @@ def _process_unit(unit: Unit) -> dict[str, Any]:
                 counts["bad_rows_skipped"] += 1
         for i, plan, samples in zip(kept, plans, encode_plans(plans, tok, job.spec)):
             val = bool(is_val[i - unit.start])
+            val_before = len(val_samples)
             counts["val_rows" if val else "train_rows"] += 1
             if len(samples) > 1:
                 counts["documents_split"] += 1
@@ -334,6 +336,7 @@ def _process_unit(unit: Unit) -> dict[str, Any]:
             if val and plan.prompt is not None:
                 prompts.append(json.dumps({"dataset": job.name, "prompt": plan.prompt.text,
                                            "reference": plan.prompt.reference}))
+                prompt_samples.append(val_before if len(val_samples) > val_before else -1)
     counts["rows"] = local
     train.flush()
     if val_samples:
@@ -342,7 +345,8 @@ def _process_unit(unit: Unit) -> dict[str, Any]:
         (tmp / "units" / "prompts").mkdir(parents=True, exist_ok=True)
         (tmp / "units" / "prompts" / f"{tag}.jsonl").write_text("\n".join(prompts) + "\n")
     return {"unit": (unit.dataset, unit.index), "tag": tag, "counts": counts, "train": train.writer.close(),
-            "val": val_writer.close(), "repeats": train_repeats if settings.deduplicate else None}
+            "val": val_writer.close(), "repeats": train_repeats if settings.deduplicate else None,
+            "prompt_samples": prompt_samples, "val_dropped": set()}
 
 
 # --------------------------------------------------------------------------- the stage
@@ -491,8 +495,10 @@ def tokenize_run(run: RunConfig, raw_dirs: list[Path], model_path: Path, tokeniz
         with open(tmp / "val_prompts.jsonl", "w") as fh:
             for result in results:
                 piece = tmp / "units" / "prompts" / f"{result['tag']}.jsonl"
-                if piece.is_file():
-                    fh.write(piece.read_text())
+                if piece.is_file():  # less the prompts of held-out samples deduplication dropped
+                    fh.writelines(line + "\n" for line, k in zip(piece.read_text().splitlines(),
+                                                                  result["prompt_samples"], strict=True)
+                                  if k not in result["val_dropped"])
         shutil.rmtree(tmp / "units")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
@@ -569,10 +575,11 @@ def _pack_val(results: list[dict[str, Any]], tmp: Path, settings: Settings, seen
     for result in results:
         record = ds_records[result["unit"][0]]
         paths = [tmp / "units" / r["path"] for r in result["val"]]
-        for sample in _sample_stream(paths):
+        for k, sample in enumerate(_sample_stream(paths)):
             if _first(sample, seen, record, totals):
                 window.add(sample)
             else:
+                result["val_dropped"].add(k)
                 record["val_samples"] -= 1
                 totals["val_samples"] -= 1
     window.flush()
