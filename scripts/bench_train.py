@@ -42,7 +42,7 @@ chosen and rejected, sigmoid loss, beta 0.1, and the optimizer step. Variants:
 
 Usage: python scripts/bench_train.py --out bench.jsonl [--budget-s 330] [--plan default]
        python scripts/bench_train.py --variant ours_lora --shape 8b --batch 4   (one measurement)
-       python scripts/bench_train.py --plan unsloth --out unsloth.jsonl --budget-s 420   (Unsloth rows, 8b, batch 4)
+       python scripts/bench_train.py --plan unsloth --out unsloth.jsonl --budget-s 330   (Unsloth and its HF rows, 8b, batch 4)
        python scripts/bench_train.py --plan dpo --out dpo.jsonl --budget-s 390   (DPO rows, 8b, 2 pairs)
 """
 from __future__ import annotations
