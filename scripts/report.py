@@ -1,6 +1,6 @@
 """Stage report: figures and tables for `snakemake --report report.html`.
 
-    report.py run     --run NAME --run-dir DIR --shards DIR --out DIR   (one run)
+    report.py run     --run NAME --run-dir DIR --shards DIR --out DIR [--exports DIR]   (one run)
     report.py compare --run-dirs NAME=DIR ... --out DIR                 (all runs side by side)
 """
 import argparse
@@ -23,8 +23,11 @@ def run_report(args) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     report.plot_training_curves(metrics, evaluation, args.out / "training_curves.png")
     report.plot_throughput(metrics, args.out / "throughput.png")
+    # the export stage's {run}-{type}.json of each GGUF file (the DAG makes them first; a reward model has none)
+    found = [args.exports / f"{args.run}-{t}.json" for t in run.gguf_types] if args.exports else []
+    gguf_exports = [json.loads(path.read_text()) for path in found if path.is_file()]
     report.run_summary_html(args.run, evaluation, samples, manifest, train_info,
-                            dataclasses.asdict(run), args.out / "summary.html")
+                            dataclasses.asdict(run), args.out / "summary.html", gguf_exports)
 
 
 def compare_report(args) -> None:
@@ -47,6 +50,7 @@ def main() -> None:
     one.add_argument("--run-dir", type=Path, required=True)
     one.add_argument("--shards", type=Path, required=True)
     one.add_argument("--out", type=Path, required=True)
+    one.add_argument("--exports", type=Path, help="the run's export folder: its GGUF files' perplexities")
     many = sub.add_parser("compare")
     many.add_argument("--run-dirs", nargs="+", required=True, help="NAME=DIR pairs")
     many.add_argument("--out", type=Path, required=True)

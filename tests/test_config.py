@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from tests.helpers import tiny_run, write_jsonl
-from tunedag.config import ConfigError, json_schema, load_config, parse_config
+from tunedag.config import DatasetConfig, ConfigError, json_schema, load_config, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,6 +34,15 @@ def test_valid_config_merges_defaults(raw):
     assert run.sequence_len == 128 and run.lora_r == 16
     assert run.datasets[0].dataset_name == "data"
     assert config.run_dir("demo") == "runs/demo"
+
+
+@pytest.mark.parametrize("path, name", [
+    ("hf:yahma/alpaca-cleaned", "alpaca-cleaned"), ("hf:yahma/alpaca-cleaned@train", "alpaca-cleaned"),
+    ("hf:yahma/alpaca-cleaned@train[:95%]", "alpaca-cleaned-train-95"), ("hf:allenai/c4:en@validation", "c4-en-validation"),
+    ("data/rows.jsonl.gz", "rows")])
+def test_a_datasets_folder_name_tells_slices_of_one_source_apart(path, name):
+    """Two runs may read the whole of a hub split and a slice of it: each gets its own data/raw folder."""
+    assert DatasetConfig(path=path).dataset_name == name
 
 
 def test_unknown_key_names_the_closest_valid_key(raw):

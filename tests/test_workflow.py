@@ -127,6 +127,10 @@ def test_report_holds_the_run_figures_and_tables(report_html, workdir):
     assert page.count("iVBORw0KGgo") >= 3  # the three PNG figures, embedded
     summary = (workdir / "runs/tiny/report/summary.html").read_text()
     assert "exact_match" in summary and "packing efficiency" in summary and "learning_rate" in summary
+    gguf = json.loads((workdir / "runs/tiny/export/tiny-f32.json").read_text())
+    assert "GGUF exports" in summary and "tiny-f32.gguf" in summary  # each GGUF file's perplexity, or why not
+    measured = gguf["perplexity"]
+    assert (f"{measured['perplexity']:.4g}" if measured is not None else "not measured") in summary
 
 
 @pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="Debian's chromium is not installed")

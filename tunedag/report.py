@@ -3,8 +3,8 @@
 Per run: training curves (loss and learning rate against step, the held-out loss measured during
 training where the run set ``eval_steps`` or ``evals_per_epoch``, and the evaluate stage's held-out
 loss of the base and fine-tuned models), throughput and GPU memory, and one HTML page with the evaluation
-table (base vs fine-tuned), sample generations, the effective config and the data manifest
-summary. Across runs: a comparison table and overlaid loss curves.
+table (base vs fine-tuned), each GGUF file's size and perplexity, sample generations, the effective config
+and the data manifest summary. Across runs: a comparison table and overlaid loss curves.
 """
 from __future__ import annotations
 
@@ -86,8 +86,9 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 def run_summary_html(run: str, evaluation: dict[str, Any], samples: list[dict[str, Any]],
                      manifest: dict[str, Any], train_info: dict[str, Any], run_config: dict[str, Any],
-                     dest: Path) -> None:
-    """One page: evaluation table, sample generations, data summary, effective config."""
+                     dest: Path, gguf_exports: list[dict[str, Any]] = ()) -> None:
+    """One page: evaluation table, the GGUF files' perplexities, sample generations, data summary, effective
+    config."""
     eval_rows = [[key, evaluation["base"].get(key, ""), evaluation["finetuned"].get(key, "")]
                  for key in EVAL_ROWS if key in evaluation["base"]]
     sample_rows = [[s["prompt"][-120:], s["reference"], s.get("base", ""), s.get("finetuned", "")]
@@ -101,6 +102,7 @@ def run_summary_html(run: str, evaluation: dict[str, Any], samples: list[dict[st
         + f"<p>{evaluation.get('prompts', 0)} held-out prompts; training: {train_info['steps']} steps, "
           f"{train_info['tokens_seen']} tokens, engine {html.escape(train_info['engine'])}.</p>"
         + early_stopping_html(train_info)
+        + gguf_exports_html(gguf_exports)
         + "<h3>Sample generations (greedy)</h3>"
         + _table(["prompt (end)", "reference", "base", "fine-tuned"], sample_rows)
         + "<h3>Data</h3>" + _table(["split", "samples", "rows", "tokens", "packing efficiency"], data_rows)
@@ -108,6 +110,28 @@ def run_summary_html(run: str, evaluation: dict[str, Any], samples: list[dict[st
         + "</body></html>")
     with atomic_path(dest) as tmp:
         tmp.write_text(page)
+
+
+def gguf_exports_html(exports: list[dict[str, Any]]) -> str:
+    """A table of the run's GGUF files (the export stage's ``{run}-{type}.json``): size, and perplexity on
+    held-out samples as llama.cpp runs the file beside its 16-bit reference's, so a quantisation that hurts
+    shows; empty when the run has no GGUF files."""
+    if not exports:
+        return ""
+    rows = []
+    for e in exports:
+        measured, reference = e.get("perplexity"), e.get("reference")
+        row = [e["file"], e["type"], round(e["bytes"] / 2**20, 2)]
+        if measured is None:
+            rows.append(row + [f"not measured: {e.get('perplexity_skipped', 'no held-out samples')}", "", "", ""])
+            continue
+        ppl = measured["perplexity"]
+        ref = reference["perplexity"] if reference else None
+        rows.append(row + [ppl, f"{measured['samples']} / {measured['tokens']}",
+                           f"{ref:.4g} ({reference['type']})" if ref is not None else "the file is 16/32-bit",
+                           ppl / ref if ref else ""])
+    return ("<h3>GGUF exports (llama.cpp, held-out samples)</h3>"
+            + _table(["file", "type", "MiB", "perplexity", "samples / tokens", "16-bit perplexity", "ratio"], rows))
 
 
 def early_stopping_html(train_info: dict[str, Any]) -> str:

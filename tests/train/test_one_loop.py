@@ -153,3 +153,18 @@ def packed_run_dir(sample_shards, tiny_model_dir, tmp_path) -> Path:
     config = write_runs(tmp_path / "config.yaml", src, {"r": {"max_steps": 1}})
     train(load_run(config, "r")[1], shards, tiny_model_dir, tmp_path / "r")
     return tmp_path / "r"
+
+
+def test_a_rank_without_rows_gets_no_batches_instead_of_cycling_empty_epochs(sample_shards):
+    """max_steps makes the batches endless; a rank with no rows (fewer rows than ranks) must still end."""
+    from tests.helpers import tiny_run
+    from tunedag.data.shards import ShardReader
+    from tunedag.train.loop import micro_batches
+
+    src, shards = sample_shards
+    run = tiny_run(src, max_steps=5)
+    empty = ShardReader(shards / "train", rank=999, world_size=1000)
+    assert len(empty) == 0 and list(micro_batches(empty, run, 0, ckpt.Position())) == []
+    full = ShardReader(shards / "train", rank=0, world_size=1)
+    endless = micro_batches(full, run, 0, ckpt.Position())
+    assert len([next(endless) for _ in range(3 * len(full))]) == 3 * len(full)  # past the first epoch

@@ -179,9 +179,11 @@ def parse_config(raw: Any, source: str = "config.yaml", base_dir: Path = Path(".
             where = f"{source}: runs.{name}"
             if run_raw is not None and not isinstance(run_raw, dict):
                 raise ConfigError(f"{where}: expected a mapping of keys, got {run_raw!r}")
-            merged = {**defaults, **axolotl.read_file(run_raw or {}, where, base_dir, load_yaml)}
+            from_file, file_notes = axolotl.read_file(run_raw or {}, where, base_dir, load_yaml)
+            merged = {**defaults, **from_file}
             if axolotl.is_axolotl_run(merged):
-                merged, notes[str(name)], refused = axolotl.translate(merged, where, base_dir)
+                merged, run_notes, refused = axolotl.translate(merged, where, base_dir)
+                notes[str(name)] = file_notes + run_notes
                 problems.found += refused
             run, typing_problems, failed = _build_lenient(RunConfig, merged, where)
             problems.found += typing_problems

@@ -48,10 +48,12 @@ def is_axolotl_run(raw: dict[str, Any]) -> bool:
 
 
 def read_file(raw: dict[str, Any], where: str, base_dir: Path,
-              load: Callable[[Path], Any]) -> dict[str, Any]:
-    """``raw`` with the Axolotl file named by ``axolotl:`` read in: the file's keys under the run's own."""
+              load: Callable[[Path], Any]) -> tuple[dict[str, Any], list[str]]:
+    """``raw`` with the Axolotl file named by ``axolotl:`` read in (the file's keys under the run's own), and
+    a note for each key of the file that neither Axolotl's schema nor tunedag holds: Axolotl ignores such a
+    key, and so does a file run as written. A key written in tunedag's config is still checked."""
     if FILE_KEY not in raw:
-        return raw
+        return raw, []
     path = raw[FILE_KEY]
     if not isinstance(path, str):
         raise ConfigError(f"{where}.{FILE_KEY}: expected the path of an Axolotl YAML file, got {path!r}")
@@ -59,7 +61,10 @@ def read_file(raw: dict[str, Any], where: str, base_dir: Path,
     if not isinstance(document, dict):
         raise ConfigError(f"{where}.{FILE_KEY}: {path!r} is not a mapping of Axolotl keys")
     own = {k: v for k, v in raw.items() if k != FILE_KEY}
-    return {**document, **own}
+    foreign = [k for k in document if k not in own and k not in TUNEDAG_KEYS and k not in AXOLOTL_ONLY]
+    notes = [f"{where}.{k} = {shown(str(k), document[k])}: not a key of Axolotl's schema or tunedag's; ignored, as "
+             f"Axolotl ignores it ({path})" for k in foreign]
+    return {**{k: v for k, v in document.items() if k not in foreign}, **own}, notes
 
 
 def translate(raw: dict[str, Any], where: str, base_dir: Path) -> tuple[dict[str, Any], list[str], list[str]]:
@@ -162,10 +167,10 @@ def _translate_keys(raw: dict[str, Any], out: dict[str, Any], notes: list[str], 
         out["train_engine"] = "deepspeed"
         out["deepspeed_config"] = raw["deepspeed"]
         stage = _zero_stage(raw["deepspeed"])
-        if stage in (2, 3):
+        if stage in (1, 2, 3):
             out["deepspeed_zero_stage"] = stage
         elif stage is not None:
-            refuse("deepspeed", f"ZeRO stage {stage}: tunedag runs DeepSpeed at stage 2 or 3")
+            refuse("deepspeed", f"ZeRO stage {stage}: tunedag runs DeepSpeed at stage 1, 2 or 3")
     fsdp_keys = [k for k in ("fsdp", "fsdp_config", "fsdp_version") if not asks_nothing(raw.get(k))]
     if fsdp_keys:
         if "train_engine" in out and out["train_engine"] != "fsdp":
@@ -219,14 +224,44 @@ def _translate_keys(raw: dict[str, Any], out: dict[str, Any], notes: list[str], 
     if raw.get("num_labels") not in (None, 1) or (raw.get("num_labels") == 1 and not raw.get("reward_model")):
         refuse("num_labels", "tunedag trains causal language models, and reward models (reward_model: true) "
                              "with one score")
+    if not asks_nothing(raw.get("llmcompressor")):
+        with problems.check():
+            out["keep_sparsity"] = kept_sparsity(raw["llmcompressor"], f"{where}.llmcompressor")
+            if raw["llmcompressor"].get("save_compressed"):
+                note("llmcompressor", "the zeros of the pruned weights are kept; tunedag saves the model as dense "
+                                      "safetensors (llm-compressor's compressed format is not written)")
     plugins = raw.get("plugins") or []
-    foreign = [p for p in plugins if not any(name in str(p) for name in LIGER_PLUGINS)]
+    known = LIGER_PLUGINS + (("llm_compressor",) if "keep_sparsity" in out else ())
+    foreign = [p for p in plugins if not any(name in str(p) for name in known)]
     if foreign:
         refuse("plugins", f"{', '.join(map(str, foreign))}: tunedag has no plugins")
     elif plugins:
         note("plugins", "tunedag's triton engine has its own fused kernels in place of Liger's and Cut Cross "
                         "Entropy's")
     problems.raise_if_any()
+
+
+def kept_sparsity(settings: Any, where: str) -> list[str]:
+    """keep_sparsity from Axolotl's llmcompressor settings: the targets of a recipe whose only modifier is
+    ConstantPruningModifier (started at step 0). llm-compressor matches ``re:`` targets with ``re.match``."""
+    recipe = settings.get("recipe") if isinstance(settings, dict) else None
+    if not isinstance(recipe, dict):
+        raise ConfigError(f"{where}.recipe: expected the recipe written inline (stages of modifiers), got {recipe!r}")
+    modifiers = {name: args for stage in recipe.values() if isinstance(stage, dict)
+                 for group in stage.values() if isinstance(group, dict) for name, args in group.items()}
+    others = sorted(set(modifiers) - {"ConstantPruningModifier"})
+    if others or not modifiers:
+        raise ConfigError(f"{where}.recipe: {', '.join(others) or 'no modifier'}: tunedag keeps a pruned model sparse "
+                          "(ConstantPruningModifier) and offers no other llm-compressor modifier")
+    args = modifiers["ConstantPruningModifier"] or {}
+    targets = args.get("targets") or []
+    if isinstance(targets, str):
+        targets = [targets]
+    plain = [t for t in targets if not str(t).startswith("re:")]
+    if plain or not targets or args.get("start", 0) not in (0, -1):
+        raise ConfigError(f"{where}.recipe: ConstantPruningModifier {args!r}: tunedag takes 're:' targets (parameter "
+                          "name patterns) from step 0")
+    return [f"^(?:{t.removeprefix('re:')})" for t in targets]
 
 
 def _zero_stage(path: Any) -> int | None:

@@ -36,7 +36,11 @@ TRANSLATED: dict[str, str] = {
     "optimizer": "Axolotl's aliases adamw_8bit (adamw_bnb_8bit) and paged_adamw_32bit (adamw_torch: the same "
                  "update, unpaged) become tunedag's names; muon without adam_beta2 takes 0.95 (Axolotl's Muon)",
     "num_labels": "1 with reward_model: the reward model's one score; other values are refused",
-    "plugins": "Liger and Cut Cross Entropy plugins: tunedag's own kernels (noted); others are refused",
+    "plugins": "Liger and Cut Cross Entropy plugins: tunedag's own kernels (noted); LLMCompressorPlugin with "
+               "llmcompressor; others are refused",
+    "llmcompressor": "a recipe of ConstantPruningModifier alone: keep_sparsity with its 're:' targets (a pruned "
+                     "model stays sparse); save_compressed is noted (tunedag saves dense safetensors); other "
+                     "modifiers are refused",
 }
 
 IGNORED: dict[str, tuple[str, ...]] = {
@@ -58,7 +62,7 @@ IGNORED: dict[str, tuple[str, ...]] = {
          "tiled_mlp_use_original_mlp", "dpo_use_liger_kernel"),
     "tunedag reads the model and tokenizer classes from the base model's config.json":
         ("model_type", "type_of_model", "tokenizer_type", "tokenizer_use_fast", "tokenizer_legacy",
-         "tokenizer_use_mistral_common", "tokenizer_save_jinja_files", "processor_type", "is_falcon_derived_model",
+         "tokenizer_use_mistral_common", "tokenizer_save_jinja_files", "is_falcon_derived_model",
          "is_llama_derived_model", "is_mistral_derived_model", "is_qwen_derived_model", "trainer_cls"),
     "tunedag tokenizes in its tokenize stage into data/packed/<run> (rerun with snakemake -R tokenize)":
         ("dataset_prepared_path", "dataset_processes", "dataset_num_proc", "dataset_keep_in_memory",
@@ -121,7 +125,7 @@ REFUSED: dict[str, tuple[str, ...]] = {
     "tunedag's quantized base is 4-bit NF4 (adapter: qlora) and it trains quantization-aware with qat; GPTQ "
     "and other quantizers are not offered":
         ("quantization", "model_quantization_config", "model_quantization_config_kwargs", "gptq",
-         "use_onebitllms", "bnb_config_kwargs", "quantize_moe_experts", "nvfp4_merge_aware", "llmcompressor"),
+         "use_onebitllms", "bnb_config_kwargs", "quantize_moe_experts", "nvfp4_merge_aware"),
     "tunedag trains plain LoRA (lora_r, lora_alpha, lora_dropout, lora_target_modules, lora_modules_to_save); "
     "this variant is not offered":
         ("peft_use_dora", "peft_use_rslora", "loraplus_lr_ratio", "loraplus_lr_embedding", "lora_rank_pattern",
@@ -166,7 +170,8 @@ REFUSED: dict[str, tuple[str, ...]] = {
          "pose_split_on_token_ids", "pose_max_context_len", "pose_num_chunks", "selective_checkpointing",
          "layer_offloading", "dynamic_checkpoint", "expert_parallel_size"),
     "tunedag trains text decoders; images and other modalities are not offered":
-        ("image_size", "image_resize_algorithm", "role_boundaries", "processor_kwargs", "freeze_mm_modules"),
+        ("image_size", "image_resize_algorithm", "role_boundaries", "processor_type", "processor_kwargs",
+         "freeze_mm_modules"),
     "tunedag adds tokens (special_tokens, tokens); renaming the tokenizer's reserved tokens and resetting "
     "untrained embedding rows are not offered":
         ("added_tokens_overrides", "fix_untrained_tokens"),

@@ -49,6 +49,7 @@ from tunedag.train.held_out import Evaluation, HeldOutRows, best_dir, eval_inter
 from tunedag.train.metrics_log import MetricsLog
 from tunedag.train.preference import check_preference_shards
 from tunedag.train.rank_failures import rank_session
+from tunedag.train.sparsity import KeptSparsity
 from tunedag.train.ranks import DistEnv, all_sum, any_rank, broadcast, choose_device
 from tunedag.train.schedule import build_scheduler
 
@@ -88,9 +89,10 @@ def seed_everything(seed: int) -> None:
 
 def micro_batches(reader: ShardReader, run: RunConfig, pad_id: int,
                   position: ckpt.Position) -> Iterator[tuple[dict[str, torch.Tensor], int, int]]:
-    """(batch, epoch, offset after it) from ``position`` on; endless when max_steps is set."""
+    """(batch, epoch, offset after it) from ``position`` on; endless when max_steps is set, unless this rank
+    has no rows at all (fewer rows than ranks): then none, instead of cycling empty epochs forever."""
     epoch, offset = position.epoch, position.offset
-    while run.max_steps is not None or epoch < run.num_epochs:
+    while (run.max_steps is not None and len(reader) > 0) or epoch < run.num_epochs:
         order = reader.epoch_order(epoch, run.seed, shuffle=not run.curriculum_sampling)
         while offset < len(order):
             rows = [reader.row(i) for i in order[offset: offset + run.micro_batch_size]]
@@ -186,6 +188,7 @@ def _train(run: RunConfig, shards_dir: Path, model_path: Path, run_dir: Path, en
     resumed = _resume_point(ckpt_root, key, steps, env)
     seed_everything(run.seed)
     engine = make_engine(run, model_path, env)
+    sparsity = KeptSparsity(engine.model.named_parameters(), run.keep_sparsity)  # the base's, before a resume
     count = loss_units(run, shards_dir, manifest, engine.model.config, engine.objective)
     scheduler = build_scheduler(engine.optimizer, run.lr_scheduler, warmup_steps(run, steps), steps,
                                 run.cosine_min_lr_ratio, run.cosine_constant_lr_ratio)
@@ -223,7 +226,9 @@ def _train(run: RunConfig, shards_dir: Path, model_path: Path, run_dir: Path, en
                 engine.backward(loss)
                 loss_total += loss.item()
             loss_total = all_sum(loss_total, engine.device)
+            sparsity.mask_gradients()
             grad_norm = engine.step(run.max_grad_norm)
+            sparsity.mask_weights()
             scheduler.step()
             _, position.epoch, position.offset = group[-1]
             position.step += 1

@@ -100,6 +100,13 @@ def gguf_runs():
     return [name for name, run in CFG.runs.items() if run.rl != "reward"]
 
 
+def gguf_metrics(name):
+    """The export stage's size-and-perplexity JSON of each GGUF file of run ``name`` (the report shows them)."""
+    if name not in gguf_runs():
+        return []
+    return [f"{CFG.run_dir(name)}/export/{name}-{t}.json" for t in CFG.runs[name].gguf_types]
+
+
 def all_targets():
     targets = []
     for name, run in CFG.runs.items():

@@ -7,6 +7,7 @@ rule report_run:
         info="{run_dir}/train_info.json",
         evaluation="{run_dir}/eval",
         shards=lambda w: f"data/packed/{run_of(w)}",
+        gguf=lambda w: gguf_metrics(run_of(w)),
     output:
         curves=report("{run_dir}/report/training_curves.png", caption="../report/training_curves.rst",
                       category="Runs", subcategory="{run_dir}"),
@@ -22,7 +23,8 @@ rule report_run:
         CONDA_ENV
     shell:
         "{PYTHON} {SCRIPTS:q}/report.py --config {EFFECTIVE_CONFIG:q} run --run {params.run:q} "
-        "--run-dir {wildcards.run_dir:q} --shards {input.shards:q} --out {wildcards.run_dir:q}/report 2> {log:q}"
+        "--run-dir {wildcards.run_dir:q} --shards {input.shards:q} --out {wildcards.run_dir:q}/report "
+        "--exports {wildcards.run_dir:q}/export 2> {log:q}"
 
 
 rule report_compare:
