@@ -1,15 +1,21 @@
 """tunedag's own optimizers on one process: AdamW with block-wise quantized moments
 (adamw_torch_8bit / adamw_torch_4bit) and Muon, against torch's AdamW and Muon, their state's
-memory, and a resume from a saved state dict."""
+memory, a resume from a saved state dict, and a training run killed and resumed."""
+import dataclasses
 import io
+import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from tunedag.train.engines import TorchEngine
+from tunedag.train.loop import train
 from tunedag.train.muon import Muon, muon_groups
 from tunedag.train.optimizers import build_optimizer
-from tunedag.train.quantized_adamw import QMAPS, QuantizedAdamW, as_rows, dequantize, quantize, state_bytes
+from tunedag.train.quantized_adamw import QMAPS, QuantizedAdamW, dequantize, quantize, state_bytes
+from tests.train.test_train import packed  # noqa: F401  (the fixture: tokenized sample rows)
 
 
 def nearest_by_search(x: torch.Tensor, bits: int, signed: bool, block: int) -> torch.Tensor:
@@ -194,3 +200,33 @@ def test_muon_trains_a_tiny_llama():
         loss.backward()
         opt.step()
     assert losses[-1] < losses[0] - 0.5
+
+
+def test_a_run_killed_mid_training_resumes_its_optimizer_and_schedule(packed, tiny_model_dir, tmp_path, monkeypatch):
+    """The loop (torch engine, LoRA + lm_head trained in full: 4-bit moments for lm_head) with Axolotl's cosine
+    floor held from step int(5 * 0.6) = 3: killed in step 4, resumed from step 2, it ends with the
+    uninterrupted run's weights and logs the schedule's learning rates."""
+    run, shards = packed
+    run = dataclasses.replace(run, optimizer="adamw_torch_4bit", max_steps=5, save_steps=2, micro_batch_size=1,
+                              warmup_steps=1, cosine_min_lr_ratio=0.5, cosine_constant_lr_ratio=0.6)
+    train(run, shards, tiny_model_dir, tmp_path / "straight")
+    real_loss_sum, calls = TorchEngine.loss_sum, []
+
+    def dies_in_step_4(self, batch):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_loss_sum(self, batch)
+
+    monkeypatch.setattr(TorchEngine, "loss_sum", dies_in_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train(run, shards, tiny_model_dir, tmp_path / "resumed")
+    monkeypatch.setattr(TorchEngine, "loss_sum", real_loss_sum)
+    assert train(run, shards, tiny_model_dir, tmp_path / "resumed")["resumed_from"].endswith("step-2")
+    straight, resumed = (load_file(tmp_path / r / "adapter/adapter_model.safetensors") for r in ("straight", "resumed"))
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+    logged = [json.loads(line)["learning_rate"] for line in (tmp_path / "resumed/train_metrics.jsonl").open()]
+    factors = [1.0, 0.75, 0.5, 0.5, 0.5]  # after steps 1..5: warmup 1, cosine over steps 1..3, then the floor
+    assert logged == pytest.approx([run.learning_rate * f for f in factors], rel=1e-9)
