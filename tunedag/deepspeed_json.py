@@ -9,10 +9,14 @@ writes the keys it owns (:data:`OWNED`): a user value for one of them must equal
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from tunedag.errors import TunedagError
+
+
+log = logging.getLogger(__name__)
 
 
 class DeepSpeedConfigError(TunedagError, ValueError):
@@ -74,8 +78,8 @@ def check_user_config(user: dict[str, Any], owned: dict[str, Any], source: str) 
                                        f"it is set from {OWNED[key]} (leave it out or write \"auto\")")
     zero = user.get("zero_optimization")
     stage = zero.get("stage") if isinstance(zero, dict) else None
-    if stage not in (2, 3):
-        raise DeepSpeedConfigError(f"{source}: zero_optimization.stage must be 2 or 3, got {stage!r}")
+    if stage not in (1, 2, 3):
+        raise DeepSpeedConfigError(f"{source}: zero_optimization.stage must be 1, 2 or 3, got {stage!r}")
 
 
 # zero_optimization keys stock JSONs (Axolotl's deepspeed_configs/, HF's) leave "auto", filled in from the
@@ -86,7 +90,11 @@ AUTO_FROM_HIDDEN = {"reduce_bucket_size": lambda h: h * h, "stage3_prefetch_buck
 
 def resolve_auto(user: dict[str, Any], hidden_size: int, cuda: bool) -> dict[str, Any]:
     """The user's JSON with its precision and bucket-size ``"auto"`` values filled in: bf16 on CUDA, fp16
-    off (tunedag does not train in fp16), buckets from ``hidden_size``. Owned keys are set by the caller."""
+    off (tunedag does not train in fp16), buckets from ``hidden_size``. Owned keys are set by the caller.
+
+    ZeRO-1's ``overlap_comm`` is switched off: DeepSpeed overlaps stage 1's gradient reduction with
+    backward only when it decides where an optimizer step ends, and tunedag's loop decides that
+    (``managed_gradient_accumulation: false``). The reduction is the same, only not overlapped."""
     config = dict(user)
     config.pop("fp16", None)  # check_user_config let it through only switched off or "auto"
     bf16 = dict(config.get("bf16") or {"enabled": cuda})
@@ -97,5 +105,8 @@ def resolve_auto(user: dict[str, Any], hidden_size: int, cuda: bool) -> dict[str
     for key, fill in AUTO_FROM_HIDDEN.items():
         if zero.get(key) == "auto":
             zero[key] = fill(hidden_size)
+    if zero.get("stage") == 1 and zero.get("overlap_comm"):
+        log.info("ZeRO stage 1: overlap_comm off (DeepSpeed overlaps only where it ends optimizer steps itself)")
+        zero["overlap_comm"] = False
     config["zero_optimization"] = zero
     return config

@@ -128,7 +128,7 @@ def test_a_stock_json_with_auto_values_runs_as_written(sample_shards, tmp_path):
      "train_micro_batch_size_per_gpu is 16 but config.yaml gives 4; it is set from micro_batch_size"),
     ({"zero_optimization": {"stage": 2}, "gradient_clipping": 0.3}, "it is set from max_grad_norm"),
     ({"zero_optimization": {"stage": 2}, "optimizer": {"type": "Adam"}}, "remove 'optimizer'"),
-    ({"zero_optimization": {"stage": 1}}, "zero_optimization.stage must be 2 or 3, got 1"),
+    ({"zero_optimization": {"stage": 0}}, "zero_optimization.stage must be 1, 2 or 3, got 0"),
 ])
 def test_a_bad_user_json_stops_config_validation_naming_it(sample_shards, tmp_path, content, message):
     src, _ = sample_shards

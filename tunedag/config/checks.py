@@ -110,21 +110,26 @@ def _check_objective(run: RunConfig, where: str) -> None:
 def _check_engine(run: RunConfig, where: str, base_dir: Path) -> None:
     """What the chosen training engine cannot run, and the user's DeepSpeed JSON."""
     # the preference and reward losses call the decoder and the head themselves (the head under
-    # activation checkpointing): outside FSDP's root forward, and recomputed on ZeRO-3's released weights
+    # activation checkpointing): outside FSDP's root forward, and recomputed on ZeRO-3's released weights;
+    # a full fine-tune's reference model would also need sharding there
     if run.rl is not None and (run.train_engine == "fsdp" or (run.train_engine == "deepspeed"
                                                               and run.deepspeed_zero_stage == 3)):
         raise ConfigError(f"{where}.train_engine: rl: {run.rl} does not run on "
                           f"{'fsdp' if run.train_engine == 'fsdp' else 'deepspeed with ZeRO stage 3'}; "
-                          "use ddp or deepspeed_zero_stage: 2")
+                          "use ddp or deepspeed_zero_stage: 1 or 2")
     if run.deepspeed_offload == "all" and run.deepspeed_zero_stage != 3:
         raise ConfigError(f"{where}.deepspeed_offload: all (weights too) needs deepspeed_zero_stage: 3")
     if run.deepspeed_config is not None:
         path = base_dir / run.deepspeed_config
         owned = owned_values(run.micro_batch_size, run.gradient_accumulation_steps, run.max_grad_norm, None)
         try:
-            check_user_config(read_user_config(path), owned, str(path))
+            user = read_user_config(path)
+            check_user_config(user, owned, str(path))
         except DeepSpeedConfigError as err:
             raise ConfigError(f"{where}.deepspeed_config: {err}") from None
+        if run.rl is not None and user["zero_optimization"]["stage"] == 3:
+            raise ConfigError(f"{where}.deepspeed_config: {path} runs ZeRO stage 3, on which rl: {run.rl} does "
+                              "not run; use a stage 1 or 2 JSON")
 
 
 QAT_PAIRS = {("int4", "int8"), ("mxfp4", "mxfp4"), ("nvfp4", "nvfp4")}  # (weights, activations) offered
@@ -353,9 +358,6 @@ def _check_adapter(run: RunConfig, where: str) -> None:
                               f"with adapter: {run.adapter} use lora_modules_to_save")
         _check_adapter_serving(run, where)
         return
-    if run.rl is not None:
-        raise ConfigError(f"{where}.adapter: rl: {run.rl} trains an adapter (its reference model is the base "
-                          "under the adapter); full fine-tuning (adapter: null) trains supervised data only")
     for i, pattern in enumerate(run.unfrozen_parameters):
         if _ROW_RANGE.search(pattern):
             raise ConfigError(f"{where}.unfrozen_parameters[{i}]: {pattern!r} ends in a row range, which tunedag "

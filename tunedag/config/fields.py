@@ -349,9 +349,10 @@ class RunConfig:
         "auto", stages=("train",),
         doc="training engine; auto: triton on exactly one CUDA GPU, else torch; in a Slurm job with "
             "several ranks: ddp (replicated model, summed gradients), fsdp (FSDP2 per decoder layer) or "
-            "deepspeed (ZeRO stage 2 or 3)")
-    deepspeed_zero_stage: Literal[2, 3] = _field(
-        2, stages=("train",), doc="deepspeed: ZeRO stage; 2 shards gradients and optimizer state, 3 also the weights")
+            "deepspeed (ZeRO stage 1, 2 or 3)")
+    deepspeed_zero_stage: Literal[1, 2, 3] = _field(
+        2, stages=("train",), doc="deepspeed: ZeRO stage; 1 shards the optimizer state, 2 also the gradients, "
+                                  "3 also the weights")
     deepspeed_offload: Literal["none", "optimizer", "all"] = _field(
         "none", stages=("train",),
         doc="deepspeed: keep in CPU memory the optimizer state (optimizer) or also the weights (all, stage 3)")
@@ -362,7 +363,8 @@ class RunConfig:
     rl: Optional[Literal["dpo", "orpo", "kto", "reward"]] = _field(
         None, stages=("train", "evaluate"),
         doc="preference objective on dpo (dpo, orpo, reward) or kto (kto) data; null: supervised fine-tuning; "
-            "reward: a reward model (the decoder with a scalar score head) trained on the pairs")
+            "reward: a reward model (the decoder with a scalar score head) trained on the pairs; with adapter: "
+            "null every weight trains, and dpo and kto compare with a frozen copy of the base")
     rl_beta: float = _field(0.1, stages=("train", "evaluate"),
                             doc="dpo/kto: strength of the pull to the reference model (Axolotl's rl_beta, "
                                 "formerly dpo_beta); IPO: its tau")

@@ -8,6 +8,11 @@ shards with an index, with the base model's config, tokenizer, chat template and
 generation_config. Every tensor must be one of the base model's, of the same shape (a trained
 folder of another model stops here); a model small enough to load twice is checked end to end:
 the written folder's logits against the trained model's.
+
+A reward model (``rl: reward``) is the base as ``<Arch>ForSequenceClassification``: its tensors are
+checked against that layout (no ``lm_head``, a one-row ``score``), every one of them must be written,
+config.json names the class, one label and the pad token as a merged reward adapter's does, and the
+end-to-end check compares scores.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from tunedag.config import RunConfig
 from tunedag.io import atomic_path
@@ -25,6 +30,7 @@ from tunedag.merge.adapter import (LOGIT_CHECK_MAX_BYTES, MAX_RELATIVE_LOGIT_ERR
                                    weight_bytes)
 from tunedag.merge.weights import MergeError, ShardWriter, base_tensors, grown_shape, parse_size
 from tunedag.models.loading import check_weight_files, run_vocab_size
+from tunedag.models.reward_head import sequence_classification_shapes
 
 
 def tensor_shapes(model_path: Path) -> dict[str, tuple[int, ...]]:
@@ -38,13 +44,14 @@ def tensor_shapes(model_path: Path) -> dict[str, tuple[int, ...]]:
 
 @torch.no_grad()
 def _logit_error(run: RunConfig, trained_dir: Path, out_dir: Path) -> float:
-    """Relative error of the written model's logits against the trained model's."""
+    """Relative error of the written model's logits (a reward model's scores) against the trained model's."""
+    auto = AutoModelForSequenceClassification if run.rl == "reward" else AutoModelForCausalLM
     ids = torch.randint(0, json.loads((trained_dir / "config.json").read_text())["vocab_size"], (8, 32),
                         generator=torch.Generator().manual_seed(run.seed))
     logits = []
     for folder in (trained_dir, out_dir):
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True,
-                                                     trust_remote_code=run.trust_remote_code).eval()
+        model = auto.from_pretrained(folder, dtype=torch.float32, use_safetensors=True,
+                                     trust_remote_code=run.trust_remote_code).eval()
         logits.append(model(input_ids=ids).logits.float())
         del model
     ref, written = logits
@@ -60,7 +67,9 @@ def merge_full_model(run: RunConfig, model_path: Path, trained_dir: Path, out_di
     check_weight_files(trained_dir)
     check_weight_files(model_path)
     dtype = target_dtype(run, model_path)
-    base = tensor_shapes(model_path)
+    architecture, expected = (sequence_classification_shapes(model_path, run.trust_remote_code)
+                              if run.rl == "reward" else (None, None))
+    base = expected if expected is not None else tensor_shapes(model_path)
     vocab = run_vocab_size(model_path, run)  # the embeddings grew to the run's tokenizer
     base = {name: grown_shape(shape, model_path, vocab) for name, shape in base.items()}
     with atomic_path(out_dir) as tmp:
@@ -70,13 +79,18 @@ def merge_full_model(run: RunConfig, model_path: Path, trained_dir: Path, out_di
             if name not in base or base[name] != tuple(tensor.shape):
                 found = f"of shape {base[name]}" if name in base else "none"
                 raise MergeError(f"{trained_dir}: {name} {tuple(tensor.shape)} has no counterpart in {model_path} "
-                                 f"({found}): not a fine-tune of this base model")
+                                 f"{'as a reward model ' if architecture else ''}({found}): not a fine-tune of "
+                                 "this base model")
             tensor = tensor.to(dtype) if tensor.is_floating_point() else tensor
             writer.add(name, tensor)
             total += tensor.numel() * tensor.element_size()
             names.append(name)
+        unwritten = set(expected or ()) - set(names)
+        if unwritten:
+            raise MergeError(f"{trained_dir}: no tensor for {', '.join(sorted(unwritten)[:3])} of the reward "
+                             "model; run the train stage again (snakemake --forcerun train)")
         writer.close(total)
-        copy_model_files(run, model_path, tmp, dtype, None)
+        copy_model_files(run, model_path, tmp, dtype, architecture)
         report: dict[str, Any] = {"full_fine_tune": True, "written_tensors": len(names),
                                   "relative_logit_error": None}
         if weight_bytes(trained_dir) <= LOGIT_CHECK_MAX_BYTES:

@@ -106,7 +106,9 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], devic
                    chunk_tokens: int = CHUNK_TOKENS) -> SequenceLogps:
     """Response log-probs of every segment of a packed preference batch, in one forward pass."""
     lm = unwrap_model(model)
-    hidden = lm.get_decoder()(**model_inputs(batch, device, torch.float32)).last_hidden_state  # (B, T, H)
+    # the additive mask in the weights' dtype, as transformers builds its own: an fp32 mask beside bf16
+    # weights outside autocast gave NaN log-probs on an H200 (a bf16 mask's minimum is still finite)
+    hidden = lm.get_decoder()(**model_inputs(batch, device, lm.dtype)).last_hidden_state  # (B, T, H)
     softcap = getattr(lm.config, "final_logit_softcapping", None)
     return hidden_logps(hidden.reshape(-1, hidden.shape[-1]), batch, lm.get_output_embeddings(),
                         chunk_tokens=chunk_tokens, softcap=softcap)

@@ -4,7 +4,8 @@ The model is the base decoder as transformers' ``<Arch>ForSequenceClassification
 ``num_labels=1``: the causal LM head is dropped and ``score`` (Linear(hidden, 1, bias=False))
 reads the final hidden state of one token. LoRA adapts the decoder as in every other run; peft's
 SEQ_CLS task puts ``score`` in ``modules_to_save``, so the head is trained in full and saved with
-the adapter. Its initial weights are N(0, initializer_range) drawn from the run's seed alone, so
+the adapter. A full fine-tune (``adapter: null``) trains every weight of the decoder and the head, and
+saves the whole classifier. The head's initial weights are N(0, initializer_range) drawn from the run's seed alone, so
 the evaluate stage can rebuild the untrained model that training started from.
 
 Packed rows: transformers' pooling picks one token per row; here every segment (each chosen and
@@ -70,15 +71,21 @@ def load_reward_model(path: str | Path, dtype: torch.dtype, trust_remote_code: b
     return model
 
 
-def sequence_classification_layout(path: str | Path, trust_remote_code: bool) -> tuple[str, set[str]]:
-    """(class name, state-dict names) of the base at ``path`` as a one-label sequence classifier.
+def sequence_classification_shapes(path: str | Path, trust_remote_code: bool) -> tuple[str, dict[str, tuple[int, ...]]]:
+    """(class name, state-dict name → shape) of the base at ``path`` as a one-label sequence classifier.
 
     Built on the meta device: no weights are allocated.
     """
     config = AutoConfig.from_pretrained(path, num_labels=1, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
-    return type(model).__name__, set(model.state_dict())
+    return type(model).__name__, {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def sequence_classification_layout(path: str | Path, trust_remote_code: bool) -> tuple[str, set[str]]:
+    """(class name, state-dict names) of the base at ``path`` as a one-label sequence classifier."""
+    name, shapes = sequence_classification_shapes(path, trust_remote_code)
+    return name, set(shapes)
 
 
 # --------------------------------------------------------------------------- rewards of a packed batch
@@ -103,7 +110,8 @@ def segment_rewards(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     """(rewards (S,) float32, labels (S,)) of every segment of a packed batch, in one forward pass."""
     classifier = unwrap_model(model)
     decoder = getattr(classifier, classifier.base_model_prefix)
-    hidden = decoder(**model_inputs(batch, device, torch.float32)).last_hidden_state  # (B, T, H)
+    # the mask in the weights' dtype (tunedag.models.logprobs.sequence_logps says why)
+    hidden = decoder(**model_inputs(batch, device, classifier.dtype)).last_hidden_state  # (B, T, H)
     where, labels = last_token_positions(batch, classifier.config.pad_token_id)
     pooled = hidden.reshape(-1, hidden.shape[-1])[where.to(device)]  # (S, H)
     return classifier.score(pooled).float()[:, 0], labels.to(device)

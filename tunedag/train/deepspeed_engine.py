@@ -1,4 +1,7 @@
-"""``train_engine: deepspeed``: DeepSpeed ZeRO stage 2 or 3 under tunedag's training loop.
+"""``train_engine: deepspeed``: DeepSpeed ZeRO stage 1, 2 or 3 under tunedag's training loop.
+
+Stage 1 shards the optimizer state over the ranks, 2 the gradients too, 3 the weights too; 1 and 2
+keep every weight whole on every rank (one optimizer class in DeepSpeed, the same paths here).
 
 The DeepSpeed JSON is generated from config.yaml (:func:`deepspeed_config`) and written to
 ``{run_dir}/deepspeed_config.json``; ``deepspeed_config: path.json`` replaces the generated one
@@ -22,8 +25,13 @@ by the user's, checked by :mod:`tunedag.deepspeed_json` when the config is valid
   rank's partition, saved by rank 0 as a PEFT folder.
 
 Full fine-tuning (``adapter: null``) with ZeRO-3 builds the model under ``deepspeed.zero.Init``
-(:func:`zero3_model`): no rank holds the whole model. LoRA, and ZeRO-2, load the base whole on every
+(:func:`zero3_model`): no rank holds the whole model. LoRA, and ZeRO-1/2, load the base whole on every
 rank first, so it must fit one device in fp32.
+
+Preference training (``rl``) runs on ZeRO-1/2 only (config validation refuses ZeRO-3). A full fine-tune's
+dpo/kto reference model (:func:`tunedag.train.preference.frozen_reference`) lives outside DeepSpeed:
+whole on every rank, bf16 on CUDA: 2 bytes per parameter beside the trained model's bf16 weights and
+gradients (2 + 2, whole at ZeRO-1) and fp32 master weights and AdamW moments (12, sharded over the ranks).
 """
 from __future__ import annotations
 
@@ -176,7 +184,7 @@ class DeepSpeedEngine:
 
 def gathered(param: torch.nn.Parameter) -> torch.Tensor:
     """A copy of a frozen parameter on the CPU, whole (ZeRO-3 holds a partition of it on each rank)."""
-    if not hasattr(param, "ds_id"):  # ZeRO-2 leaves parameters whole
+    if not hasattr(param, "ds_id"):  # ZeRO-1 and ZeRO-2 leave parameters whole
         return param.detach().cpu().clone()
     import deepspeed
 

@@ -57,7 +57,7 @@ from tunedag.models.moe import aux_loss_enabled, hf_moe_loss_sum
 from tunedag.models.registry import lora_target_kwargs
 from tunedag.models.reward_head import load_reward_model
 from tunedag.train.optimizers import build_optimizer
-from tunedag.train.preference import PreferenceObjective
+from tunedag.train.preference import preference_objective
 from tunedag.train.ranks import DistEnv, choose_device
 from tunedag.train.reward import RewardObjective
 
@@ -85,6 +85,9 @@ class TorchEngine:
             base = (load_reward_model(model_path, torch.float32, run.trust_remote_code, run.seed) if reward
                     else load_causal_lm(model_path, torch.float32, run.trust_remote_code, run.reinit_seed,
                                         run_vocab_size(model_path, run)))
+        # before anything changes the base: a full fine-tune's dpo/kto reference is a frozen copy of it
+        self.objective = (RewardObjective(run) if reward else
+                          preference_objective(run, base, device, self.full) if run.rl else None)
         if run.adapter == "qlora":
             n = fake_quantize_(base)
             log.info("torch engine, qlora: %d projections hold their NF4-dequantised values "
@@ -93,7 +96,6 @@ class TorchEngine:
         if run.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.enable_input_require_grads()
-        self.objective = RewardObjective(run) if reward else PreferenceObjective(run) if run.rl else None
         if self.full:
             n = unfreeze_only(base, run.unfrozen_parameters)
             log.info("full fine-tuning: %d of %d parameter tensors trained", n, len(list(base.parameters())))

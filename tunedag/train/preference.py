@@ -7,6 +7,12 @@ states and LM head to ``hidden_logps`` and the result to ``PreferenceObjective.l
 ``PreferenceObjective.loss_sum`` does both for an HF model, the reference being the same model
 with its adapters disabled.
 
+A full fine-tune (``adapter: null``) has no adapter to switch off: dpo (sigmoid, ipo) and kto then
+compare with :func:`frozen_reference`, a copy of the policy as it starts, in eval mode, without
+gradients, in the dtype the policy computes in (bf16 on CUDA: 2 bytes per parameter beside the
+policy's 16 with AdamW; fp32 on the CPU, where the policy computes in fp32); its log-probs are
+computed under no_grad, so it holds no activations for backward. orpo needs no reference.
+
 Losses, per pair (dpo/orpo) or per sample (kto); ``loss_sum`` returns their sum and
 ``loss_units`` their count, so the loop's "sum, then divide by the group's count" yields the mean
 over pairs, however a step is split into micro-batches:
@@ -23,6 +29,7 @@ over pairs, however a step is split into micro-batches:
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -82,6 +89,7 @@ class PreferenceObjective:
 
     run: RunConfig
     chunk_tokens: int = CHUNK_TOKENS
+    reference: torch.nn.Module | None = None  # a full fine-tune's frozen base; None: the adapters-off model
 
     def loss_units(self, batch: dict[str, torch.Tensor]) -> int:
         """What the loss is averaged over: pairs (dpo, orpo) or samples (kto)."""
@@ -98,8 +106,20 @@ class PreferenceObjective:
         """The summed loss of an HF (peft) ``model``'s forward passes over ``batch``."""
         with autocast():
             policy = sequence_logps(model, batch, device, self.chunk_tokens)
-            ref = reference_logps(model, batch, device, self.chunk_tokens) if self.needs_reference else None
+            ref = None
+            if self.reference is not None:
+                ref = self.frozen_reference_logps(batch, device)
+            elif self.needs_reference:
+                ref = reference_logps(model, batch, device, self.chunk_tokens)
         return self.loss_from_logps(policy, ref)
+
+    def frozen_reference_logps(self, batch: dict[str, torch.Tensor], device: torch.device) -> SequenceLogps:
+        """The log-probs of a full fine-tune's frozen reference: its bf16 weights under bf16 autocast on CUDA
+        (as the torch engine runs its policy), whatever the calling engine's own precision setting."""
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                    else contextlib.nullcontext())
+        with autocast:
+            return reference_logps(self.reference, batch, device, self.chunk_tokens)
 
     def loss_from_logps(self, policy: SequenceLogps, ref: SequenceLogps | None) -> torch.Tensor:
         """The summed loss from the policy's and (dpo, kto) the reference's log-probs, from any engine."""
@@ -118,6 +138,26 @@ class PreferenceObjective:
                               policy.tokens[c], policy.tokens[r]).sum()
         return dpo_losses(policy.logps[c], policy.logps[r], ref.logps[c], ref.logps[r], run.rl_beta,
                           run.dpo_label_smoothing).sum()
+
+
+def frozen_reference(start: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """A full fine-tune's reference model: a copy of the policy as training starts (as TRL's
+    ``create_reference_model``), frozen, its parameters in the policy's compute dtype (buffers such as
+    the rotary frequencies keep theirs), made one parameter at a time on ``device``: no second fp32 copy."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    copies = {id(p): torch.nn.Parameter(p.detach().to(device, dtype, copy=True), requires_grad=False)
+              for p in start.parameters()}  # deepcopy takes these for the parameters (tied ones stay tied)
+    return copy.deepcopy(start, memo=copies).to(device).eval()
+
+
+def preference_objective(run: RunConfig, start: torch.nn.Module, device: torch.device,
+                         full: bool) -> PreferenceObjective:
+    """``rl``'s objective; a full fine-tune's dpo or kto gets its frozen reference, a copy of ``start``
+    (the policy as loaded, before training)."""
+    objective = PreferenceObjective(run)
+    if full and objective.needs_reference:
+        objective.reference = frozen_reference(start, device)
+    return objective
 
 
 # --------------------------------------------------------------------------- input checks

@@ -9,7 +9,7 @@ the torch engine with a logged reason):
 - full fine-tuning (``adapter: null``): the HF model itself, every parameter trained or those
   ``unfrozen_parameters`` names; the same fused kernels run without A/B and return the gradient of
   each projection, norm, embedding and lm_head weight that requires grad (frozen ones cost none);
-  supervised data only (no ``rl``);
+  with ``rl`` (dpo, orpo, kto) too;
 - embed_tokens / lm_head trained in full (``lora_modules_to_save``): kept in fp32 as master
   weights, cast to the compute dtype per step; the fused cross-entropy returns the lm_head
   gradient directly;
@@ -23,7 +23,11 @@ the torch engine with a logged reason):
   ``adapters_off()`` (no_grad, the patched model's ``AdapterSwitch`` off; peft's ``disable_adapter()``
   is honoured too but walks the whole model per call): the fused modules run the frozen base alone
   (no LoRA matmuls) and trained embed_tokens / lm_head give way to the frozen originals; nothing is
-  saved for backward. ``rl: reward`` (a score head, not an LM head) stays on the torch engine.
+  saved for backward. A full fine-tune has no adapters to switch off: its dpo/kto reference is the
+  frozen copy of the base as loaded (:func:`tunedag.train.preference.frozen_reference`, bf16 on CUDA),
+  run through transformers' decoder under no_grad and bf16 autocast (no backward, so no kernel of ours
+  is needed).
+  ``rl: reward`` (a score head, not an LM head) stays on the torch engine.
 
 Precision: on CUDA the frozen base is bf16 (rotary buffers stay fp32, as the torch engine's
 fp32 model under bf16 autocast computes them); LoRA A/B and fully trained modules are fp32
@@ -70,7 +74,7 @@ from tunedag.models.moe import add_router_loss, aux_loss_enabled
 from tunedag.models.registry import ARCHITECTURES, lora_target_kwargs
 from tunedag.train.engines import load_trainable, unfreeze_only
 from tunedag.train.layer_checkpoint import Mode, run_layers
-from tunedag.train.preference import PreferenceObjective
+from tunedag.train.preference import preference_objective
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +116,10 @@ class TritonEngine:
             base = load_causal_lm(model_path, torch.float32, run.trust_remote_code, run.reinit_seed,
                                   run_vocab_size(model_path, run))
         self.full = run.adapter is None
+        if run.rl == "reward":
+            raise ValueError("rl: reward trains on the torch engine (a score head, not an LM head)")
+        # before patching: a full fine-tune's dpo/kto reference is a frozen copy of the base as loaded
+        self.objective = preference_objective(run, base, device, self.full) if run.rl else None
         if self.full:
             model, nf4 = self._full_model(base, run), {}
         else:
@@ -125,9 +133,6 @@ class TritonEngine:
         self.causal_lm = model if self.full else model.get_base_model()
         self.decoder = self.causal_lm.model
         self.spec = ARCHITECTURES[self.causal_lm.config.model_type]
-        if run.rl == "reward":
-            raise ValueError("rl: reward trains on the torch engine (a score head, not an LM head)")
-        self.objective = PreferenceObjective(run) if run.rl else None
 
     def _lora_model(self, base: PreTrainedModel, run: RunConfig) -> torch.nn.Module:
         """peft LoRA over the base in the compute dtype; fp32 master copies of everything trained."""
@@ -145,8 +150,6 @@ class TritonEngine:
     def _full_model(self, base: PreTrainedModel, run: RunConfig) -> torch.nn.Module:
         """The HF model itself: trained parameters (all, or those ``unfrozen_parameters`` names) as fp32
         masters, frozen ones in the compute dtype."""
-        if run.rl is not None:
-            raise ValueError(f"rl: {run.rl} trains an adapter; full fine-tuning (adapter: null) is supervised only")
         n = unfreeze_only(base, run.unfrozen_parameters)
         for p in base.parameters():
             if p.is_floating_point():
@@ -230,7 +233,9 @@ class TritonEngine:
         if self.objective is not None:
             policy = self.sequence_logps(batch)
             ref = None
-            if self.objective.needs_reference:
+            if self.objective.reference is not None:  # a full fine-tune's frozen base
+                ref = self.objective.frozen_reference_logps(batch, self.device)
+            elif self.objective.needs_reference:
                 with self.adapters_off():
                     ref = self.sequence_logps(batch)
             return self.objective.loss_from_logps(policy, ref)
