@@ -1,5 +1,6 @@
 """special_tokens and tokens (Axolotl's keys): the run's tokenizer from tokenize to the merged folder."""
 import json
+import math
 
 import gguf
 import numpy as np
@@ -12,6 +13,7 @@ from tunedag.config import DatasetConfig, parse_config
 from tunedag.data.download import download_dataset
 from tunedag.data.run_tokenizer import TokenizerSetupError
 from tunedag.data.shards import ShardReader
+from tunedag.evaluate.compare import evaluate_run
 from tunedag.export.gguf import write_gguf
 from tunedag.export.vllm import export_vllm
 from tunedag.merge.adapter import merge_adapter
@@ -112,7 +114,8 @@ def test_embeddings_grow_with_mean_rows_and_leave_the_rng_alone(tiny_model_dir):
 def _train_and_merge(tmp_path, model_dir, **overrides):
     run, manifest, _ = _tokenized(tmp_path, model_dir, _rows(24), tokens=[IM_START], val_set_size=2,
                                   special_tokens={"eos_token": IM_END}, max_steps=2, learning_rate=1e-2,
-                                  merge_dtype="float32", train_engine="torch", **overrides)
+                                  merge_dtype="float32", train_engine="torch", eval_max_new_tokens=8,
+                                  **overrides)
     train(run, tmp_path / "packed", model_dir, tmp_path / "run")
     merge = merge_adapter if run.adapter else merge_full_model
     report = merge(run, model_dir, tmp_path / "run" / "adapter", tmp_path / "merged")
@@ -139,11 +142,14 @@ def test_merged_folder_holds_the_grown_embeddings_and_the_runs_tokenizer(tmp_pat
     with torch.no_grad():
         assert model(input_ids=torch.tensor([[1, n + 1, 7, n]])).logits.shape[-1] == n + 2
     if run.adapter:
-        check_exports(tmp_path, merged, n)
+        check_downstream(run, tmp_path, tiny_model_dir, merged, n)
 
 
-def check_exports(tmp_path, merged, n):
-    """The GGUF holds the new tokens at their ids with the run's EOS; vLLM serves the merged model only."""
+def check_downstream(run, tmp_path, base, merged, n):
+    """Evaluate compares the grown base with the merged model on shards holding the new ids; the GGUF holds
+    the new tokens at their ids with the run's EOS; vLLM serves the merged model only."""
+    metrics = evaluate_run(run, base, merged, tmp_path / "packed", tmp_path / "eval")
+    assert math.isfinite(metrics["base"]["val_loss"]) and math.isfinite(metrics["finetuned"]["val_loss"])
     write_gguf(merged, tmp_path / "m.gguf", "f32")
     reader = gguf.GGUFReader(tmp_path / "m.gguf")
     tokens = reader.fields["tokenizer.ggml.tokens"].contents()
