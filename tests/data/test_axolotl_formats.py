@@ -215,6 +215,10 @@ def test_dpo_chat_template_default_reads_messages_and_the_last_chosen_message():
     assert s.segment_labels == (1, 0)
 
 
+ARGILLA = {"chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "good"}],
+           "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "bad"}]}
+
+
 @pytest.mark.parametrize("type_, row, header", [
     ("chatml.intel", {"system": "be nice", "question": "hi", "chosen": "good", "rejected": "bad"},
      "<|im_start|> system be nice <|im_end|> <|im_start|> user hi <|im_end|> <|im_start|> assistant"),
@@ -224,13 +228,9 @@ def test_dpo_chat_template_default_reads_messages_and_the_last_chosen_message():
                                                   {"role": "assistant", "content": "good"}],
                       "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "bad"}]},
      "<s> <|start_header_id|> user <|end_header_id|> hi <|eot_id|> <|start_header_id|> assistant <|end_header_id|>"),
-    ("chat_template.argilla", {"system": "be nice", "prompt": "hi",  # Axolotl's ORPO rows (ultrafeedback)
-                               "chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "good"}],
-                               "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "bad"}]},
+    ("chat_template.argilla", {"system": "be nice", "prompt": "hi", **ARGILLA},  # Axolotl's ORPO rows
      "<|im_start|> system be nice <|im_end|> <|im_start|> user hi <|im_end|> <|im_start|> assistant"),
-    ("chat_template.argilla", {"chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "good"}],
-                               "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "bad"}]},
-     "<|im_start|> user hi <|im_end|> <|im_start|> assistant"),
+    ("chat_template.argilla", ARGILLA, "<|im_start|> user hi <|im_end|> <|im_start|> assistant"),
     ("bradley_terry.chat_template", {"input": "hi", "chosen": "good", "rejected": "bad"},
      "<|im_start|> user hi <|im_end|> <|im_start|> assistant"),
 ])

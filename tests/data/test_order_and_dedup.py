@@ -96,6 +96,7 @@ def test_exact_deduplication_keeps_each_sample_once_across_datasets_train_and_va
     train, val = _samples(tmp_path / "dedup/train"), _samples(tmp_path / "dedup/val")
     unique = _distinct(rows)
     assert len(set(train)) + len(val) == len(set(train + val)) == unique  # every row once, in train or val
+    assert val  # kept where it first occurs: the first copy's held-out rows stay held out
     first, second = (d["train_samples"] for d in manifest["datasets"])
     assert first + second == len(train) and first % 2 == 0
     assert len(train) - len(set(train)) == first // 2  # the first copy's weight 2 repeats each sample it keeps

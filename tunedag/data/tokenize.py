@@ -14,10 +14,11 @@ training rows the same way. Validation samples are packed after the units, in on
 
 ``sample_packing_sequentially`` packs next-fit in sample order (a seeded order, or the rows' own
 with ``curriculum_sampling``); a window's last row is closed at the window's end. With
-``dataset_exact_deduplication`` the units write their training samples unpacked, and the parent
-streams them back in unit order, keeping each sample's first occurrence (tokens, labels and
-segments equal; the weight's repeats of a kept row stay), packs them in one stream, and drops the
-held-out samples that repeat any training or earlier held-out one (Axolotl's order: train first).
+``dataset_exact_deduplication`` the units hash every sample (tokens, labels, segments) and write
+their training samples unpacked; the parent keeps each sample's first occurrence in row order
+(datasets in order), in whichever split that row fell, so every distinct sample is trained or held
+out once, as Axolotl's deduplication before its split leaves it; the weight's repeats of a kept row
+stay. The kept training samples are packed in one stream.
 
 The manifest records what made the shards: the config slice, the tokenizer files and this
 package's data code and chat templates, each hashed, so a changed template or tokenizer never
@@ -279,6 +280,7 @@ def _process_unit(unit: Unit) -> dict[str, Any]:
                     dataclasses.replace(settings, sample_packing=False) if settings.deduplicate else settings,
                     [settings.seed, job.index, unit.index])
     train_repeats: list[int] = []
+    sequence: list[tuple[bool, bytes]] = []  # deduplication: (held out?, digest) of every sample, in row order
     val_writer = shards.ShardWriter(tmp / "units" / "val", tag, settings.preference)
     val_samples: list[Sample] = []
     prompts: list[str] = []
@@ -324,6 +326,8 @@ def _process_unit(unit: Unit) -> dict[str, Any]:
                                              f"count such pairs)")
                     counts["identical_pairs_skipped"] += 1
                     continue
+                if settings.deduplicate:
+                    sequence.append((val, _digest(sample)))
                 if val:
                     val_samples.append(sample)
                     counts["val_samples"] += 1
@@ -345,7 +349,7 @@ def _process_unit(unit: Unit) -> dict[str, Any]:
         (tmp / "units" / "prompts").mkdir(parents=True, exist_ok=True)
         (tmp / "units" / "prompts" / f"{tag}.jsonl").write_text("\n".join(prompts) + "\n")
     return {"unit": (unit.dataset, unit.index), "tag": tag, "counts": counts, "train": train.writer.close(),
-            "val": val_writer.close(), "repeats": train_repeats if settings.deduplicate else None,
+            "val": val_writer.close(), "repeats": train_repeats, "sequence": sequence,
             "prompt_samples": prompt_samples, "val_dropped": set()}
 
 
@@ -485,10 +489,11 @@ def tokenize_run(run: RunConfig, raw_dirs: list[Path], model_path: Path, tokeniz
         if totals["train_samples"] == 0:
             raise TokenizeError(f"run has no training samples left of {totals['rows']} rows (all longer than "
                                 f"sequence_len {run.sequence_len}, without trained tokens, or bad?)")
-        seen: set[bytes] | None = set() if settings.deduplicate else None
-        manifest["splits"]["train"] = (_pack_unique_train(results, tmp, settings, seen, ds_records, totals)
-                                       if seen is not None else _gather_train(results, tmp, settings))
-        manifest["splits"]["val"] = _pack_val(results, tmp, settings, seen, ds_records, totals)
+        if settings.deduplicate:
+            _deduplicate(results, ds_records, totals)
+        manifest["splits"]["train"] = (_pack_unique_train(results, tmp, settings) if settings.deduplicate
+                                       else _gather_train(results, tmp, settings))
+        manifest["splits"]["val"] = _pack_val(results, tmp, settings)
         if totals["train_samples"] == 0:
             raise TokenizeError(f"run has no training samples left of {totals['rows']} rows after "
                                 "dataset_exact_deduplication")
@@ -533,55 +538,56 @@ def _digest(sample: Sample) -> bytes:
     return digest.digest()
 
 
-def _first(sample: Sample, seen: set[bytes] | None, record: dict[str, Any], totals: dict[str, Any]) -> bool:
-    """Whether ``sample`` is new (always, without deduplication); a repeat is counted as dropped."""
-    if seen is None:
-        return True
-    key = _digest(sample)
-    if key in seen:
-        record["duplicates_dropped"] = record.get("duplicates_dropped", 0) + 1
-        totals["duplicates_dropped"] += 1
-        return False
-    seen.add(key)
-    return True
+def _deduplicate(results: list[dict[str, Any]], ds_records: list[dict[str, Any]], totals: dict[str, Any]) -> None:
+    """Mark in each unit's result the training samples to keep (``train_keep``) and the held-out ones
+    to drop (``val_dropped``): a sample is kept where it first occurs, in unit and row order."""
+    seen: set[bytes] = set()
+    for result in results:
+        record = ds_records[result["unit"][0]]
+        result["train_keep"], trained = [], iter(result["repeats"])
+        held_out = 0
+        for val, key in result["sequence"]:
+            new = key not in seen
+            seen.add(key)
+            if val:
+                split, dropped = "val_samples", 1
+                if not new:
+                    result["val_dropped"].add(held_out)
+                held_out += 1
+            else:
+                split, dropped = "train_samples", next(trained)  # a kept row's weight repeats stay
+                result["train_keep"].append(new)
+            if not new:
+                for counts in (record, totals):
+                    counts[split] -= dropped
+                    counts["duplicates_dropped"] = counts.get("duplicates_dropped", 0) + 1
 
 
-def _pack_unique_train(results: list[dict[str, Any]], tmp: Path, settings: Settings, seen: set[bytes],
-                       ds_records: list[dict[str, Any]], totals: dict[str, Any]) -> dict[str, Any]:
-    """The units' unpacked training samples in unit order, each kept at its first occurrence (with its
-    weight's repeats), packed in one stream."""
+def _pack_unique_train(results: list[dict[str, Any]], tmp: Path, settings: Settings) -> dict[str, Any]:
+    """The units' unpacked training samples that deduplication keeps, in unit order, each with its weight's
+    repeats, packed in one stream."""
     writer = shards.ShardWriter(tmp / "train", "shard-", settings.preference)
     window = _Window(writer, settings, [settings.seed, UNIQUE_SEED])
     for result in results:
-        record = ds_records[result["unit"][0]]
         paths = [tmp / "units" / r["path"] for r in result["train"]]
-        for sample, repeats in zip(_sample_stream(paths), result["repeats"], strict=True):
-            if not _first(sample, seen, record, totals):
-                record["train_samples"] -= repeats
-                totals["train_samples"] -= repeats
-                continue
-            for _ in range(repeats):
+        kept = zip(_sample_stream(paths), result["repeats"], result["train_keep"], strict=True)
+        for sample, repeats, keep in kept:
+            for _ in range(repeats if keep else 0):
                 window.add(sample)
     window.flush()
     return _split_record(writer.close(keep_empty=True), window.count, settings.sequence_len)
 
 
-def _pack_val(results: list[dict[str, Any]], tmp: Path, settings: Settings, seen: set[bytes] | None,
-              ds_records: list[dict[str, Any]], totals: dict[str, Any]) -> dict[str, Any]:
-    """Pack every unit's validation samples in one stream (bounded windows), unit order; with ``seen``
-    (deduplication) less those that repeat a training or an earlier validation sample."""
+def _pack_val(results: list[dict[str, Any]], tmp: Path, settings: Settings) -> dict[str, Any]:
+    """Pack every unit's validation samples in one stream (bounded windows), unit order, less those
+    deduplication drops."""
     writer = shards.ShardWriter(tmp / "val", "shard-", settings.preference)
     window = _Window(writer, settings, [settings.seed, 1 << 20])
     for result in results:
-        record = ds_records[result["unit"][0]]
         paths = [tmp / "units" / r["path"] for r in result["val"]]
         for k, sample in enumerate(_sample_stream(paths)):
-            if _first(sample, seen, record, totals):
+            if k not in result["val_dropped"]:
                 window.add(sample)
-            else:
-                result["val_dropped"].add(k)
-                record["val_samples"] -= 1
-                totals["val_samples"] -= 1
     window.flush()
     records = writer.close(keep_empty=True)  # an empty split still has its shard file
     return _split_record(records, window.count, settings.sequence_len)
