@@ -25,7 +25,7 @@ def check_run(run: RunConfig, where: str, base_dir: Path) -> None:
               lambda: _check_adapter(run, where), lambda: _check_objective(run, where),
               lambda: _check_jinja(run.chat_template, run.chat_template_jinja, where),
               lambda: _check_engine(run, where, base_dir), lambda: _check_eval_schedule(run, where),
-              lambda: _check_low_precision(run, where))
+              lambda: _check_low_precision(run, where), lambda: _check_tokens(run, where))
     for check in checks:
         with problems.check():
             check()
@@ -166,6 +166,19 @@ def _check_low_precision(run: RunConfig, where: str) -> None:
     if qat.fake_quant_after_n_steps is not None and qat.fake_quant_after_n_steps < 0:
         raise ConfigError(f"{where}.qat.fake_quant_after_n_steps: must be 0 or more, got "
                           f"{qat.fake_quant_after_n_steps}")
+
+
+def _check_tokens(run: RunConfig, where: str) -> None:
+    """special_tokens and tokens name tokens: an empty one would be dropped without a word."""
+    special = run.special_tokens
+    named = [(f"special_tokens.{role}", getattr(special, role)) for role in ("bos_token", "eos_token", "pad_token",
+                                                                           "unk_token") if special] + \
+            [(f"special_tokens.additional_special_tokens[{i}]", t)
+             for i, t in enumerate(special.additional_special_tokens if special else [])] + \
+            [(f"tokens[{i}]", t) for i, t in enumerate(run.tokens)]
+    empty = [key for key, text in named if text is not None and not text.strip()]
+    if empty:
+        raise ConfigError(f"{where}.{empty[0]}: an empty token; give the token's text (e.g. <|im_end|>)")
 
 
 def _check_eval_schedule(run: RunConfig, where: str) -> None:
