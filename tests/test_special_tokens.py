@@ -1,5 +1,6 @@
 """special_tokens and tokens (Axolotl's keys): the run's tokenizer from tokenize to the merged folder."""
 import json
+import re
 import math
 
 import gguf
@@ -9,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tunedag.config import DatasetConfig, parse_config
+from tunedag.config import ConfigError, DatasetConfig, parse_config
 from tunedag.data.download import download_dataset
 from tunedag.data.run_tokenizer import TokenizerSetupError
 from tunedag.data.shards import ShardReader
@@ -173,3 +174,10 @@ def test_fsdp_shards_start_from_the_same_grown_rows(tiny_model_dir):
     for name, param in model.named_parameters():
         torch.testing.assert_close(param, reference[name], rtol=0, atol=0)
     assert model.get_input_embeddings().weight.shape[0] == n + 2
+
+
+@pytest.mark.parametrize("keys, where", [({"tokens": ["<a>", " "]}, "tokens[1]"),
+                                         ({"special_tokens": {"eos_token": ""}}, "special_tokens.eos_token")])
+def test_an_empty_token_is_refused_by_the_config_check(tiny_model_dir, keys, where):
+    with pytest.raises(ConfigError, match=rf"runs\.t\.{re.escape(where)}: an empty token"):
+        tiny_run(tiny_model_dir / "config.json", **keys)
