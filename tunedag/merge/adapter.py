@@ -3,6 +3,10 @@
 Weights are merged tensor by tensor from the safetensors files (tunedag.merge.weights: fp32
 merge, then the cast to ``merge_dtype``; never the whole model in memory), written as sharded
 safetensors with an index; config, tokenizer, chat template and generation_config come along.
+The tokenizer is the run's (tunedag.data.run_tokenizer); when it added tokens, the base's embeddings
+and LM head grow as training grew them (untrained rows rebuilt as their mean start, trained ones from
+lora_modules_to_save), config.json's vocab_size follows, and the run's special tokens become the
+config's and generation_config's ids (generation stops at the run's EOS and the base's).
 Every merged tensor is checked against the unmerged adapter on random inputs; a model small
 enough to load twice is also checked end to end: the merged model's logits against base +
 adapter through PEFT. Either check failing fails the stage, and nothing is renamed into place.

@@ -6,8 +6,9 @@ model, so that evaluate and the GGUF and vLLM exports read both alike: weights c
 ``merge_dtype`` (auto: the base model's) and written tensor by tensor as ``max_shard_size``
 shards with an index, with the base model's config, tokenizer, chat template and
 generation_config. Every tensor must be one of the base model's, of the same shape (a trained
-folder of another model stops here); a model small enough to load twice is checked end to end:
-the written folder's logits against the trained model's.
+folder of another model stops here), except that the embeddings and LM head have grown by the
+tokens the run adds (special_tokens, tokens); a model small enough to load twice is checked end
+to end: the written folder's logits against the trained model's.
 
 A reward model (``rl: reward``) is the base as ``<Arch>ForSequenceClassification``: its tensors are
 checked against that layout (no ``lm_head``, a one-row ``score``), every one of them must be written,
