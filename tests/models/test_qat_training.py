@@ -79,15 +79,35 @@ def test_a_few_steps_lower_the_loss(fmt):
     assert losses[-1] < 0.8 * losses[0], losses
 
 
-def test_torch_engine_trains_plain_then_fake_quantized(sample_shards, tiny_model_dir, tmp_path):
-    """fake_quant_after_n_steps: 2: the first two steps are a plain full fine-tune's, the later ones differ;
-    the saved model is the plain model's tensors, trained."""
+COMMON = dict(adapter=None, lora_modules_to_save=[], learning_rate=1e-3, max_steps=3, train_engine="torch")
+QAT = {"weight_dtype": "int4", "activation_dtype": "int8", "group_size": 32, "fake_quant_after_n_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def runs(sample_shards, tiny_model_dir, tmp_path_factory):
+    """Run folders of the torch engine with qat (plain for 2 steps, then fake-quantized) and without."""
     src, shards = sample_shards
-    common = dict(adapter=None, lora_modules_to_save=[], learning_rate=1e-3, max_steps=3, train_engine="torch")
-    qat = {"weight_dtype": "int4", "activation_dtype": "int8", "group_size": 32, "fake_quant_after_n_steps": 2}
-    train(tiny_run(src, **common, qat=qat), shards, tiny_model_dir, tmp_path / "qat")
-    train(tiny_run(src, **common), shards, tiny_model_dir, tmp_path / "plain")
-    with_qat, plain = [m["loss"] for m in metrics(tmp_path / "qat")], [m["loss"] for m in metrics(tmp_path / "plain")]
-    assert with_qat[:2] == plain[:2] and with_qat[2:] != plain[2:]
-    trained, base = load_file(tmp_path / "qat/adapter/model.safetensors"), load_file(tiny_model_dir / "model.safetensors")
+    root = tmp_path_factory.mktemp("qat-runs")
+    train(tiny_run(src, **COMMON, qat=QAT), shards, tiny_model_dir, root / "qat")
+    train(tiny_run(src, **COMMON), shards, tiny_model_dir, root / "plain")
+    return root
+
+
+def losses(run_dir):
+    return [m["loss"] for m in metrics(run_dir)]
+
+
+def test_torch_engine_trains_plain_then_fake_quantized(runs, tiny_model_dir):
+    """fake_quant_after_n_steps: 2: the first two steps are a plain full fine-tune's, the third differs;
+    the saved model is the plain model's tensors, trained."""
+    with_qat, plain = losses(runs / "qat"), losses(runs / "plain")
+    assert with_qat[:2] == plain[:2] and with_qat[2] != plain[2]
+    trained, base = load_file(runs / "qat/adapter/model.safetensors"), load_file(tiny_model_dir / "model.safetensors")
     assert trained.keys() == base.keys() and not torch.equal(trained["lm_head.weight"], base["lm_head.weight"])
+
+
+def test_fsdp_engine_shards_the_fake_quantized_layers(runs, sample_shards, tiny_model_dir, tmp_path):
+    """One rank of FSDP2 (the model built on the meta device, then sharded): the torch engine's losses."""
+    src, shards = sample_shards
+    train(tiny_run(src, **{**COMMON, "train_engine": "fsdp"}, qat=QAT), shards, tiny_model_dir, tmp_path)
+    torch.testing.assert_close(losses(tmp_path), losses(runs / "qat"), rtol=1e-4, atol=0)

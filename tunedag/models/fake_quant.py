@@ -36,6 +36,13 @@ BLOCK = {"mxfp4": 32, "nvfp4": 16}
 TINY = torch.finfo(torch.float32).smallest_normal
 
 
+def _over(t: torch.Tensor, divisor: float) -> torch.Tensor:
+    """``t / divisor`` correctly rounded on every device (CUDA turns a division by a Python scalar into a
+    multiplication by its rounded reciprocal, one bit off at times: a scale one bit off moves an element
+    sitting on a rounding tie, such as int4's -7.5 steps, to the other side)."""
+    return t / torch.full_like(t, divisor)
+
+
 def _groups(x: torch.Tensor, size: int) -> torch.Tensor:
     """``x`` in float32 as (..., n_groups, size) along its last dimension."""
     if x.shape[-1] % size:
@@ -59,7 +66,7 @@ def round_fp4(v: torch.Tensor) -> torch.Tensor:
 def int4_weight(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(fake-quantized ``w``, on-grid mask): symmetric int4 per group of ``group_size`` inputs."""
     g = _groups(w, group_size)
-    scale = (g.abs().amax(-1, keepdim=True) / 7.5).clamp(min=TINY)
+    scale = _over(g.abs().amax(-1, keepdim=True), 7.5).clamp(min=TINY)
     q = torch.round(g / scale)
     return (q.clamp(-8, 7) * scale).reshape(w.shape), ((q >= -8) & (q <= 7)).reshape(w.shape)
 
@@ -69,7 +76,7 @@ def int8_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     f = x.float()
     low = f.amin(-1, keepdim=True).clamp(max=0)
     high = f.amax(-1, keepdim=True).clamp(min=0)
-    scale = ((high - low) / 255).clamp(min=TINY)
+    scale = _over(high - low, 255).clamp(min=TINY)
     zero = (-128 - torch.round(low / scale)).clamp(-128, 127)
     q = torch.round(f / scale) + zero
     return (q.clamp(-128, 127) - zero) * scale, (q >= -128) & (q <= 127)
@@ -78,7 +85,7 @@ def int8_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def mxfp4(x: torch.Tensor) -> tuple[torch.Tensor, None]:
     """(fake-quantized ``x``, None: every gradient passes): MXFP4, FP4 values with a power-of-two scale per 32."""
     g = _groups(x, BLOCK["mxfp4"])
-    descale = g.abs().amax(-1, keepdim=True) / FP4_MAX
+    descale = _over(g.abs().amax(-1, keepdim=True), FP4_MAX)
     mantissa, exponent = torch.frexp(descale)  # descale = mantissa · 2^exponent, mantissa in [0.5, 1)
     ceil_log2 = torch.where(mantissa == 0.5, exponent - 1, exponent)
     ceil_log2 = torch.where(descale > 0, ceil_log2, torch.full_like(ceil_log2, -127)).clamp(-127, 127)
@@ -91,8 +98,8 @@ def nvfp4(x: torch.Tensor) -> tuple[torch.Tensor, None]:
     one float32 scale per tensor."""
     g = _groups(x, BLOCK["nvfp4"])
     amax = g.abs().amax()
-    tensor_scale = torch.where(amax > 0, amax / (E4M3_MAX * FP4_MAX), torch.ones_like(amax))
-    block = (g.abs().amax(-1, keepdim=True) / FP4_MAX / tensor_scale).clamp(E4M3_TINY, E4M3_MAX)
+    tensor_scale = torch.where(amax > 0, _over(amax, E4M3_MAX * FP4_MAX), torch.ones_like(amax))
+    block = (_over(g.abs().amax(-1, keepdim=True), FP4_MAX) / tensor_scale).clamp(E4M3_TINY, E4M3_MAX)
     block = block.to(torch.float8_e4m3fn).float()
     scaled = g * ((1.0 / tensor_scale) / block)
     out = round_fp4(scaled) * (block * tensor_scale)  # round_fp4 saturates at ±6

@@ -41,12 +41,37 @@ def require_fp8_device(device: torch.device) -> None:
                        "train in bf16")
 
 
+def fp8_scale(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The dynamic per-tensor scale that maps max |t| to the largest ``dtype`` value (float32, 0-dim)."""
+    amax = torch.linalg.vector_norm(t, ord=float("inf"), dtype=torch.float32)  # max |t|, one read
+    return torch.finfo(dtype).max / amax.clamp(min=AMAX_EPS)
+
+
+def scale_to_fp8(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    limit = torch.finfo(dtype).max
+    return (t.float() * scale).clamp(-limit, limit).to(dtype)
+
+
 def to_fp8(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(``t`` cast to ``dtype`` with one dynamic per-tensor scale, the inverse scale, float32)."""
-    t = t.float()
-    scale = torch.finfo(dtype).max / t.abs().amax().clamp(min=AMAX_EPS)
-    limit = torch.finfo(dtype).max
-    return (t * scale).clamp(-limit, limit).to(dtype), scale.reciprocal()
+    scale = fp8_scale(t, dtype)
+    return scale_to_fp8(t, scale, dtype), scale.reciprocal()
+
+
+_fused_scale_to_fp8 = None
+
+
+def cast(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`to_fp8`; on CUDA the scaling pass (multiply, clamp, cast: exact operations) is compiled once
+    into one fused kernel, as torchao's float8 training relies on torch.compile for (eager, the casts take
+    longer than the matmuls). The scale stays eager: compiled divisions may round differently."""
+    global _fused_scale_to_fp8
+    if not t.is_cuda:
+        return to_fp8(t, dtype)
+    if _fused_scale_to_fp8 is None:
+        _fused_scale_to_fp8 = torch.compile(scale_to_fp8, dynamic=True)
+    scale = fp8_scale(t, dtype)
+    return _fused_scale_to_fp8(t, scale, dtype), scale.reciprocal()
 
 
 def scaled_mm(a: torch.Tensor, a_inv: torch.Tensor, b: torch.Tensor, b_inv: torch.Tensor,
@@ -62,8 +87,8 @@ class Fp8Matmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        x8, x_inv = to_fp8(x, E4M3)
-        w8, w_inv = to_fp8(weight, E4M3)
+        x8, x_inv = cast(x, E4M3)
+        w8, w_inv = cast(weight, E4M3)
         ctx.save_for_backward(x8, x_inv, w8, w_inv)
         ctx.dtypes = (x.dtype, weight.dtype)
         return scaled_mm(x8, x_inv, w8.t(), w_inv, out_dtype)
@@ -72,7 +97,7 @@ class Fp8Matmul(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         x8, x_inv, w8, w_inv = ctx.saved_tensors
         x_dtype, w_dtype = ctx.dtypes
-        g8, g_inv = to_fp8(grad, E5M2)
+        g8, g_inv = cast(grad, E5M2)
         grad_x = scaled_mm(g8, g_inv, w8, w_inv, x_dtype)  # (m, n) @ (n, k)
         grad_w = scaled_mm(g8.t(), g_inv, x8, x_inv, torch.float32).to(w_dtype)  # (n, m) @ (m, k)
         return grad_x, grad_w, None
