@@ -183,10 +183,10 @@ def test_axolotl_dataset_entries_translate_or_are_refused_by_key(work):
     assert run.datasets[0].chat_template_jinja.startswith("{% for m in messages %}")
     assert run.datasets[0].train_on_eos == "all"
     with pytest.raises(ConfigError) as err:
-        run_of("mistral-lora.yml", datasets=[{**chat, "drop_system_message": True, "data_files": ["a.json"],
+        run_of("mistral-lora.yml", datasets=[{**chat, "message_field_training": "train", "data_files": ["a.json"],
                                               "train_on_eos": "turn"}])
     assert [p.split(": ")[1] for p in err.value.problems] == [
-        "runs.r.datasets[0].drop_system_message", "runs.r.datasets[0].data_files", "runs.r.datasets[0].train_on_eot"]
+        "runs.r.datasets[0].message_field_training", "runs.r.datasets[0].data_files", "runs.r.datasets[0].train_on_eot"]
 
 
 def test_a_bare_hub_id_in_a_tunedag_run_gets_the_hf_hint(work):

@@ -84,7 +84,7 @@ FORMATS = ("alpaca", "sharegpt", "chat_template", "completion", "pretrain", "inp
 # Axolotl's dataset types that are a tunedag format with some keys set (a key the entry sets wins):
 # its DPO strategies (chatml.*/llama3.* render with that fixed template) and its reward-model pairs.
 AXOLOTL_TYPES: dict[str, dict[str, str]] = {
-    "chat_template.default": {"type": "dpo", "field_prompt": "messages"},
+    "chat_template.default": {"type": "dpo", "field_messages": "messages"},  # read as the prompt field
     "chat_template.argilla_chat": {"type": "dpo"},
     "bradley_terry.chat_template": {"type": "dpo", "field_prompt": "input"},
     "chat_template.argilla": {"type": "dpo", "field_prompt": "prompt"},
@@ -261,9 +261,8 @@ class RunConfig:
         False, stages=("tokenize", "train"), doc="no shuffling: samples are packed in dataset order (datasets in "
                                                  "their order) and rows are trained in that order")
     dataset_exact_deduplication: bool = _field(
-        False, stages=("tokenize",), doc="drop every training sample whose tokens and labels repeat an earlier one "
-                                         "(across datasets), and every held-out sample that repeats a training or "
-                                         "an earlier held-out one")
+        False, stages=("tokenize",), doc="keep each distinct sample (tokens and labels equal) once, where it first "
+                                         "occurs in row order (datasets in order), in the training or held-out split")
     val_set_size: float = _field(0.05, stages=("tokenize",),
                                  doc="held-out share of rows (<1) or number of rows (>=1)")
     train_on_inputs: bool = _field(False, stages=("tokenize",), doc="also train on prompt tokens")
