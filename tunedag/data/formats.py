@@ -12,9 +12,9 @@ row's loss from reaching across a sample boundary after the shift.
 
 | type | fields (override with ``field_*``) | what is trained |
 | --- | --- | --- |
-| alpaca | instruction, input, output (Axolotl's prompt in its ``alpaca_style``; ``field_system`` replaces its preamble) | output + EOS |
+| alpaca | instruction, input, output (Axolotl's prompt; ``alpaca_style``, ``field_system``) | output + EOS |
 | sharegpt | conversations: [{from, value}], system, tools | roles_to_train turns + end-of-turn |
-| chat_template | messages: [{role, content}], system, tools (``drop_system_message``: without the first system turn) | roles_to_train turns + end-of-turn |
+| chat_template | messages: [{role, content}], system, tools | roles_to_train turns + end-of-turn |
 | completion | text | everything; long documents split into ``sequence_len`` pieces |
 | pretrain | text | everything; long documents split into overlapping windows (Axolotl's pretraining) |
 | input_output | segments: [{text, label}] | segments with label true (no BOS/EOS added) |
@@ -26,7 +26,10 @@ Chat messages are Axolotl's: roles ``human``/``gpt`` (or ``roles``) map to user/
 ``reasoning_content``, ``name``, …) and the row's ``tools`` go to the template as they are
 (JSON-string tool arguments and parameters parsed, as Axolotl does). With a prompt, a dpo or
 kto response given as messages contributes its last message (Axolotl's ``chosen[-1]``);
-without one, chosen and rejected are whole conversations.
+without one, chosen and rejected are whole conversations. ``drop_system_message`` leaves out a
+conversation's opening system turn (the row's system field too). An alpaca prompt is Axolotl's
+in its ``alpaca_style`` (instruct, chat, chatml, phi), with the row's ``field_system`` text in
+place of its preamble.
 
 Preference samples (dpo: chosen then rejected; kto: one completion) carry a label per
 segment: 1 for chosen/desirable, 0 for rejected/undesirable.
