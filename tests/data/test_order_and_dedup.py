@@ -166,3 +166,21 @@ def test_axolotls_dedup_dpo_example_keeps_each_pair_once_or_trains_both_copies(t
     manifest = tokenize_with_model(run, [tmp_path / "raw/pairs"] * 2, tiny_model_dir, tmp_path / "packed")
     assert manifest["objective"] == "dpo"
     assert manifest["splits"]["train"]["samples"] + manifest["splits"]["val"]["samples"] == samples
+
+
+@pytest.mark.parametrize("keys, expect", [  # the keys of Axolotl's examples these data options come from
+    ("sample_packing: true\nsample_packing_sequentially: true\ncurriculum_sampling: true\n"
+     "datasets:\n  - {path: rows.jsonl, type: alpaca}\n  - {path: rows.jsonl, type: alpaca}",  # llama-3 sequentially
+     lambda run: run.curriculum_sampling and run.sample_packing_sequentially and len(run.datasets) == 2),
+    ("datasets:\n  - {path: rows.jsonl, type: chat_template, drop_system_message: true, field_messages: conversations,"
+     " message_property_mappings: {role: from, content: value}}",  # gemma2/qlora.yml
+     lambda run: run.datasets[0].drop_system_message and run.datasets[0].field_messages == "conversations"),
+    ("datasets:\n  - {path: rows.jsonl, type: 'alpaca:phi'}",  # phi/phi3-ft.yml
+     lambda run: (run.datasets[0].type, run.datasets[0].alpaca_style) == ("alpaca", "phi")),
+    ("rl: orpo\nchat_template: chatml\ndatasets:\n  - {path: rows.jsonl, type: chat_template.argilla}",  # orpo
+     lambda run: (run.rl, run.datasets[0].type, run.datasets[0].field_prompt) == ("orpo", "dpo", "prompt")),
+])
+def test_axolotls_data_options_become_tunedag_keys(tmp_path, keys, expect):
+    (tmp_path / "rows.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    (tmp_path / "a.yml").write_text(f"base_model: builtin:tiny-llama\nadapter: lora\n{keys}\n")
+    assert expect(parse_config({"runs": {"r": {"axolotl": "a.yml"}}}, base_dir=tmp_path).runs["r"])
