@@ -342,8 +342,8 @@ class RunConfig:
                            "GPU of compute capability 8.9+ (torch, ddp and fsdp engines)")
     fp8_enable_fsdp_float8_all_gather: bool = _field(
         False, stages=("train",), doc="fp8 on fsdp (Axolotl's key): accepted; tunedag all-gathers the bf16 "
-                                      "weights and casts them to float8 after the gather (more traffic, the "
-                                      "same per-tensor scales)")
+                                      "weights and casts them to float8 after the gather (twice the traffic; "
+                                      "the scale is taken from the gathered bf16 weight)")
     train_engine: Literal["auto", "triton", "torch", "ddp", "fsdp", "deepspeed"] = _field(
         "auto", stages=("train",),
         doc="training engine; auto: triton on exactly one CUDA GPU, else torch; in a Slurm job with "
