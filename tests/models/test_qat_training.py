@@ -111,3 +111,10 @@ def test_fsdp_engine_shards_the_fake_quantized_layers(runs, sample_shards, tiny_
     src, shards = sample_shards
     train(tiny_run(src, **{**COMMON, "train_engine": "fsdp"}, qat=QAT), shards, tiny_model_dir, tmp_path)
     torch.testing.assert_close(losses(tmp_path), losses(runs / "qat"), rtol=1e-4, atol=0)
+
+
+def test_auto_engine_takes_the_torch_engine_for_qat(sample_shards, tiny_model_dir):
+    from tunedag.train.engines import triton_blocker
+
+    run = tiny_run(sample_shards[0], **{**COMMON, "train_engine": "auto"}, qat=QAT)
+    assert "triton engine's fused kernels replace" in triton_blocker(run, tiny_model_dir, torch.device("cuda"))
