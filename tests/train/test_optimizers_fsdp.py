@@ -48,13 +48,15 @@ def train(model: Tiny, opt: torch.optim.Optimizer, steps: range) -> None:
 
 
 def sharded(name: str) -> tuple[Tiny, torch.optim.Optimizer]:
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(0)
     model = Tiny()
+    mesh = init_device_mesh("cpu", (2,))  # on the CPU also where CUDA is present
     for layer in (model.proj, model.up):
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model, build_optimizer(list(model.named_parameters()), name, lr=1e-2, weight_decay=0.1)
 
 
