@@ -55,8 +55,10 @@ F32 = np.float32
 def ref_int4(w: torch.Tensor, group: int) -> torch.Tensor:
     out = []
     for g in w.reshape(-1, group).numpy():
-        scale = F32(np.abs(g).max()) / F32(7.5)
-        out += [min(max(round(float(v / scale)), -8), 7) * float(scale) for v in g]  # round(): ties to even
+        low = F32(g.min())
+        scale = F32(max(F32(g.max()) - low, F32(1e-6))) / F32(15)
+        zero = low + scale * F32(8)
+        out += [float(F32(min(max(round(float((v - low) / scale)), 0), 15) - 8) * scale + zero) for v in g]
     return torch.tensor(out, dtype=torch.float64).reshape(w.shape)
 
 
@@ -81,12 +83,10 @@ def test_fp4_rounding_hand_worked():
     assert round_fp4(v).tolist() == [0, 0, 0.5, 1, 1, 2, 2, 4, 4, 6, 6, -1, -6]
 
 
-def test_int4_hand_worked_and_clamped_edge():
-    w = torch.tensor([[0.25, -0.5, 0.375, -1.875], [1.5, -3.0, 0.7, 7.5]])
-    q, on_grid = int4_weight(w, 4)
-    # scales 0.25 and 1.0: 0.375/0.25 = 1.5 rounds to 2 (even); 7.5 rounds to 8, clamped to 7
-    assert q.tolist() == [[0.25, -0.5, 0.5, -2.0], [2.0, -3.0, 1.0, 7.0]]
-    assert on_grid.tolist() == [[True] * 4, [True, True, True, False]]
+def test_int4_hand_worked_min_max_grid():
+    w = torch.tensor([[-7.0, 8.0, 0.5, 2.5], [0.0, 7.5, 1.25, 3.0]])
+    # ranges 15 and 7.5: scales 1 and 0.5; 7.5 steps rounds to 8 and 9.5 to 10, 2.5 to 2 (ties to even)
+    assert int4_weight(w, 4).tolist() == [[-7.0, 8.0, 1.0, 3.0], [0.0, 7.5, 1.0, 3.0]]
 
 
 def test_int8_per_token_hand_worked():
@@ -121,7 +121,7 @@ def test_nvfp4_matches_reference(shape):
 @pytest.mark.parametrize("shape,group", [((6, 96), 32), ((5, 80), 16), ((3, 256), 256)])
 def test_int4_matches_reference(shape, group):
     w = data(*shape, seed=2)
-    torch.testing.assert_close(int4_weight(w, group)[0].double(), ref_int4(w, group), rtol=1e-6, atol=0)
+    torch.testing.assert_close(int4_weight(w, group).double(), ref_int4(w, group), rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("shape", [(2, 7, 33), (9, 64)])
@@ -134,8 +134,8 @@ def test_int8_matches_reference(shape):
 def test_round_trip_errors_within_half_a_step():
     w = data(6, 128, seed=4)
     groups = w.reshape(6, 4, 32)
-    step = (groups.abs().amax(-1, keepdim=True) / 7.5)
-    assert ((int4_weight(w, 32)[0].reshape(6, 4, 32) - groups).abs() <= step / 2 + 1e-6).all()
+    step = (groups.amax(-1, keepdim=True) - groups.amin(-1, keepdim=True)) / 15
+    assert ((int4_weight(w, 32).reshape(6, 4, 32) - groups).abs() <= step / 2 + 1e-6).all()
     x = data(4, 9, 64, seed=5)
     step = (x.amax(-1, keepdim=True).clamp(min=0) - x.amin(-1, keepdim=True).clamp(max=0)) / 255
     assert ((int8_token(x)[0] - x).abs() <= step / 2 + 1e-6).all()
@@ -147,26 +147,40 @@ def test_round_trip_errors_within_half_a_step():
     assert ((nvfp4(x)[0].reshape(-1, 16) - blocks).abs() <= blocks.abs().amax(-1, keepdim=True) / 6 * 1.07).all()
 
 
-@pytest.mark.parametrize("dtype", ["int4", "int8", "mxfp4", "nvfp4"])
+@pytest.mark.parametrize("dtype", ["int8", "mxfp4", "nvfp4"])
 def test_straight_through_gradient_is_the_identity_on_the_grid(dtype):
     x = data(4, 64, seed=6).requires_grad_()
     grad = torch.randn(4, 64)
     y = quantizer(dtype, 32)(x)
     y.backward(grad)
-    plain = {"int4": lambda t: int4_weight(t, 32), "int8": int8_token, "mxfp4": mxfp4, "nvfp4": nvfp4}[dtype]
+    plain = {"int8": int8_token, "mxfp4": mxfp4, "nvfp4": nvfp4}[dtype]
     q, on_grid = plain(x.detach())
     torch.testing.assert_close(y, q)
     expected = grad if on_grid is None else grad * on_grid
     assert torch.equal(x.grad, expected)
-    if dtype == "int4":  # the positive group maxima land at 7.5 steps and are clamped: no gradient there
-        assert not on_grid.all()
+
+
+def test_int4_gradient_is_the_identity_plus_the_scales_share_at_each_groups_extremes():
+    """w' = min + q·scale with q = round((w - min)/scale) passed straight through: dw'/dw = 1, dw'/dmin = 0,
+    dw'/dscale = q - (w - min)/scale (the rounding residual r), and scale = (max - min)/15, so the group's max
+    element gets Σ g·r / 15 more and its min element Σ g·r / 15 less."""
+    x = data(3, 64, seed=6).requires_grad_()
+    grad = torch.randn(3, 64)
+    quantizer("int4", 32)(x).backward(grad)
+    g, out = x.detach().reshape(3, 2, 32), grad.reshape(3, 2, 32)
+    low, high = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    steps = (g - low) / ((high - low) / 15)
+    share = (out * (torch.round(steps) - steps)).sum(-1, keepdim=True) / 15
+    expected = out + share * (g == high) - share * (g == low)
+    torch.testing.assert_close(x.grad.reshape(3, 2, 32), expected, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(x.grad, grad)  # the extremes' share is there
 
 
 def test_bf16_input_keeps_its_dtype_and_grid():
     x = data(3, 64, seed=7).bfloat16()
     y = quantizer("int4", 32)(x)
     assert y.dtype == torch.bfloat16
-    torch.testing.assert_close(y.float(), int4_weight(x, 32)[0].bfloat16().float())
+    torch.testing.assert_close(y.float(), int4_weight(x, 32).bfloat16().float())
 
 
 def test_group_size_that_does_not_divide_names_both_sizes():

@@ -36,7 +36,7 @@ def test_the_layer_computes_with_fake_quantized_weight_and_input():
     linear = torch.nn.Linear(64, 24, bias=True)
     layer = QATLinear(linear, "int4", "int8", 16)
     x = torch.randn(2, 5, 64)
-    expected = F.linear(int8_token(x)[0], int4_weight(linear.weight, 16)[0], linear.bias)
+    expected = F.linear(int8_token(x)[0], int4_weight(linear.weight, 16), linear.bias)
     torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
     layer.fake_quant = False
     torch.testing.assert_close(layer(x), linear(x), rtol=0, atol=0)

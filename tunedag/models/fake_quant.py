@@ -4,9 +4,10 @@ returned in its own dtype, with a straight-through gradient.
 The grids are those torchao's QAT simulates for the formats Axolotl's ``qat`` names (the model is
 later quantized to them for serving):
 
-- ``int4`` weights: symmetric per group of ``group_size`` along the input dimension;
-  scale = amax / 7.5, q = clamp(round(w / scale), -8, 7) (torchao's ``get_group_qparams_symmetric``,
-  the grid ``Int8DynamicActivationIntxWeightConfig`` serves);
+- ``int4`` weights: asymmetric (min-max) per group of ``group_size`` along the input dimension, as
+  torchao's ``Int4WeightFakeQuantizeConfig`` with bf16 activations does for Axolotl's int4/int8 ``qat``:
+  scale = max(max - min, 1e-6) / 15, zero = min + 8·scale, q = clamp(round((w - min) / scale), 0, 15),
+  w' = (q - 8)·scale + zero;
 - ``int8`` activations: asymmetric per token (one scale and zero point per row of the last dimension);
   scale = (max(x⁺) - min(x⁻)) / 255 over the row's range widened to include 0,
   zero = -128 - round(min / scale), q = clamp(round(x / scale) + zero, -128, 127);
@@ -17,10 +18,13 @@ later quantized to them for serving):
   [2^-6, 448], x / (block scale · tensor scale) clamped to ±6 then rounded to FP4.
 
 All arithmetic is float32; rounding is to nearest, ties to even (as ``torch.round`` and the FP4 cast).
-Gradient (straight-through estimator, scales treated as constants): for the integer grids the identity
-for every element whose rounded value lies on the grid and zero for the few clamped onto its edge (as
-torchao's clamp gives); for mxfp4 and nvfp4 the identity everywhere (torchao's MX and NVFP4 QAT take the
-gradient through the dequantized values, the saturated block maxima included).
+Gradient (straight-through estimator): for int4 weights, rounding passes the gradient and autograd
+takes the rest, the group's min and max included, as torchao's int4 weight fake quantizer does (each
+group's max and min element also get the rounding residuals' share through the scale); for int8
+activations (scales treated as constants) the identity for every element whose rounded value lies on the
+grid and zero for the few clamped onto its edge (as torchao's clamp gives); for mxfp4 and nvfp4 the
+identity everywhere (torchao's MX and NVFP4 QAT take the gradient through the dequantized values, the
+saturated block maxima included).
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ E4M3_MAX = 448.0
 E4M3_TINY = 2.0 ** -6  # the smallest normal FP8 E4M3 value: the least nvfp4 block scale
 BLOCK = {"mxfp4": 32, "nvfp4": 16}
 TINY = torch.finfo(torch.float32).smallest_normal
+INT4_EPS = 1e-6  # the least int4 group range (torchao's)
 
 
 def _over(t: torch.Tensor, divisor: float) -> torch.Tensor:
@@ -63,12 +68,15 @@ def round_fp4(v: torch.Tensor) -> torch.Tensor:
     return torch.copysign(grid[index], v)
 
 
-def int4_weight(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fake-quantized ``w``, on-grid mask): symmetric int4 per group of ``group_size`` inputs."""
+def int4_weight(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Fake-quantized ``w`` (float32, differentiable): asymmetric min-max int4 per group of ``group_size``
+    inputs, rounding straight-through."""
     g = _groups(w, group_size)
-    scale = _over(g.abs().amax(-1, keepdim=True), 7.5).clamp(min=TINY)
-    q = torch.round(g / scale)
-    return (q.clamp(-8, 7) * scale).reshape(w.shape), ((q >= -8) & (q <= 7)).reshape(w.shape)
+    low = g.amin(-1, keepdim=True)
+    scale = _over((g.amax(-1, keepdim=True) - low).clamp(min=INT4_EPS), 15)
+    steps = (g - low) / scale
+    q = (steps + (torch.round(steps) - steps).detach()).clamp(0, 15)
+    return ((q - 8) * scale + (low + scale * 8)).reshape(w.shape)
 
 
 def int8_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,6 +137,7 @@ class StraightThrough(torch.autograd.Function):
 def quantizer(dtype: str, group_size: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """The fake quantizer of ``dtype`` (int4 weights per ``group_size``, int8 per token, mxfp4, nvfp4),
     with its straight-through gradient."""
-    plain = {"int4": lambda t: int4_weight(t, group_size or 32), "int8": int8_token,
-             "mxfp4": mxfp4, "nvfp4": nvfp4}[dtype]
+    if dtype == "int4":
+        return lambda t: int4_weight(t, group_size or 32).to(t.dtype)
+    plain = {"int8": int8_token, "mxfp4": mxfp4, "nvfp4": nvfp4}[dtype]
     return lambda t: StraightThrough.apply(t, plain)
