@@ -60,9 +60,13 @@ def _qmap(bits: int, signed: bool, device: torch.device) -> torch.Tensor:
     return QMAPS[bits, signed].to(device)
 
 
+def rows_and_columns(shape: torch.Size) -> tuple[int, int]:
+    """A weight seen as rows: its first dimension by the rest; a vector or scalar is one row."""
+    return (shape[0], math.prod(shape[1:])) if len(shape) >= 2 else (1, math.prod(shape))
+
+
 def as_rows(x: torch.Tensor) -> torch.Tensor:
-    """``x`` as (rows, columns): its first dimension by the rest; a vector or scalar is one row."""
-    return x.reshape(x.shape[0], -1) if x.dim() >= 2 else x.reshape(1, -1)
+    return x.reshape(rows_and_columns(x.shape))
 
 
 def block_len(columns: int, block_size: int) -> int:
@@ -131,13 +135,13 @@ def init_state(param: torch.Tensor, bits: int | None, block_size: int) -> dict[s
         for key in ("exp_avg", "exp_avg_sq"):
             state[key] = torch.zeros_like(param, dtype=torch.float32, memory_format=torch.preserve_format)
         return state
-    rows = as_rows(local(param))
-    cols = rows.shape[1]
+    weight = local(param)
+    rows, cols = rows_and_columns(weight.shape)
     code_cols = cols if bits == 8 else math.ceil(cols / 2)
     nblocks = math.ceil(cols / block_len(cols, block_size))
     for key in ("exp_avg", "exp_avg_sq"):
-        codes = torch.zeros(rows.shape[0], code_cols, dtype=torch.uint8, device=rows.device)
-        scales = torch.zeros(rows.shape[0], nblocks, dtype=torch.float32, device=rows.device)
+        codes = torch.zeros(rows, code_cols, dtype=torch.uint8, device=weight.device)
+        scales = torch.zeros(rows, nblocks, dtype=torch.float32, device=weight.device)
         state[f"{key}_codes"] = _like_param(codes, param, code_cols)
         state[f"{key}_scales"] = _like_param(scales, param, nblocks)
     return state
@@ -147,7 +151,7 @@ def _moments(state: dict[str, torch.Tensor], shape: torch.Size, bits: int | None
              block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     if "exp_avg" in state:
         return local(state["exp_avg"]).float(), local(state["exp_avg_sq"]).float()
-    cols = as_rows(torch.empty(shape, device="meta")).shape[1]
+    cols = rows_and_columns(shape)[1]
     return tuple(dequantize(local(state[f"{key}_codes"]), local(state[f"{key}_scales"]), bits, signed,
                             block_size, cols).view(shape)
                  for key, signed in (("exp_avg", True), ("exp_avg_sq", False)))
