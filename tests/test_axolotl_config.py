@@ -213,3 +213,12 @@ def test_a_secret_in_an_axolotl_config_never_reaches_a_note_or_the_effective_con
                                           "hf_use_auth_token": "hf_abcdef"}}}, source="c.yaml")
     assert any("comet_api_key = '***'" in n for n in config.notes["r"])
     assert "s3cr3t" not in effective_config(config) and "hf_abc" not in effective_config(config)
+
+
+def test_a_key_outside_both_schemas_in_an_axolotl_file_is_ignored_with_a_note(work):
+    """Axolotl ignores keys its schema lacks, so a file run as written does too; tunedag's own config stays strict."""
+    Path("axolotl/extra.yml").write_text(Path("axolotl/llama3-qlora.yml").read_text() + "test_value: true\n")
+    _, notes = run_of("extra.yml")
+    assert any("test_value = True: not a key of Axolotl's schema or tunedag's; ignored" in n for n in notes)
+    with pytest.raises(ConfigError, match="unknown key 'test_value'"):
+        run_of("llama3-qlora.yml", test_value=True)

@@ -369,17 +369,25 @@ def _check_adapter(run: RunConfig, where: str) -> None:
         if run.unfrozen_parameters:
             raise ConfigError(f"{where}.unfrozen_parameters: applies to full fine-tuning (adapter: null) only; "
                               f"with adapter: {run.adapter} use lora_modules_to_save")
+        if run.keep_sparsity:
+            raise ConfigError(f"{where}.keep_sparsity: applies to full fine-tuning (adapter: null) only: a merged "
+                              f"{run.adapter} adapter adds a dense update to every weight")
         _check_adapter_serving(run, where)
         return
     for i, pattern in enumerate(run.unfrozen_parameters):
         if _ROW_RANGE.search(pattern):
             raise ConfigError(f"{where}.unfrozen_parameters[{i}]: {pattern!r} ends in a row range, which tunedag "
                               "does not support (it trains whole tensors); drop the [start:end]")
-        try:
-            re.compile(pattern)
-        except re.error as err:
-            raise ConfigError(f"{where}.unfrozen_parameters[{i}]: {pattern!r} is not a Python regular "
-                              f"expression ({err})") from None
+    for key in ("unfrozen_parameters", "keep_sparsity"):
+        for i, pattern in enumerate(getattr(run, key)):
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ConfigError(f"{where}.{key}[{i}]: {pattern!r} is not a Python regular expression "
+                                  f"({err})") from None
+    if run.keep_sparsity and run.train_engine == "deepspeed":
+        raise ConfigError(f"{where}.keep_sparsity: DeepSpeed keeps the weights and gradients in its own partitions; "
+                          "use train_engine: fsdp (or ddp, triton, torch) for sparse fine-tuning")
 
 
 def _check_adapter_serving(run: RunConfig, where: str) -> None:

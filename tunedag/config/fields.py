@@ -174,29 +174,12 @@ class DatasetConfig:
     def dataset_name(self) -> str:
         if self.name:
             return self.name
-        source = self.path.removeprefix("hf:").split("@")[0]
+        source, _, split = self.path.removeprefix("hf:").partition("@")
         stem = Path(source.replace(":", "-")).name
         stem = re.sub(r"\.(jsonl|json|csv|parquet)(\.gz)?$", "", stem)
+        if split not in ("", "train"):  # a slice of the split is other data: its own folder
+            stem += "-" + re.sub(r"[^A-Za-z0-9]+", "-", split).strip("-")
         return re.sub(r"[^A-Za-z0-9_.-]", "-", stem)
-
-
-@dataclass(frozen=True)
-class QATConfig:
-    """``qat``: quantization-aware training (Axolotl's key): every linear layer computes with fake-quantized
-    weights and activations (tunedag.models.qat); the trained weights are saved in full precision."""
-
-    weight_dtype: Literal["int4", "mxfp4", "nvfp4"] = _field(
-        stages=("train",), doc="weight grid: int4 (symmetric per group_size inputs), mxfp4 (FP4 E2M1, a "
-                               "power-of-two scale per 32) or nvfp4 (FP4 E2M1, an E4M3 scale per 16 and one per tensor)")
-    activation_dtype: Optional[Literal["int8", "mxfp4", "nvfp4"]] = _field(
-        None, stages=("train",), doc="activation grid: int8 (asymmetric per token) with int4 weights; mxfp4 or "
-                                     "nvfp4 as the weights")
-    group_size: Optional[int] = _field(None, stages=("train",),
-                                       doc="inputs per weight scale: int4 any divisor of the layers' input "
-                                           "size (null: 32); mxfp4 32 and nvfp4 16 only")
-    fake_quant_after_n_steps: Optional[int] = _field(
-        None, stages=("train",), doc="train the first this many optimizer steps without fake quantization "
-                                     "(null: from the start)")
 
 
 TOKENIZER_STAGES = ("tokenize", "train", "merge", "evaluate")  # read the run's tokenizer (and its vocab size)
@@ -223,7 +206,7 @@ class QATConfig:
     weights and activations (tunedag.models.qat); the trained weights are saved in full precision."""
 
     weight_dtype: Literal["int4", "mxfp4", "nvfp4"] = _field(
-        stages=("train",), doc="weight grid: int4 (symmetric per group_size inputs), mxfp4 (FP4 E2M1, a "
+        stages=("train",), doc="weight grid: int4 (asymmetric min-max per group_size inputs), mxfp4 (FP4 E2M1, a "
                                "power-of-two scale per 32) or nvfp4 (FP4 E2M1, an E4M3 scale per 16 and one per tensor)")
     activation_dtype: Optional[Literal["int8", "mxfp4", "nvfp4"]] = _field(
         None, stages=("train",), doc="activation grid: int8 (asymmetric per token) with int4 weights; mxfp4 or "
@@ -292,6 +275,11 @@ class RunConfig:
         doc="adapter: null: train only the parameters whose names one of these Python regular expressions "
             "matches (re.search, as Axolotl: anchor with ^ and $), e.g. ['^model.layers.(2[4-9]|3[01])\\.', "
             "'^lm_head']; empty: every parameter")
+    keep_sparsity: list[str] = _field(
+        stages=("train",), factory=list,
+        doc="adapter: null: the weights of the parameters these Python regular expressions match (re.search) "
+            "that are zero in the base model stay zero (a pruned, e.g. 2:4 sparse, model stays sparse); "
+            "their gradients are masked before each step and their values after it")
     optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_torch_8bit", "adamw_torch_4bit", "adamw_bnb_8bit",
                        "paged_adamw_8bit", "adafactor", "muon"] = _field(
         "adamw_torch", stages=("train",),
