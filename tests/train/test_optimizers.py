@@ -4,12 +4,14 @@ memory, a resume from a saved state dict, and a training run killed and resumed.
 import dataclasses
 import io
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from tunedag.config.axolotl import translate
 from tunedag.train.engines import TorchEngine
 from tunedag.train.loop import train
 from tunedag.train.muon import Muon, muon_groups
@@ -230,3 +232,12 @@ def test_a_run_killed_mid_training_resumes_its_optimizer_and_schedule(packed, ti
     logged = [json.loads(line)["learning_rate"] for line in (tmp_path / "resumed/train_metrics.jsonl").open()]
     factors = [1.0, 0.75, 0.5, 0.5, 0.5]  # after steps 1..5: warmup 1, cosine over steps 1..3, then the floor
     assert logged == pytest.approx([run.learning_rate * f for f in factors], rel=1e-9)
+
+
+def test_an_axolotl_muon_run_takes_axolotls_adamw_betas():
+    """Axolotl's Muon gives its AdamW part betas (0.9, 0.95) unless the config sets adam_beta2."""
+    out, notes, refused = translate({"base_model": "x", "optimizer": "muon"}, "runs.r", Path("."))
+    assert (out["optimizer"], out["adam_beta2"], refused) == ("muon", 0.95, [])
+    assert any("adam_beta2: 0.95" in note for note in notes)
+    assert translate({"base_model": "x", "optimizer": "muon", "adam_beta2": 0.99}, "runs.r", Path("."))[0][
+        "adam_beta2"] == 0.99
