@@ -80,7 +80,8 @@ CHAT_TEMPLATE_FILES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 ChatTemplateName = Literal[("tokenizer_default", "jinja", *CHAT_TEMPLATE_FILES,
                             *(f"tokenizer_default_fallback_{name}" for name in CHAT_TEMPLATE_FILES))]
-FORMATS = ("alpaca", "sharegpt", "chat_template", "completion", "pretrain", "input_output", "dpo", "kto")
+FORMATS = ("alpaca", "sharegpt", "chat_template", "completion", "pretrain", "input_output", "dpo", "kto",
+           "stepwise_supervised")
 # Axolotl's dataset types that are a tunedag format with some keys set (a key the entry sets wins):
 # its DPO strategies (chatml.*/llama3.* render with that fixed template) and its reward-model pairs.
 AXOLOTL_TYPES: dict[str, dict[str, str]] = {
@@ -160,6 +161,12 @@ class DatasetConfig:
     field_rejected: Optional[str] = _field(None, stages=("tokenize",), doc="dpo rejected field")
     field_completion: Optional[str] = _field(None, stages=("tokenize",), doc="kto completion field")
     field_label: Optional[str] = _field(None, stages=("tokenize",), doc="kto label field (true = desirable)")
+    step_separator: str = _field("\n", stages=("tokenize",),
+                                 doc="stepwise_supervised: text after every step; a step's label sits on its last token")
+    max_completion_length: Optional[int] = _field(
+        None, stages=("tokenize",), doc="stepwise_supervised: keep at most this many tokens of the steps (null: all)")
+    train_on_last_step_only: bool = _field(
+        False, stages=("tokenize",), doc="stepwise_supervised: train only the last step's label")
 
     def __post_init__(self) -> None:
         for key, value in AXOLOTL_TYPES.get(self.type, {}).items():
@@ -347,10 +354,11 @@ class RunConfig:
         None, stages=("train",),
         doc="deepspeed: a DeepSpeed JSON used instead of the generated one; batch sizes, accumulation and "
             "clipping still come from config.yaml (the JSON may leave them out or write \"auto\")")
-    rl: Optional[Literal["dpo", "orpo", "kto", "reward"]] = _field(
+    rl: Optional[Literal["dpo", "orpo", "kto", "reward", "prm"]] = _field(
         None, stages=("train", "evaluate"),
         doc="preference objective on dpo (dpo, orpo, reward) or kto (kto) data; null: supervised fine-tuning; "
-            "reward: a reward model (the decoder with a scalar score head) trained on the pairs; with adapter: "
+            "reward: a reward model (the decoder with a scalar score head) trained on the pairs; prm: a process "
+            "reward model (the decoder with a 2-label token head) trained on stepwise_supervised data; with adapter: "
             "null every weight trains, and dpo and kto compare with a frozen copy of the base")
     rl_beta: float = _field(0.1, stages=("train", "evaluate"),
                             doc="dpo/kto: strength of the pull to the reference model (Axolotl's rl_beta, "

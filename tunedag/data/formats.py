@@ -20,6 +20,7 @@ row's loss from reaching across a sample boundary after the shift.
 | input_output | segments: [{text, label}] | segments with label true (no BOS/EOS added) |
 | dpo | prompt (text or messages), chosen, rejected (text, message or messages), system | the final turn of each |
 | kto | messages, or prompt and completion; label (bool); system | the final turn |
+| stepwise_supervised | prompt, completions: [step], labels: [bool] | each step's label, on its last token |
 
 Chat messages are Axolotl's: roles ``human``/``gpt`` (or ``roles``) map to user/assistant;
 ``message_property_mappings`` names the keys; every other key of a message (``tool_calls``,
@@ -33,6 +34,14 @@ place of its preamble.
 
 Preference samples (dpo: chosen then rejected; kto: one completion) carry a label per
 segment: 1 for chosen/desirable, 0 for rejected/undesirable.
+
+stepwise_supervised rows train a process reward model (``rl: prm``, a token classifier), as Axolotl
+and TRL's PRMTrainer tokenize them: BOS (where the tokenizer has one) + the prompt, then each step
+followed by ``step_separator``, each tokenized on its own. Labels are classes, not token ids: the
+step's label (0 wrong, 1 right) on its last token (the separator's last, unless the separator is
+empty), -100 everywhere else; ``train_on_last_step_only`` keeps only the last step's label;
+``max_completion_length`` cuts the steps' tokens after that many. Nothing is shifted, so the first
+token of a sample keeps its label.
 """
 from __future__ import annotations
 
@@ -51,6 +60,7 @@ from tunedag.errors import TunedagError
 IGNORE_INDEX = -100
 CHAT_TYPES = ("sharegpt", "chat_template", "dpo", "kto")
 PREFERENCE_TYPES = ("dpo", "kto")
+STEPWISE = "stepwise_supervised"
 STANDARD_ROLES = ("system", "user", "assistant", "tool")
 DEFAULT_ROLES = {"human": "user", "gpt": "assistant", **{r: r for r in STANDARD_ROLES}}
 CHAT_FIELDS = {"system": "system", "tools": "tools", "role": "role", "content": "content"}
@@ -64,6 +74,7 @@ DEFAULT_FIELDS: dict[str, dict[str, str | None]] = {
     "dpo": {**CHAT_FIELDS, "prompt": "prompt", "chosen": "chosen", "rejected": "rejected"},
     "kto": {**CHAT_FIELDS, "messages": "messages", "prompt": "prompt", "completion": "completion",
             "label": "label"},
+    STEPWISE: {"prompt": "prompt", "completions": "completions", "labels": "labels"},
 }
 ALPACA_PREAMBLE = ("Below is an instruction that describes a task, paired with an input that provides further "
                    "context. Write a response that appropriately completes the request.")
@@ -171,7 +182,17 @@ class Rendered:
     eos: tuple[tuple[int, int], ...]
 
 
-Piece = Union[Ids, Text, Rendered]
+@dataclass(frozen=True)
+class Step:
+    """A reasoning step: its text tokenized on its own, then ``separator``; ``label`` (a class, or
+    IGNORE_INDEX) on the last of those tokens."""
+
+    text: str
+    separator: tuple[int, ...]
+    label: int
+
+
+Piece = Union[Ids, Text, Rendered, Step]
 
 
 @dataclass
@@ -179,6 +200,7 @@ class Plan:
     segments: list[list[Piece]]
     segment_labels: tuple[int, ...] = ()
     prompt: Prompt | None = None
+    completion_limit: int | None = None  # stepwise: the steps' tokens kept (max_completion_length)
 
 
 @dataclass(frozen=True)
@@ -196,6 +218,9 @@ class FormatSpec:
     mappings: dict[str, str] = field(default_factory=dict)  # message key for the template -> key in the data
     alpaca_style: str = "instruct"
     drop_system_message: bool = False
+    step_separator: tuple[int, ...] = ()  # stepwise: the separator's token ids
+    max_completion_length: int | None = None
+    train_on_last_step_only: bool = False
 
     @classmethod
     def build(cls, type: str, overrides: dict[str, str | None], tok: TextTokenizer, chat_source: str | None,
@@ -225,7 +250,10 @@ class FormatSpec:
         spec = cls.build(ds.type, overrides, tok, chat_source, sequence_len, train_on_inputs,
                          tuple(ds.roles_to_train), ds.train_on_eos, ds.roles, ds.message_property_mappings)
         return dataclasses.replace(spec, alpaca_style=ds.alpaca_style or "instruct",
-                                   drop_system_message=ds.drop_system_message)
+                                   drop_system_message=ds.drop_system_message,
+                                   step_separator=tuple(tok.ids(ds.step_separator)) if ds.type == STEPWISE else (),
+                                   max_completion_length=ds.max_completion_length,
+                                   train_on_last_step_only=ds.train_on_last_step_only)
 
 
 def _value(row: dict[str, Any], key: str, kind: type | tuple[type, ...], required: bool = True,
@@ -465,10 +493,32 @@ def plan_kto(row: dict[str, Any], spec: FormatSpec, tok: TextTokenizer) -> Plan:
     return Plan([[_conversation(messages, spec, last_only=True)]], segment_labels=(int(label),), prompt=prompt_)
 
 
+def plan_stepwise(row: dict[str, Any], spec: FormatSpec, tok: TextTokenizer) -> Plan:
+    f = spec.fields
+    prompt = _value(row, f["prompt"], str)
+    steps, labels = _value(row, f["completions"], list), _value(row, f["labels"], list)
+    if not steps:
+        raise RowFormatError(f"field {f['completions']!r} is empty")
+    if len(labels) != len(steps):
+        raise RowFormatError(f"fields {f['completions']!r} and {f['labels']!r}: {len(steps)} steps but "
+                             f"{len(labels)} labels (one per step)")
+    for i, (step, label) in enumerate(zip(steps, labels)):
+        if not isinstance(step, str):
+            raise RowFormatError(f"field '{f['completions']}[{i}]' must be a string, got {type(step).__name__}")
+        if label not in (0, 1) or not isinstance(label, (bool, int)):
+            raise RowFormatError(f"field '{f['labels']}[{i}]' must be true or false (or 1 or 0), got {label!r}")
+    classes = [int(label) for label in labels]
+    if spec.train_on_last_step_only:
+        classes = [IGNORE_INDEX] * (len(classes) - 1) + classes[-1:]
+    bos = [Ids((tok.bos_id,), False)] if tok.bos_id is not None else []
+    return Plan([bos + [Text(prompt, False)] + [Step(s, spec.step_separator, c) for s, c in zip(steps, classes)]],
+                completion_limit=spec.max_completion_length)
+
+
 PLANNERS: dict[str, Callable[[dict[str, Any], FormatSpec, TextTokenizer], Plan]] = {
     "alpaca": plan_alpaca, "sharegpt": plan_chat, "chat_template": plan_chat, "completion": plan_completion,
     "pretrain": plan_completion,
-    "input_output": plan_input_output, "dpo": plan_dpo, "kto": plan_kto,
+    "input_output": plan_input_output, "dpo": plan_dpo, "kto": plan_kto, STEPWISE: plan_stepwise,
 }
 
 
@@ -502,6 +552,7 @@ def encode_plans(plans: list[Plan], tok: TextTokenizer, spec: FormatSpec) -> lis
         for seg in plan.segments:
             ids: list[int] = []
             labels: list[int] = []
+            steps_at = None  # where the first step starts
             for piece in seg:
                 if isinstance(piece, Ids):
                     ids += piece.ids
@@ -509,11 +560,17 @@ def encode_plans(plans: list[Plan], tok: TextTokenizer, spec: FormatSpec) -> lis
                     continue
                 enc = next(encodings)
                 piece_ids = enc.ids
+                if isinstance(piece, Step):
+                    steps_at = len(ids) if steps_at is None else steps_at
+                    piece_ids = piece_ids + list(piece.separator)
+                    labels += [IGNORE_INDEX] * (len(piece_ids) - 1) + [piece.label] if piece_ids else []
                 ids += piece_ids
                 if isinstance(piece, Text):
                     labels += piece_ids if piece.trained else [IGNORE_INDEX] * len(piece_ids)
-                else:
+                elif isinstance(piece, Rendered):
                     labels += _rendered_labels(piece_ids, enc.offsets, piece, tok.special_ids)
+            if plan.completion_limit is not None and steps_at is not None:
+                del ids[steps_at + plan.completion_limit:], labels[steps_at + plan.completion_limit:]
             seg_ids.append(ids)
             seg_labels.append(labels)
         if spec.type == "pretrain":
@@ -527,7 +584,7 @@ def encode_plans(plans: list[Plan], tok: TextTokenizer, spec: FormatSpec) -> lis
             out.append([Sample(ids[a:a + n], [IGNORE_INDEX] + labels[a + 1:a + n]) for a in range(0, len(ids), n)])
             continue
         for labels in seg_labels:
-            if labels:
+            if labels and spec.type != STEPWISE:  # a class label is not predicted from the token before
                 labels[0] = IGNORE_INDEX
         if len(seg_ids) == 1:
             out.append([Sample(seg_ids[0], seg_labels[0], (), plan.segment_labels)])

@@ -47,8 +47,8 @@ import pyarrow.parquet as pq
 
 from tunedag.config import DatasetConfig, RunConfig
 from tunedag.data import chat, download, formats, packing, shards
-from tunedag.data.formats import (CHAT_TYPES, IGNORE_INDEX, PREFERENCE_TYPES, PLANNERS, FormatSpec, RowFormatError,
-                                  Sample, TextTokenizer, encode_plans)
+from tunedag.data.formats import (CHAT_TYPES, IGNORE_INDEX, PREFERENCE_TYPES, PLANNERS, STEPWISE, FormatSpec,
+                                  RowFormatError, Sample, TextTokenizer, encode_plans)
 from tunedag.errors import TunedagError
 from tunedag.io import atomic_path, sha256_file
 
@@ -377,10 +377,11 @@ def _chat_source(run: RunConfig, ds: DatasetConfig, tok: TextTokenizer, model_pa
 
 
 def _objective(run: RunConfig) -> str:
-    kinds = {ds.type if ds.type in PREFERENCE_TYPES else "sft" for ds in run.datasets}
+    kinds = {ds.type if ds.type in PREFERENCE_TYPES else "prm" if ds.type == STEPWISE else "sft"
+             for ds in run.datasets}
     if len(kinds) > 1:
         raise TokenizeError(f"datasets of types {sorted(kinds)} cannot be mixed in one run: "
-                            "sft, dpo and kto rows train different objectives")
+                            "sft, dpo, kto and stepwise_supervised (prm) rows train different objectives")
     return kinds.pop()
 
 
@@ -451,7 +452,7 @@ def tokenize_run(run: RunConfig, raw_dirs: list[Path], model_path: Path, tokeniz
     objective = _objective(run)
     jobs, units, ds_records = _jobs(run, [Path(d) for d in raw_dirs], tok, model_path)
     settings = Settings(run.sequence_len, run.sample_packing, run.excess_length_strategy, run.on_bad_rows,
-                        run.seed, objective != "sft", run.sample_packing_sequentially, run.curriculum_sampling,
+                        run.seed, objective in PREFERENCE_TYPES, run.sample_packing_sequentially, run.curriculum_sampling,
                         run.dataset_exact_deduplication)
     totals = {k: 0 for k in (*COUNT_KEYS, "train_samples", "val_samples", "train_rows", "val_rows")}
     if settings.deduplicate:
