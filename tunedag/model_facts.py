@@ -20,7 +20,7 @@ LLAMA_FAMILY = frozenset(LORA_TARGETS + ("embed_tokens", "lm_head"))
 # Phi-3 packs q/k/v and gate/up (the Llama names map onto them); MoE models hold the MLP names as experts.
 MODULE_NAMES: dict[str, frozenset[str]] = {
     **{t: LLAMA_FAMILY for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "mixtral",
-                                 "qwen3_moe")},
+                                 "qwen3_moe", "gpt_oss")},
     "phi3": LLAMA_FAMILY | {"qkv_proj", "gate_up_proj"}}
 # Every built-in model is a Llama (tunedag.models.builtin builds LlamaForCausalLM).
 BUILTIN_MODEL_TYPE = "llama"

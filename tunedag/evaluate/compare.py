@@ -46,7 +46,7 @@ def teacher_forced_metrics(model, val_dir: Path, pad_id: int) -> dict[str, float
     order = reader.epoch_order(0, seed=0, shuffle=False)
     for start in range(0, len(order), EVAL_BATCH_ROWS):
         batch = collate([reader.row(i) for i in order[start: start + EVAL_BATCH_ROWS]], pad_id)
-        logits = model(**model_inputs(batch, model.device, model.dtype)).logits.float()
+        logits = model(**model_inputs(batch, model.device, model.dtype, model.config)).logits.float()
         labels = batch["labels"].to(model.device)
         total_loss += float(loss_sum(logits, labels))
         trained = labels[:, 1:] != IGNORE_INDEX

@@ -108,7 +108,7 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], devic
     lm = unwrap_model(model)
     # the additive mask in the weights' dtype, as transformers builds its own: an fp32 mask beside bf16
     # weights outside autocast gave NaN log-probs on an H200 (a bf16 mask's minimum is still finite)
-    hidden = lm.get_decoder()(**model_inputs(batch, device, lm.dtype)).last_hidden_state  # (B, T, H)
+    hidden = lm.get_decoder()(**model_inputs(batch, device, lm.dtype, lm.config)).last_hidden_state  # (B, T, H)
     softcap = getattr(lm.config, "final_logit_softcapping", None)
     return hidden_logps(hidden.reshape(-1, hidden.shape[-1]), batch, lm.get_output_embeddings(),
                         chunk_tokens=chunk_tokens, softcap=softcap)

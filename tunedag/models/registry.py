@@ -17,6 +17,9 @@ model; what differs between architectures is data, not code paths:
 | mixtral | Llama | SiLU | sparse MoE (:mod:`tunedag.models.moe`): LoRA on every expert, grouped GEMMs, router loss |
 | qwen3_moe | Llama | SiLU | per-head q/k RMSNorm; sparse MoE as Mixtral (top-k renormalised only with norm_topk_prob) |
 
+gpt_oss (gpt-oss-20b, -120b) trains on the torch engine only (``TORCH_ONLY``: attention sinks); its LoRA
+targets are named as on the MoE models above (gate/up/down: the experts' ``gate_up_proj`` and ``down_proj``).
+
 Packed projections (Phi-3): peft puts one LoRA on the whole ``qkv_proj`` (A (r, H), B (q+k+v, r)) and
 one on ``gate_up_proj``. That is exactly the fused kernels' three (two) projections sharing one A,
 with B split by rows: the engine passes the same A and row slices of B and W, and autograd sums
@@ -83,6 +86,14 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "mixtral": ArchitectureSpec("mixtral", window_from_config=True, moe=True),
     "qwen3_moe": ArchitectureSpec("qwen3_moe", qk_norm=True, moe=True),
 }
+# Architectures the torch engine trains with the MoE target naming above but that have no fused path,
+# by the reason fast_path_blocker gives
+TORCH_ONLY: dict[str, tuple[ArchitectureSpec, str]] = {
+    "gpt_oss": (ArchitectureSpec("gpt_oss", moe=True),
+                "gpt_oss's attention adds a learned per-head sink logit to the softmax denominator, which the "
+                "packed attention kernel lacks (and its experts, a clamped SwiGLU over interleaved gate/up columns "
+                "with biases under a biased router, are not the fused MoE block's)"),
+}
 # packed projection -> the Llama projections it holds, in its row order
 PACKED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 # QLoRA holds these decoder projections in NF4 (the seven, and Phi-3's packed ones)
@@ -123,7 +134,9 @@ def peft_targets(spec: ArchitectureSpec | None, names: Sequence[str]) -> tuple[t
 def lora_target_kwargs(config: Any, names: Sequence[str]) -> dict[str, list[str] | None]:
     """peft LoraConfig's ``target_modules`` and ``target_parameters`` for an HF ``config`` (unknown
     architectures take ``names`` unchanged)."""
-    modules, params = peft_targets(ARCHITECTURES.get(getattr(config, "model_type", None)), names)
+    model_type = getattr(config, "model_type", None)
+    spec = ARCHITECTURES.get(model_type) or TORCH_ONLY.get(model_type, (None, ""))[0]
+    modules, params = peft_targets(spec, names)
     return {"target_modules": list(modules), "target_parameters": list(params) or None}
 
 
@@ -138,10 +151,13 @@ def fast_path_blocker(config: Any, *, rl: str | None, lora_dropout: float, lora_
     """Why a run with these settings on a model with HF ``config`` cannot use the triton engine (None: it can)."""
     model_type = getattr(config, "model_type", None)
     spec = ARCHITECTURES.get(model_type)
+    if model_type in TORCH_ONLY:
+        return TORCH_ONLY[model_type][1]
     if spec is None:
         return f"architecture {model_type!r} has no fused path (covered: {', '.join(ARCHITECTURES)})"
-    if rl == "reward":
-        return "rl: reward (reward modelling trains a score head on the torch engine; dpo, orpo and kto take this path)"
+    if rl in ("reward", "prm"):
+        return (f"rl: {rl} (reward modelling trains a score head on the torch engine; dpo, orpo and kto take "
+                "this path)")
     if lora_dropout > 0:
         return f"lora_dropout {lora_dropout} > 0 (the fused LoRA kernels apply no dropout)"
     try:

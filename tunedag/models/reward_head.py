@@ -41,17 +41,26 @@ def reward_pad_token_id(config, tokenizer) -> int:
 
 
 def init_score_head_(model: PreTrainedModel, seed: int) -> None:
-    """N(0, initializer_range) head weights from ``seed`` alone, drawn in fp32 whatever the model's dtype."""
+    """N(0, initializer_range) head weights from ``seed`` alone, drawn in fp32 whatever the model's dtype;
+    a bias (a token classifier's head has one) starts at zero."""
     weight = model.score.weight
     std = getattr(model.config, "initializer_range", 0.02)
     fresh = torch.empty(weight.shape, dtype=torch.float32).normal_(0.0, std,
                                                                    generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         weight.copy_(fresh.to(weight.dtype))
+        if model.score.bias is not None:
+            model.score.bias.zero_()
 
 
 def load_reward_model(path: str | Path, dtype: torch.dtype, trust_remote_code: bool, seed: int) -> PreTrainedModel:
     """The base decoder as ``<Arch>ForSequenceClassification`` (num_labels=1) with a head seeded by ``seed``."""
+    return load_classifier(path, AutoModelForSequenceClassification, 1, dtype, trust_remote_code, seed)
+
+
+def load_classifier(path: str | Path, auto: type, num_labels: int, dtype: torch.dtype, trust_remote_code: bool,
+                    seed: int) -> PreTrainedModel:
+    """The base decoder as the ``auto`` class's classifier (its LM head dropped) with a head seeded by ``seed``."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ModelSourceError(f"{path}: no config.json (not a Hugging Face model folder)")
@@ -61,8 +70,8 @@ def load_reward_model(path: str | Path, dtype: torch.dtype, trust_remote_code: b
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its load report calls lm_head unexpected and score missing: both intended
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, pad_token_id=pad, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
+        model = auto.from_pretrained(
+            path, num_labels=num_labels, pad_token_id=pad, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
     finally:
         hf_logging.set_verbosity(verbosity)
     init_score_head_(model, seed)
@@ -72,13 +81,19 @@ def load_reward_model(path: str | Path, dtype: torch.dtype, trust_remote_code: b
 
 
 def sequence_classification_shapes(path: str | Path, trust_remote_code: bool) -> tuple[str, dict[str, tuple[int, ...]]]:
-    """(class name, state-dict name → shape) of the base at ``path`` as a one-label sequence classifier.
+    """(class name, state-dict name → shape) of the base at ``path`` as a one-label sequence classifier."""
+    return classifier_shapes(path, AutoModelForSequenceClassification, 1, trust_remote_code)
+
+
+def classifier_shapes(path: str | Path, auto: type, num_labels: int,
+                      trust_remote_code: bool) -> tuple[str, dict[str, tuple[int, ...]]]:
+    """(class name, state-dict name → shape) of the base at ``path`` as the ``auto`` class's classifier.
 
     Built on the meta device: no weights are allocated.
     """
-    config = AutoConfig.from_pretrained(path, num_labels=1, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(path, num_labels=num_labels, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
-        model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
+        model = auto.from_config(config, trust_remote_code=trust_remote_code)
     return type(model).__name__, {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
@@ -111,7 +126,7 @@ def segment_rewards(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     classifier = unwrap_model(model)
     decoder = getattr(classifier, classifier.base_model_prefix)
     # the mask in the weights' dtype (tunedag.models.logprobs.sequence_logps says why)
-    hidden = decoder(**model_inputs(batch, device, classifier.dtype)).last_hidden_state  # (B, T, H)
+    hidden = decoder(**model_inputs(batch, device, classifier.dtype, classifier.config)).last_hidden_state  # (B, T, H)
     where, labels = last_token_positions(batch, classifier.config.pad_token_id)
     pooled = hidden.reshape(-1, hidden.shape[-1])[where.to(device)]  # (S, H)
     return classifier.score(pooled).float()[:, 0], labels.to(device)

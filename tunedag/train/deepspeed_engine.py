@@ -135,7 +135,7 @@ class DeepSpeedEngine:
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.objective is not None:
             return self.objective.loss_sum(self.model, batch, self.device)
-        logits = self.ds(**model_inputs(batch, self.device, self.dtype)).logits
+        logits = self.ds(**model_inputs(batch, self.device, self.dtype, self.model.config)).logits
         return loss_sum(logits, batch["labels"])
 
     def backward(self, loss: torch.Tensor) -> None:

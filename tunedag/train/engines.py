@@ -55,10 +55,12 @@ from tunedag.models.qat import prepare_qat
 from tunedag.models.qlora import fake_quantize_
 from tunedag.models.moe import aux_loss_enabled, hf_moe_loss_sum
 from tunedag.models.registry import lora_target_kwargs
+from tunedag.models.prm_head import load_prm_model
 from tunedag.models.reward_head import load_reward_model
 from tunedag.train.optimizers import build_optimizer
 from tunedag.train.preference import preference_objective
 from tunedag.train.ranks import DistEnv, choose_device
+from tunedag.train.prm import PRMObjective
 from tunedag.train.reward import RewardObjective
 
 log = logging.getLogger(__name__)
@@ -79,14 +81,15 @@ class TorchEngine:
 
     def __init__(self, run: RunConfig, model_path: Path, device: torch.device, base: PreTrainedModel | None = None):
         self.device, self.full = device, run.adapter is None
-        reward = run.rl == "reward"
+        reward, prm = run.rl == "reward", run.rl == "prm"
         placed = base is not None  # on the meta device, or partitioned by ZeRO-3: left where it is
-        if base is None:  # with rl: reward, the decoder under a scalar head (tunedag.train.reward)
+        if base is None:  # rl: reward, the decoder under a scalar head; rl: prm, under a 2-label token head
             base = (load_reward_model(model_path, torch.float32, run.trust_remote_code, run.seed) if reward
+                    else load_prm_model(model_path, torch.float32, run.trust_remote_code, run.seed) if prm
                     else load_causal_lm(model_path, torch.float32, run.trust_remote_code, run.reinit_seed,
                                         run_vocab_size(model_path, run)))
         # before anything changes the base: a full fine-tune's dpo/kto reference is a frozen copy of it
-        self.objective = (RewardObjective(run) if reward else
+        self.objective = (RewardObjective(run) if reward else PRMObjective() if prm else
                           preference_objective(run, base, device, self.full) if run.rl else None)
         if run.adapter == "qlora":
             n = fake_quantize_(base)
@@ -104,7 +107,8 @@ class TorchEngine:
             return
         lora = LoraConfig(r=run.lora_r, lora_alpha=run.lora_alpha, lora_dropout=run.lora_dropout,
                           **lora_target_kwargs(base.config, run.lora_target_modules), bias="none",
-                          task_type="SEQ_CLS" if reward else "CAUSAL_LM",  # SEQ_CLS trains `score` in full
+                          # SEQ_CLS and TOKEN_CLS train `score` in full
+                          task_type="SEQ_CLS" if reward else "TOKEN_CLS" if prm else "CAUSAL_LM",
                           modules_to_save=list(run.lora_modules_to_save) or None)
         self.model = get_peft_model(base, lora).to(device)
         self.model.train()
@@ -124,7 +128,7 @@ class TorchEngine:
         if self.objective is not None:
             return self.objective.loss_sum(self.model, batch, self.device, self.autocast)
         with self.autocast():
-            inputs = model_inputs(batch, self.device, torch.float32)
+            inputs = model_inputs(batch, self.device, torch.float32, self.model.config)
             if aux_loss_enabled(self.model.config):  # MoE router loss on
                 return hf_moe_loss_sum(self.model, inputs, batch["labels"], batch["segment_ids"].reshape(-1) > 0)
             logits = self.model(**inputs).logits
