@@ -23,6 +23,11 @@ model and which weight transforms it needs:
 - mixtral -> ``llama`` with experts, qwen3_moe -> ``qwen3moe``: the checkpoint's per-expert weights
   are stacked into (experts, out, in) ``ffn_{gate,up,down}_exps`` tensors; the router is
   ``ffn_gate_inp``; softmax gating, the top-k weights renormalised (a config that does not is refused).
+- gpt_oss -> ``gpt-oss``: attention sinks (``attn_sinks``), q/k/v/o and router biases, NEOX rope with
+  YaRN, sliding-window layers alternating with global ones from layer 0 (llama.cpp's fixed pattern),
+  experts stacked as the checkpoint holds them and split by ``gguf_tensors`` (HF's (E, in, out) layout
+  transposed; gate and up from the interleaved columns of ``gate_up_proj``, biases alike). llama.cpp
+  fixes the clamped SwiGLU's alpha 1.702 and limit 7.0 and YaRN's ramp; a config that differs is refused.
 
 Rope: transformers >= 5 writes ``rope_parameters``; older configs write
 ``rope_theta`` / ``rope_scaling``. Both are read. Llama-3 scaling is expressed the
@@ -73,11 +78,17 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "phi3": ArchSpec("phi3", gguf.MODEL_ARCH.PHI3, False, 0.0, False, ("silu",)),
     "mixtral": ArchSpec("mixtral", gguf.MODEL_ARCH.LLAMA, True, 0.0, False, ("silu",), moe=True),
     "qwen3_moe": ArchSpec("qwen3_moe", gguf.MODEL_ARCH.QWEN3MOE, False, 0.0, False, ("silu",), moe=True),
+    # hidden_act names nothing gpt-oss computes (its experts' SwiGLU is fixed): checked by _check_gpt_oss
+    "gpt_oss": ArchSpec("gpt_oss", gguf.MODEL_ARCH.GPT_OSS, False, 0.0, False, ("silu",), moe=True,
+                        sliding_window=True),
 }
 GEMMA3_SWA_EVERY = 6  # llama.cpp's gemma3 graph: layers 5, 11, ... global, the others sliding
 GEMMA3_SWA_ROPE_THETA = 10000.0
 SUPPORTED_ARCHITECTURES = tuple(sorted(ARCHITECTURES))
-ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope", "yarn")
+# What llama.cpp's gpt-oss graph fixes, by config.json key: the experts' clamped SwiGLU and YaRN's ramp
+GPT_OSS_FIXED = {"swiglu_alpha": 1.702, "swiglu_limit": 7.0}
+GPT_OSS_YARN = {"beta_fast": 32.0, "beta_slow": 1.0}
 
 
 @dataclass(frozen=True)
@@ -121,6 +132,8 @@ def resolve_arch(config: dict[str, Any]) -> ArchSpec:
             f"supported model_type values: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     spec = ARCHITECTURES[model_type]
+    if spec.gguf_arch == gguf.MODEL_ARCH.GPT_OSS:
+        _check_gpt_oss(config)
     act = config.get("hidden_activation") or config.get("hidden_act")
     if act is not None and act not in spec.activations:
         raise GGUFExportError(
@@ -180,6 +193,8 @@ def read_hparams(config: dict[str, Any], spec: ArchSpec) -> HParams:
     if hp.rope_scaling and hp.rope_scaling["rope_type"] == "longrope" and spec.gguf_arch != gguf.MODEL_ARCH.PHI3:
         raise GGUFExportError(f"{spec.model_type} with longrope scaling cannot be exported: llama.cpp reads "
                               "LongRoPE factors for phi3 only")
+    if hp.rope_scaling and hp.rope_scaling["rope_type"] == "yarn":
+        _check_yarn(spec, hp.rope_scaling)
     if spec.gguf_arch == gguf.MODEL_ARCH.GEMMA3:
         _check_gemma3(config, hp)
     if spec.always_tied and not hp.tie_word_embeddings:
@@ -229,6 +244,40 @@ def _check_gemma3(config: dict[str, Any], hp: HParams) -> None:
     if problems:
         raise GGUFExportError("gemma3 with " + "; ".join(problems) + " cannot be exported: llama.cpp's gemma3 "
                               "graph would compute a different model")
+
+
+def _check_gpt_oss(config: dict[str, Any]) -> None:
+    """What llama.cpp's gpt-oss graph fixes must be what the config says (torch-free: the config check runs it)."""
+    problems = [f"{key} {config[key]} (llama.cpp: {want})" for key, want in GPT_OSS_FIXED.items()
+                if key in config and float(config[key]) != want]
+    n = int(config.get("num_hidden_layers") or 0)
+    want_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+    if config.get("layer_types", want_types) != want_types:
+        problems.append(f"layer_types {config['layer_types']} (llama.cpp: sliding from layer 0, then every other)")
+    if not config.get("sliding_window"):
+        problems.append("no sliding_window (llama.cpp's graph needs the sliding layers' window)")
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type")) == "yarn":
+        problems += [f"yarn {key} {rope[key]} (llama.cpp: {want})" for key, want in GPT_OSS_YARN.items()
+                     if key in rope and float(rope[key]) != want]
+        for key in ("attention_factor", "mscale", "mscale_all_dim"):
+            if rope.get(key) is not None:
+                problems.append(f"yarn {key} {rope[key]} (llama.cpp derives the attention factor from the factor)")
+    if problems:
+        raise GGUFExportError("gpt_oss with " + "; ".join(problems) + " cannot be exported: llama.cpp's gpt-oss "
+                              "graph would compute a different model")
+
+
+def _check_yarn(spec: ArchSpec, scaling: dict[str, Any]) -> None:
+    if spec.gguf_arch != gguf.MODEL_ARCH.GPT_OSS:
+        raise GGUFExportError(f"{spec.model_type} with yarn rope scaling cannot be exported: its ramp is checked "
+                              "against llama.cpp for gpt_oss only")
+    if scaling.get("truncate", True) is False:
+        log.warning(
+            "%s: config.json's yarn sets truncate=false; llama.cpp rounds YaRN's correction range out to whole "
+            "dimensions (transformers' truncate=true), so the GGUF's rope frequencies between the two bounds "
+            "differ slightly from transformers' (as in gpt-oss GGUFs from llama.cpp's own converter)",
+            spec.model_type)
 
 
 def longrope_factors(hp: HParams) -> dict[str, np.ndarray]:
@@ -305,6 +354,10 @@ def add_hparams(writer: gguf.GGUFWriter, hp: HParams, file_type: int, name: str)
     writer.add_vocab_size(hp.vocab_size)
     if hp.rope_scaling and hp.rope_scaling["rope_type"] == "longrope":
         writer.add_rope_scaling_attn_factors(longrope_attention_factor(hp))
+        writer.add_rope_scaling_orig_ctx_len(int(hp.rope_scaling["original_max_position_embeddings"]))
+    if hp.rope_scaling and hp.rope_scaling["rope_type"] == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(hp.rope_scaling["factor"]))
         writer.add_rope_scaling_orig_ctx_len(int(hp.rope_scaling["original_max_position_embeddings"]))
     if hp.rope_scaling and hp.rope_scaling["rope_type"] == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)

@@ -6,7 +6,9 @@ reads one tensor lazily with `safe_open`, transforms it and quantises it.
 
 MoE checkpoints keep every expert's projection as its own 2-D weight; llama.cpp wants one
 (experts, out, in) tensor per projection and layer (``ffn_{gate,up,down}_exps``): those are
-planned from the per-expert headers and stacked when written.
+planned from the per-expert headers and stacked when written. gpt-oss checkpoints hold them
+stacked already, as (experts, in, out) with gate and up interleaved by column in ``gate_up_proj``:
+those are transposed, and gate_up split into its even (gate) and odd (up) rows, biases alike.
 """
 from __future__ import annotations
 
@@ -37,6 +39,8 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # One expert's weight in a checkpoint: Mixtral (w1 gate, w3 up, w2 down) and Qwen3-MoE names
 EXPERT_WEIGHT = re.compile(r"model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\."
                            r"(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight")
+# gpt-oss: one layer's stacked experts (E, in, out) and their biases (E, out)
+STACKED_EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)(_bias)?")
 EXPERT_TENSORS = {"w1": gguf.MODEL_TENSOR.FFN_GATE_EXP, "gate_proj": gguf.MODEL_TENSOR.FFN_GATE_EXP,
                   "w3": gguf.MODEL_TENSOR.FFN_UP_EXP, "up_proj": gguf.MODEL_TENSOR.FFN_UP_EXP,
                   "w2": gguf.MODEL_TENSOR.FFN_DOWN_EXP, "down_proj": gguf.MODEL_TENSOR.FFN_DOWN_EXP}
@@ -97,8 +101,8 @@ def safetensors_files(model_dir: Path) -> list[Path]:
 
 
 def _storage_type(gguf_name: str, shape: tuple[int, ...], outtype: str) -> gguf.GGMLQuantizationType:
-    # Norms, biases and rope factors are tiny and precision-sensitive: always f32.
-    if len(shape) < 2 or outtype == "f32":
+    # Norms, biases (gpt-oss's expert biases are 2-D) and rope factors are tiny and precision-sensitive: always f32.
+    if len(shape) < 2 or outtype == "f32" or gguf_name.endswith(".bias"):
         return QT.F32
     qtype = OUTTYPE_QTYPES[outtype]
     block = gguf.GGML_QUANT_SIZES[qtype][0]
@@ -134,6 +138,29 @@ def _expert_plans(experts: dict[str, dict[int, tuple[Path, str, tuple[int, ...]]
         parts = [by_expert[e][:2] for e in range(hp.n_experts)]
         plans.append(TensorPlan(gguf_name, shape, _storage_type(gguf_name, shape, outtype), _stacked_reader(parts)))
     return plans
+
+
+def _stacked_expert_plans(hf_name: str, path: Path, shape: tuple[int, ...], outtype: str) -> list[TensorPlan] | None:
+    """The GGUF expert tensors of one gpt-oss stacked expert tensor (None: ``hf_name`` is not one)."""
+    match = STACKED_EXPERT.fullmatch(hf_name)
+    if match is None:
+        return None
+    layer, proj, bias = int(match.group(1)), match.group(2), bool(match.group(3))
+    suffix = ".bias" if bias else ".weight"
+
+    def plan(tensor: gguf.MODEL_TENSOR, take: Callable[[np.ndarray], np.ndarray]) -> TensorPlan:
+        out_shape = take(np.empty(shape, dtype=np.float32)).shape
+        name = gguf.TENSOR_NAMES[tensor].format(bid=layer) + suffix
+        return TensorPlan(name, out_shape, _storage_type(name, out_shape, outtype),
+                          _reader(path, hf_name, lambda a: np.ascontiguousarray(take(a))))
+    # weights (E, in, out) -> (E, out, in); biases (E, out) as they are
+    rows = (lambda a: a) if bias else (lambda a: a.swapaxes(1, 2))
+    if proj == "down_proj":
+        return [plan(gguf.MODEL_TENSOR.FFN_DOWN_EXP, rows)]
+    if shape[-1] % 2:
+        raise GGUFExportError(f"{hf_name}: {shape[-1]} gate/up columns, expected an even number (interleaved)")
+    return [plan(gguf.MODEL_TENSOR.FFN_GATE_EXP, lambda a: rows(a)[:, 0::2]),
+            plan(gguf.MODEL_TENSOR.FFN_UP_EXP, lambda a: rows(a)[:, 1::2])]
 
 
 def _transform_for(hf_name: str, gguf_name: str, spec: ArchSpec, hp: HParams) -> Callable[[np.ndarray], np.ndarray]:
@@ -179,7 +206,12 @@ def plan_tensors(model_dir: Path, spec: ArchSpec, hp: HParams, outtype: str) -> 
                 stacked = gguf.TENSOR_NAMES[EXPERT_TENSORS[proj]].format(bid=int(layer)) + ".weight"
                 experts.setdefault(stacked, {})[int(index)] = (path, hf_name, shapes[hf_name])
                 continue
-            gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            stacked_plans = _stacked_expert_plans(hf_name, path, shapes[hf_name], outtype) if spec.moe else None
+            if stacked_plans is not None:
+                plans += stacked_plans
+                continue
+            sinks = hf_name.endswith(".self_attn.sinks")  # gpt-oss: a parameter without a .weight suffix
+            gguf_name = name_map.get_name(hf_name + ".weight" if sinks else hf_name, try_suffixes=(".weight", ".bias"))
             if gguf_name is None:
                 raise GGUFExportError(
                     f"tensor {hf_name!r} in {path.name} has no GGUF name for {spec.model_type}: "

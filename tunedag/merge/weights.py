@@ -108,7 +108,7 @@ def lora_scale(config: dict, rank: int) -> float:
 
 
 def merge_tensor(weight: torch.Tensor, lora: LoraTensors, scale: float) -> torch.Tensor:
-    """The merged weight in fp32 (weight is (out, in); A is (r, in), B is (out, r))."""
+    """The merged weight in fp32 (weight is (out, in); A is (r, in), B is (out, r); or all three stacked per expert)."""
     merged = weight.float() + scale * (lora.b.float() @ lora.a.float())
     if lora.magnitude is not None:
         merged = (lora.magnitude.float() / torch.linalg.norm(merged, dim=1))[:, None] * merged
@@ -117,13 +117,14 @@ def merge_tensor(weight: torch.Tensor, lora: LoraTensors, scale: float) -> torch
 
 def check_tensor(name: str, weight: torch.Tensor, merged: torch.Tensor, lora: LoraTensors, scale: float,
                  generator: torch.Generator) -> float:
-    """Relative error of x·W'ᵀ against the unmerged adapter computation on random inputs."""
-    x = torch.randn(8, weight.shape[1], generator=generator)
-    ref = x @ weight.float().T + scale * (x @ lora.a.float().T) @ lora.b.float().T
+    """Relative error of x·W'ᵀ against the unmerged adapter computation on random inputs (per expert for a
+    stacked 3-D expert weight)."""
+    x = torch.randn(*weight.shape[:-2], 8, weight.shape[-1], generator=generator)
+    ref = x @ weight.float().mT + scale * (x @ lora.a.float().mT) @ lora.b.float().mT
     if lora.magnitude is not None:
         norm = torch.linalg.norm(weight.float() + scale * lora.b.float() @ lora.a.float(), dim=1)
         ref = ref * (lora.magnitude.float() / norm)
-    error = float((x @ merged.T - ref).norm() / ref.norm().clamp_min(1e-30))
+    error = float((x @ merged.mT - ref).norm() / ref.norm().clamp_min(1e-30))
     if error > MAX_RELATIVE_ERROR:
         raise MergeError(f"merged {name} differs from base + adapter by {error:.2e} (relative; limit "
                          f"{MAX_RELATIVE_ERROR:.0e})")
@@ -243,7 +244,7 @@ def merge_weights(model_path: Path, adapter_dir: Path, out_dir: Path, dtype: tor
             tensor = grow_rows(tensor, shape[0])
         if name in lora:
             parts = lora[name]
-            scale = lora_scale(config, parts.a.shape[0])
+            scale = lora_scale(config, parts.a.shape[-2])
             merged = merge_tensor(tensor, parts, scale)
             worst = max(worst, check_tensor(name, tensor, merged, parts, scale, generator))
             tensor = merged

@@ -218,6 +218,9 @@ EXPERT_CHECKPOINT_NAMES = {
     "mixtral": ("block_sparse_moe.experts.{e}.w1", "block_sparse_moe.experts.{e}.w3", "block_sparse_moe.experts.{e}.w2"),
     "qwen3_moe": ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj", "mlp.experts.{e}.down_proj"),
 }
+# Checkpoints that keep each layer's experts stacked, as the model holds them: (gate_up, down) under
+# "model.layers.{i}.", each (E, in, out) (gpt-oss: x @ W_e; gate_up's columns interleave gate and up)
+STACKED_EXPERT_NAMES = {"gpt_oss": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")}
 # peft's adapter keys of the two expert LoRAs: down_proj's ParamWrapper wraps gate_up_proj's (the
 # order of target_parameters), so gate_up's weights sit one ".base_layer" deeper
 _EXPERT_ADAPTER = re.compile(r"model\.layers\.(\d+)\.mlp\.experts(\.base_layer)?\.weight")
@@ -228,18 +231,24 @@ def expert_loras(name: str, a: torch.Tensor, b: torch.Tensor, config: dict) -> d
 
     ``name``: the adapter's weight name (``model.layers.3.mlp.experts.weight``), a (E r, in), b (out, r E),
     ``config``: the base model's config.json. gate_up's B splits by rows into gate and up, sharing A_e.
+    A stacked checkpoint (gpt-oss) gets one 3-D pair for its (E, in, out) weight: "A" (E, r, out) and
+    "B" (E, in, r), whose batched product B @ A is each expert's delta in the stored layout.
     """
     match = _EXPERT_ADAPTER.fullmatch(name)
     if match is None:
         return None
-    names = EXPERT_CHECKPOINT_NAMES.get(config.get("model_type"))
-    if names is None:
-        raise ValueError(f"{name}: expert LoRA on a {config.get('model_type')!r} model, whose checkpoint layout "
-                         f"is not known here (known: {', '.join(EXPERT_CHECKPOINT_NAMES)})")
     e = config.get("num_local_experts") or config["num_experts"]
     a_e = a.reshape(e, -1, a.shape[-1])  # (E, r, in)
     b_e = b.reshape(b.shape[0], -1, e).permute(2, 0, 1)  # (E, out, r)
     prefix = f"model.layers.{match.group(1)}."
+    stacked = STACKED_EXPERT_NAMES.get(config.get("model_type"))
+    if stacked is not None:  # one (E, in, out) weight: its delta (B_e A_e)^T = A_e^T B_e^T, as "B" @ "A"
+        return {prefix + stacked[0 if match.group(2) else 1]: (b_e.transpose(1, 2), a_e.transpose(1, 2))}
+    names = EXPERT_CHECKPOINT_NAMES.get(config.get("model_type"))
+    if names is None:
+        known = [*EXPERT_CHECKPOINT_NAMES, *STACKED_EXPERT_NAMES]
+        raise ValueError(f"{name}: expert LoRA on a {config.get('model_type')!r} model, whose checkpoint layout "
+                         f"is not known here (known: {', '.join(known)})")
     out = {}
     for i in range(e):
         if match.group(2):  # gate_up: rows [gate; up]
