@@ -187,6 +187,11 @@ def _translate_keys(raw: dict[str, Any], out: dict[str, Any], notes: list[str], 
         if raw.get("rl") not in (None, "reward"):
             refuse("reward_model", f"set beside rl: {raw['rl']}; a run trains one objective")
         out["rl"] = "reward"
+    if raw.get("process_reward_model"):
+        if raw.get("rl") not in (None, "prm") or raw.get("reward_model"):
+            refuse("process_reward_model", f"set beside {'reward_model' if raw.get('reward_model') else 'rl'}; "
+                                           "a run trains one objective")
+        out["rl"] = "prm"
     if raw.get("rl") == "ipo":
         out["rl"], out["dpo_loss_type"] = "dpo", "ipo"
     if raw.get("dpo_beta") is not None and "rl_beta" not in raw:
@@ -221,9 +226,10 @@ def _translate_keys(raw: dict[str, Any], out: dict[str, Any], notes: list[str], 
         out.pop("val_set_size")
         note("val_set_size", "tunedag's evaluate stage scores held-out rows, so its default val_set_size 0.05 "
                              "holds out 5% of the rows")
-    if raw.get("num_labels") not in (None, 1) or (raw.get("num_labels") == 1 and not raw.get("reward_model")):
-        refuse("num_labels", "tunedag trains causal language models, and reward models (reward_model: true) "
-                             "with one score")
+    labels = 2 if raw.get("process_reward_model") else 1 if raw.get("reward_model") else None
+    if raw.get("num_labels") not in (None, labels):
+        refuse("num_labels", "tunedag trains causal language models, reward models (reward_model: true) with one "
+                             "score and process reward models (process_reward_model: true) with two labels")
     if not asks_nothing(raw.get("llmcompressor")):
         with problems.check():
             out["keep_sparsity"] = kept_sparsity(raw["llmcompressor"], f"{where}.llmcompressor")

@@ -20,6 +20,7 @@ TRANSLATED: dict[str, str] = {
                    "deepspeed_offload)",
     "fsdp_version": "train_engine: fsdp (tunedag's fsdp is FSDP2)",
     "reward_model": "rl: reward",
+    "process_reward_model": "rl: prm (a 2-label token classifier scoring each step of stepwise_supervised data)",
     "dpo_beta": "rl_beta",
     "pretraining_dataset": "one datasets entry: the hub split streamed only as far as max_steps reads it "
                            "(max_words), type: completion, packed (see tunedag/config/pretraining.py)",
@@ -35,7 +36,8 @@ TRANSLATED: dict[str, str] = {
                     "load-balancing loss as the model's config sets it (noted); other overrides are refused",
     "optimizer": "Axolotl's aliases adamw_8bit (adamw_bnb_8bit) and paged_adamw_32bit (adamw_torch: the same "
                  "update, unpaged) become tunedag's names; muon without adam_beta2 takes 0.95 (Axolotl's Muon)",
-    "num_labels": "1 with reward_model: the reward model's one score; other values are refused",
+    "num_labels": "1 with reward_model (the reward model's one score), 2 with process_reward_model (a step is "
+                  "wrong or right); other values are refused",
     "plugins": "Liger and Cut Cross Entropy plugins: tunedag's own kernels (noted); LLMCompressorPlugin with "
                "llmcompressor; others are refused",
     "llmcompressor": "a recipe of ConstantPruningModifier alone: keep_sparsity with its 're:' targets (a pruned "
@@ -159,8 +161,8 @@ REFUSED: dict[str, tuple[str, ...]] = {
     "tunedag holds out val_set_size of the training rows; separate evaluation datasets are not offered":
         ("test_datasets", "do_bench_eval", "bench_dataset", "bench_split"),
     "tunedag's objectives are supervised fine-tuning and rl: dpo (with dpo_loss_type ipo), orpo, kto and "
-    "reward; this setting is not offered":
-        ("trl", "vllm", "ebft", "process_reward_model", "simpo_gamma", "cpo_alpha", "dpo_use_weighting",
+    "reward, prm; this setting is not offered":
+        ("trl", "vllm", "ebft", "simpo_gamma", "cpo_alpha", "dpo_use_weighting",
          "precompute_ref_log_probs", "dpo_padding_free", "dpo_loss_weights", "rpo_alpha", "dpo_norm_loss",
          "dpo_use_logits_to_keep", "use_eaft", "eaft_alpha", "eaft_k", "diffusion"),
     "tunedag spreads a run over GPUs by data parallelism (train_engine: ddp, fsdp or deepspeed) and trains "
@@ -219,7 +221,7 @@ DATASET_REFUSED: dict[str, tuple[str, ...]] = {
     "tunedag's dataset types are listed in README, \"Dataset formats\"; this form is not offered":
         ("conversation", "input_format", "format", "no_input_format", "system_format", "system_prompt",
          "prompt_format", "chosen_format", "rejected_format", "completion_format", "logprobs_field", "temperature",
-         "step_separator", "max_completion_length", "train_on_last_step_only", "text_column", "length",
+         "text_column", "length",
          "max_input_id", "min_input_id", "sequence_length"),
 }
 

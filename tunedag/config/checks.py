@@ -57,6 +57,9 @@ def _check_dataset(ds: DatasetConfig, where: str, base_dir: Path) -> None:
     if ds.drop_system_message and ds.type not in ("sharegpt", "chat_template"):
         raise ConfigError(f"{where}.drop_system_message: applies to conversations (type: chat_template or "
                           f"sharegpt), not type: {ds.type}")
+    if ds.max_completion_length is not None and ds.max_completion_length < 1:
+        raise ConfigError(f"{where}.max_completion_length: must be at least 1 (null: no limit), "
+                          f"got {ds.max_completion_length!r}")
     if ds.alpaca_style is not None and ds.type != "alpaca":
         raise ConfigError(f"{where}.alpaca_style: applies to type: alpaca, not type: {ds.type}")
     if ds.revision is not None and not ds.path.startswith("hf:"):
@@ -87,20 +90,24 @@ def _check_dataset_names(run: RunConfig, where: str) -> None:
 
 def _check_objective(run: RunConfig, where: str) -> None:
     """The preference and reward settings, and the data their objective trains on."""
-    if run.rl == "reward":
-        if run.center_rewards_coefficient < 0:
-            raise ConfigError(f"{where}.center_rewards_coefficient: must be at least 0, "
-                              f"got {run.center_rewards_coefficient!r}")
+    if run.rl == "reward" and run.center_rewards_coefficient < 0:
+        raise ConfigError(f"{where}.center_rewards_coefficient: must be at least 0, "
+                          f"got {run.center_rewards_coefficient!r}")
+    if run.rl in ("reward", "prm"):
         for key in ("lora_target_modules", "lora_modules_to_save"):
             if "lm_head" in getattr(run, key):
                 raise ConfigError(f"{where}.{key}: a reward model has no lm_head (its score head replaces it "
                                   "and is trained in full)")
+    stepwise = [ds for ds in run.datasets if ds.type == "stepwise_supervised"]
+    if stepwise and run.rl != "prm":
+        raise ConfigError(f"{where}.datasets: {stepwise[0].dataset_name!r} is type: stepwise_supervised, which "
+                          "trains a process reward model: set rl: prm (Axolotl's process_reward_model: true)")
     if run.rl is not None:
         if run.rl_beta <= 0:
             raise ConfigError(f"{where}.rl_beta: must be positive, got {run.rl_beta!r}")
         if not 0.0 <= run.dpo_label_smoothing < 0.5:
             raise ConfigError(f"{where}.dpo_label_smoothing: must be in [0, 0.5), got {run.dpo_label_smoothing!r}")
-        want = "kto" if run.rl == "kto" else "dpo"
+        want = {"kto": "kto", "prm": "stepwise_supervised"}.get(run.rl, "dpo")
         wrong = [ds.dataset_name for ds in run.datasets if ds.type != want]
         if wrong:
             raise ConfigError(f"{where}.datasets: rl: {run.rl} trains on type: {want} data; "

@@ -13,7 +13,8 @@ metrics.json says why they did not.
 
 ``rl: reward`` trains a scorer, not a generator: only its pairwise accuracy (r_chosen > r_rejected)
 and mean margin on the validation pairs are reported, for the trained model and for the untrained
-one training started from (the base under a score head seeded with the run's seed).
+one training started from (the base under a score head seeded with the run's seed). ``rl: prm`` likewise
+reports only step accuracy on the validation rows (tunedag.evaluate.step_scores), of the same two models.
 """
 from __future__ import annotations
 
@@ -23,18 +24,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForSequenceClassification
 
 from tunedag.config import RunConfig
 from tunedag.data.batches import collate
 from tunedag.data.formats import IGNORE_INDEX
 from tunedag.data.shards import ShardReader, verify_shards
 from tunedag.evaluate.scores import kto_metrics, pair_logps, pair_rewards, preference_metrics, reward_metrics, sample_logps
+from tunedag.evaluate.step_scores import step_metrics
 from tunedag.evaluate.text_metrics import score_answers
 from tunedag.io import atomic_path
 from tunedag.models.batch_inputs import loss_sum, model_inputs
 from tunedag.models.loading import load_causal_lm, load_run_tokenizer
-from tunedag.models.reward_head import load_reward_model
+from tunedag.models.classifiers import BY_RL
 
 EVAL_BATCH_ROWS = 8
 
@@ -95,24 +96,35 @@ def lm_eval_tasks(model_path: Path, tasks: list[str], device: torch.device) -> d
     return results["results"]
 
 
+# what a scorer (rl: reward, prm) is measured by: (metrics key, (model, val dir, pad id) → metrics, compared keys)
+SCORER_METRICS = {
+    "reward": ("reward", lambda model, val_dir, pad_id: reward_metrics(pair_rewards(model, val_dir, pad_id)),
+               ("accuracy", "margin")),
+    "prm": ("steps", step_metrics, ("accuracy",)),
+}
+
+
 def reward_model_metrics(run: RunConfig, base_path: Path, merged_path: Path, val_dir: Path, pad_id: int,
                          device: torch.device) -> dict[str, Any]:
-    """Pairwise accuracy and margin of the untrained reward model (the base under a head seeded with the
-    run's seed, where training started) and of the trained one, on the validation pairs."""
+    """The scores of the untrained reward model (the base under a head seeded with the run's seed, where
+    training started) and of the trained one on the validation rows: pairwise accuracy and margin with
+    ``rl: reward``, step accuracy with ``rl: prm``."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    classifier = BY_RL[run.rl]
+    key, score, compared = SCORER_METRICS[run.rl]
     metrics: dict[str, Any] = {}
     for label in ("base", "finetuned"):
         if label == "base":
-            model = load_reward_model(base_path, dtype, run.trust_remote_code, run.seed)
+            model = classifier.load(base_path, dtype, run.trust_remote_code, run.seed)
         else:
-            model = AutoModelForSequenceClassification.from_pretrained(
+            model = classifier.auto.from_pretrained(
                 merged_path, dtype=dtype, use_safetensors=True, trust_remote_code=run.trust_remote_code)
-        metrics[label] = {"reward": reward_metrics(pair_rewards(model.to(device).eval(), val_dir, pad_id))}
+        metrics[label] = {key: score(model.to(device).eval(), val_dir, pad_id)}
         del model
     metrics["base"]["head"] = (f"score head freshly initialised with seed {run.seed} (untrained: the "
                                "fine-tuned head's starting point)")
-    metrics["improvement"] = {k: metrics["finetuned"]["reward"][k] - metrics["base"]["reward"][k]
-                              for k in ("accuracy", "margin") if k in metrics["base"]["reward"]}
+    metrics["improvement"] = {k: metrics["finetuned"][key][k] - metrics["base"][key][k]
+                              for k in compared if k in metrics["base"][key]}
     return metrics
 
 
@@ -120,7 +132,7 @@ def evaluate_run(run: RunConfig, base_path: Path, merged_path: Path, shards_dir:
     """Write ``out_dir``/metrics.json and samples.jsonl comparing base and fine-tuned."""
     manifest = json.loads((shards_dir / "manifest.json").read_text())
     verify_shards(shards_dir / "val", manifest)  # a changed shard stops here, naming it and the fix
-    if run.rl == "reward":  # scores, not text: no loss, perplexity or generations to compare
+    if run.rl in SCORER_METRICS:  # scores, not text: no loss, perplexity or generations to compare
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         metrics = {"config_hash": run.stage_hash("evaluate"), "prompts": 0,
                    **reward_model_metrics(run, base_path, merged_path, shards_dir / "val",

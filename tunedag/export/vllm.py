@@ -7,7 +7,10 @@ into place, and ``serve.json`` records the command lines that serve them. The ch
 run trained with (when the caller passes it) replaces the folder's: ``chat_template.jinja``, which
 transformers and so vLLM read first, and tokenizer_config.json's ``chat_template`` where it has one. A reward model
 (``rl: reward``) is a ``*ForSequenceClassification`` folder that vLLM serves as a pooling model;
-its adapter is copied too, but only the merged folder is served.
+its adapter is copied too, but only the merged folder is served. A process reward model (``rl: prm``,
+``*ForTokenClassification``) is not exported: vLLM would serve it only as a pooling model through its
+token-classification task, and tunedag has not checked that vLLM loads that head (with its bias) and
+returns the logits transformers does; serve the merged folder with transformers instead.
 """
 from __future__ import annotations
 
@@ -41,6 +44,11 @@ def check_model_dir(path: Path) -> dict[str, Any]:
         raise VLLMExportError(f"{path}: no .safetensors weights")
     if not (path / "tokenizer_config.json").is_file():
         raise VLLMExportError(f"{path}: no tokenizer_config.json")
+    if any(a.endswith("ForTokenClassification") for a in config["architectures"]):
+        raise VLLMExportError(f"{config_path}: {config['architectures'][0]} (a process reward model, rl: prm) is "
+                              "not exported for vLLM: tunedag has not checked that vLLM's token-classification "
+                              "pooling gives the step logits transformers gives; serve the merged folder with "
+                              "transformers (AutoModelForTokenClassification)")
     if is_reward_model(config):
         if len(config.get("id2label") or {}) != 1:
             raise VLLMExportError(f"{config_path}: a reward model has one label (a scalar score), "

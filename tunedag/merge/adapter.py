@@ -12,9 +12,10 @@ enough to load twice is also checked end to end: the merged model's logits again
 adapter through PEFT. Either check failing fails the stage, and nothing is renamed into place.
 
 A reward model's adapter (``rl: reward``, peft task SEQ_CLS) is merged into
-``<Arch>ForSequenceClassification``: the base's ``lm_head`` is left out, the adapter's trained
-``score`` head is added, and config.json names the class, one label and the pad token (no
-generation_config: it generates nothing). Its end-to-end check compares scores.
+``<Arch>ForSequenceClassification``, a process reward model's (``rl: prm``, TOKEN_CLS) into
+``<Arch>ForTokenClassification`` (tunedag.models.classifiers): the base's ``lm_head`` is left out, the
+adapter's trained ``score`` head is added, and config.json names the class, its labels and the pad
+token (no generation_config: it generates nothing). Its end-to-end check compares scores.
 """
 from __future__ import annotations
 
@@ -25,13 +26,14 @@ from typing import Any
 
 import torch
 from peft import PeftModel
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from tunedag.config import RunConfig
 from tunedag.io import atomic_path
 from tunedag.merge.weights import MergeError, merge_weights, parse_size
 from tunedag.models.loading import check_weight_files, load_causal_lm, load_run_tokenizer, run_vocab_size
-from tunedag.models.reward_head import load_reward_model, reward_pad_token_id, sequence_classification_layout
+from tunedag.models.classifiers import BY_TASK, Classifier
+from tunedag.models.reward_head import reward_pad_token_id
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Above this many base-weight bytes the end-to-end logit check (two models in memory) is skipped;
@@ -56,17 +58,18 @@ def weight_bytes(model_path: Path) -> int:
     return sum(p.stat().st_size for p in model_path.glob("*.safetensors"))
 
 
-def is_reward_adapter(adapter_dir: Path) -> bool:
-    """Whether the adapter was trained with ``rl: reward`` (peft's SEQ_CLS task: a score head)."""
+def adapter_classifier(adapter_dir: Path) -> Classifier | None:
+    """The head the adapter was trained with (``rl: reward`` or ``prm``: peft's SEQ_CLS or TOKEN_CLS task),
+    or None for a causal LM's adapter."""
     config_path = adapter_dir / "adapter_config.json"
-    return config_path.is_file() and json.loads(config_path.read_text()).get("task_type") == "SEQ_CLS"
+    return BY_TASK.get(json.loads(config_path.read_text()).get("task_type")) if config_path.is_file() else None
 
 
-def reward_model_config(config: dict[str, Any], architecture: str, pad_token_id: int) -> dict[str, Any]:
-    """The base's config.json as a one-label sequence classifier's (what AutoModelForSequenceClassification
-    and vLLM read): the class, one label and the pad token its pooling skips."""
-    return {**config, "architectures": [architecture], "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0},
-            "pad_token_id": pad_token_id}
+def classifier_config(config: dict[str, Any], architecture: str, pad_token_id: int, num_labels: int) -> dict[str, Any]:
+    """The base's config.json as a classifier's (what transformers' Auto classes and vLLM read): the class,
+    its labels and the pad token a sequence classifier's pooling skips."""
+    return {**config, "architectures": [architecture], "id2label": {str(i): f"LABEL_{i}" for i in range(num_labels)},
+            "label2id": {f"LABEL_{i}": i for i in range(num_labels)}, "pad_token_id": pad_token_id}
 
 
 def run_token_ids(run: RunConfig, tokenizer: Any) -> dict[str, int]:
@@ -78,7 +81,7 @@ def run_token_ids(run: RunConfig, tokenizer: Any) -> dict[str, int]:
 
 
 def copy_model_files(run: RunConfig, model_path: Path, out: Path, dtype: torch.dtype,
-                      reward_architecture: str | None) -> None:
+                      reward_architecture: str | None, num_labels: int = 1) -> None:
     config = json.loads((model_path / "config.json").read_text())
     name = str(dtype).removeprefix("torch.")
     config["torch_dtype"] = name
@@ -89,7 +92,7 @@ def copy_model_files(run: RunConfig, model_path: Path, out: Path, dtype: torch.d
     if reward_architecture:
         pad = reward_pad_token_id(AutoConfig.from_pretrained(model_path, trust_remote_code=run.trust_remote_code),
                                   tokenizer)
-        config = reward_model_config(config, reward_architecture, pad)
+        config = classifier_config(config, reward_architecture, pad, num_labels)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     tokenizer.save_pretrained(out)
     sentencepiece = model_path / "tokenizer.model"  # transformers 5 saves tokenizer.json only; GGUF export reads it
@@ -108,11 +111,12 @@ def copy_model_files(run: RunConfig, model_path: Path, out: Path, dtype: torch.d
 
 
 @torch.no_grad()
-def _logit_error(run: RunConfig, model_path: Path, adapter_dir: Path, merged_dir: Path, reward: bool) -> float:
+def _logit_error(run: RunConfig, model_path: Path, adapter_dir: Path, merged_dir: Path,
+                 classifier: Classifier | None) -> float:
     """Relative error of the merged model's logits (a reward model's scores) against base + adapter
     through PEFT."""
-    if reward:  # the head's seeded start is replaced by the adapter's trained score
-        base = load_reward_model(model_path, torch.float32, run.trust_remote_code, run.seed)
+    if classifier:  # the head's seeded start is replaced by the adapter's trained score
+        base = classifier.load(model_path, torch.float32, run.trust_remote_code, run.seed)
     else:
         base = load_causal_lm(model_path, torch.float32, run.trust_remote_code,
                               vocab_size=run_vocab_size(model_path, run))
@@ -124,7 +128,7 @@ def _logit_error(run: RunConfig, model_path: Path, adapter_dir: Path, merged_dir
     ids = torch.randint(0, base.config.vocab_size, (8, 32), generator=torch.Generator().manual_seed(run.seed))
     ref = adapted(input_ids=ids).logits.float()
     del adapted, base
-    auto = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
+    auto = classifier.auto if classifier else AutoModelForCausalLM
     merged = auto.from_pretrained(merged_dir, use_safetensors=True, trust_remote_code=run.trust_remote_code).eval()
     return float((merged(input_ids=ids).logits.float() - ref).norm() / ref.norm())
 
@@ -133,18 +137,18 @@ def merge_adapter(run: RunConfig, model_path: Path, adapter_dir: Path, out_dir: 
     """Write ``out_dir``: the base model with the adapter merged in."""
     check_weight_files(model_path)
     dtype = target_dtype(run, model_path)
-    reward = is_reward_adapter(adapter_dir)
-    architecture, target_names = (sequence_classification_layout(model_path, run.trust_remote_code) if reward
-                                  else (None, None))
+    classifier = adapter_classifier(adapter_dir)
+    architecture, shapes = classifier.shapes(model_path, run.trust_remote_code) if classifier else (None, None)
+    target_names = set(shapes) if shapes else None
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         report: dict[str, Any] = merge_weights(model_path, adapter_dir, tmp, dtype, parse_size(run.max_shard_size),
                                                nf4_base=run.adapter == "qlora", seed=run.seed,
                                                target_names=target_names, vocab_size=run_vocab_size(model_path, run))
-        copy_model_files(run, model_path, tmp, dtype, architecture)
+        copy_model_files(run, model_path, tmp, dtype, architecture, classifier.num_labels if classifier else 1)
         report["relative_logit_error"] = None
         if weight_bytes(model_path) <= LOGIT_CHECK_MAX_BYTES:
-            error = _logit_error(run, model_path, adapter_dir, tmp, reward)
+            error = _logit_error(run, model_path, adapter_dir, tmp, classifier)
             if error > MAX_RELATIVE_LOGIT_ERROR[dtype]:
                 raise MergeError(f"merged model's logits differ from base + adapter by {error:.2e} (relative; "
                                  f"limit {MAX_RELATIVE_LOGIT_ERROR[dtype]:.0e}): {adapter_dir} does not match "

@@ -13,7 +13,8 @@ to end: the written folder's logits against the trained model's.
 A reward model (``rl: reward``) is the base as ``<Arch>ForSequenceClassification``: its tensors are
 checked against that layout (no ``lm_head``, a one-row ``score``), every one of them must be written,
 config.json names the class, one label and the pad token as a merged reward adapter's does, and the
-end-to-end check compares scores.
+end-to-end check compares scores. A process reward model (``rl: prm``) is the same with
+``<Arch>ForTokenClassification`` and two labels (tunedag.models.classifiers).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM
 
 from tunedag.config import RunConfig
 from tunedag.io import atomic_path
@@ -31,7 +32,7 @@ from tunedag.merge.adapter import (LOGIT_CHECK_MAX_BYTES, MAX_RELATIVE_LOGIT_ERR
                                    weight_bytes)
 from tunedag.merge.weights import MergeError, ShardWriter, base_tensors, grown_shape, parse_size
 from tunedag.models.loading import check_weight_files, run_vocab_size
-from tunedag.models.reward_head import sequence_classification_shapes
+from tunedag.models.classifiers import BY_RL
 
 
 def tensor_shapes(model_path: Path) -> dict[str, tuple[int, ...]]:
@@ -46,7 +47,7 @@ def tensor_shapes(model_path: Path) -> dict[str, tuple[int, ...]]:
 @torch.no_grad()
 def _logit_error(run: RunConfig, trained_dir: Path, out_dir: Path) -> float:
     """Relative error of the written model's logits (a reward model's scores) against the trained model's."""
-    auto = AutoModelForSequenceClassification if run.rl == "reward" else AutoModelForCausalLM
+    auto = BY_RL[run.rl].auto if run.rl in BY_RL else AutoModelForCausalLM
     ids = torch.randint(0, json.loads((trained_dir / "config.json").read_text())["vocab_size"], (8, 32),
                         generator=torch.Generator().manual_seed(run.seed))
     logits = []
@@ -68,8 +69,8 @@ def merge_full_model(run: RunConfig, model_path: Path, trained_dir: Path, out_di
     check_weight_files(trained_dir)
     check_weight_files(model_path)
     dtype = target_dtype(run, model_path)
-    architecture, expected = (sequence_classification_shapes(model_path, run.trust_remote_code)
-                              if run.rl == "reward" else (None, None))
+    classifier = BY_RL.get(run.rl)
+    architecture, expected = classifier.shapes(model_path, run.trust_remote_code) if classifier else (None, None)
     base = expected if expected is not None else tensor_shapes(model_path)
     vocab = run_vocab_size(model_path, run)  # the embeddings grew to the run's tokenizer
     base = {name: grown_shape(shape, model_path, vocab) for name, shape in base.items()}
@@ -91,7 +92,7 @@ def merge_full_model(run: RunConfig, model_path: Path, trained_dir: Path, out_di
             raise MergeError(f"{trained_dir}: no tensor for {', '.join(sorted(unwritten)[:3])} of the reward "
                              "model; run the train stage again (snakemake --forcerun train)")
         writer.close(total)
-        copy_model_files(run, model_path, tmp, dtype, architecture)
+        copy_model_files(run, model_path, tmp, dtype, architecture, classifier.num_labels if classifier else 1)
         report: dict[str, Any] = {"full_fine_tune": True, "written_tensors": len(names),
                                   "relative_logit_error": None}
         if weight_bytes(trained_dir) <= LOGIT_CHECK_MAX_BYTES:

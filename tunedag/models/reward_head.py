@@ -80,11 +80,6 @@ def load_classifier(path: str | Path, auto: type, num_labels: int, dtype: torch.
     return model
 
 
-def sequence_classification_shapes(path: str | Path, trust_remote_code: bool) -> tuple[str, dict[str, tuple[int, ...]]]:
-    """(class name, state-dict name → shape) of the base at ``path`` as a one-label sequence classifier."""
-    return classifier_shapes(path, AutoModelForSequenceClassification, 1, trust_remote_code)
-
-
 def classifier_shapes(path: str | Path, auto: type, num_labels: int,
                       trust_remote_code: bool) -> tuple[str, dict[str, tuple[int, ...]]]:
     """(class name, state-dict name → shape) of the base at ``path`` as the ``auto`` class's classifier.
@@ -95,12 +90,6 @@ def classifier_shapes(path: str | Path, auto: type, num_labels: int,
     with torch.device("meta"):
         model = auto.from_config(config, trust_remote_code=trust_remote_code)
     return type(model).__name__, {name: tuple(t.shape) for name, t in model.state_dict().items()}
-
-
-def sequence_classification_layout(path: str | Path, trust_remote_code: bool) -> tuple[str, set[str]]:
-    """(class name, state-dict names) of the base at ``path`` as a one-label sequence classifier."""
-    name, shapes = sequence_classification_shapes(path, trust_remote_code)
-    return name, set(shapes)
 
 
 # --------------------------------------------------------------------------- rewards of a packed batch

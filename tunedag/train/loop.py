@@ -54,7 +54,7 @@ from tunedag.train.ranks import DistEnv, all_sum, any_rank, broadcast, choose_de
 from tunedag.train.schedule import build_scheduler
 
 log = logging.getLogger(__name__)
-SHARD_OBJECTIVE = {None: "sft", "kto": "kto"}  # what the shards of each rl hold; the other objectives: dpo pairs
+SHARD_OBJECTIVE = {None: "sft", "kto": "kto", "prm": "prm"}  # what the shards of each rl hold; the others: dpo pairs
 
 
 class TrainError(TunedagError, ValueError):
@@ -66,7 +66,8 @@ def check_objective(run: RunConfig, shards_dir: Path, manifest: dict[str, Any]) 
     objective = manifest.get("objective", "sft")
     if objective != SHARD_OBJECTIVE.get(run.rl, "dpo"):
         raise TrainError(f"{shards_dir}: shards of objective {objective!r} cannot train rl: {run.rl} "
-                         "(rl: dpo, orpo and reward need type: dpo data, kto type: kto, null supervised data)")
+                         "(rl: dpo, orpo and reward need type: dpo data, kto type: kto, prm type: stepwise_supervised, "
+                         "null supervised data)")
 
 
 def loss_units(run: RunConfig, shards_dir: Path, manifest: dict[str, Any], model_config: Any,
@@ -75,6 +76,8 @@ def loss_units(run: RunConfig, shards_dir: Path, manifest: dict[str, Any], model
     objective's pairs or samples (after checking every pair or sample is usable)."""
     if run.rl is None:
         return lambda batch: trained_token_count(batch["labels"])
+    if run.rl == "prm":  # labelled step tokens; no pairs or samples to check
+        return objective.loss_units
     check_preference_shards(shards_dir / "train", manifest["objective"],
                             {model_config.eos_token_id, manifest.get("eos_token_id", manifest["pad_token_id"]),
                              manifest["pad_token_id"]})

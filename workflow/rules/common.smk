@@ -97,7 +97,12 @@ def stage_hash(stage):
 
 def gguf_runs():
     """Runs that get GGUF files: not reward models (llama.cpp runs generators; a reward model scores)."""
-    return [name for name, run in CFG.runs.items() if run.rl != "reward"]
+    return [name for name, run in CFG.runs.items() if run.rl not in ("reward", "prm")]
+
+
+def vllm_runs():
+    """Runs that get a vLLM folder: not process reward models (tunedag.export.vllm says why)."""
+    return [name for name, run in CFG.runs.items() if run.rl != "prm"]
 
 
 def gguf_metrics(name):
@@ -111,7 +116,9 @@ def all_targets():
     targets = []
     for name, run in CFG.runs.items():
         run_dir = CFG.run_dir(name)
-        targets += [f"{run_dir}/eval", f"{run_dir}/export/vllm", f"{run_dir}/report/summary.html"]
+        targets += [f"{run_dir}/eval", f"{run_dir}/report/summary.html"]
+        if name in vllm_runs():
+            targets.append(f"{run_dir}/export/vllm")
         if name in gguf_runs():
             targets += [f"{run_dir}/export/{name}-{t}.gguf" for t in run.gguf_types]
     return targets + ["reports/runs_compared.html"]
