@@ -143,3 +143,54 @@ def test_configs_llama_cpp_would_compute_differently_are_refused(key, value, rea
 
     with pytest.raises(GGUFExportError, match=reason):  # the config check's call, torch-free
         resolve_arch(json.loads((model_dir / "config.json").read_text()))
+
+
+def _as_mxfp4(model_dir: Path) -> Path:
+    """``model_dir`` rewritten as the hub ships gpt-oss: random MXFP4 experts (blocks and scales), and the
+    quantization_config saying so."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(model_dir / "model.safetensors")
+    gen = torch.Generator().manual_seed(4)
+    for name in [n for n in weights if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        e, n_in, n_out = weights.pop(name).shape
+        weights[name + "_blocks"] = torch.randint(0, 256, (e, n_out, n_in // 32, 16), dtype=torch.uint8, generator=gen)
+        weights[name + "_scales"] = torch.randint(122, 128, (e, n_out, n_in // 32), dtype=torch.uint8, generator=gen)
+    save_file(weights, model_dir / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((model_dir / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    return model_dir
+
+
+def test_mxfp4_dequantization_is_transformers_own():
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from tunedag.models.mxfp4 import dequantize
+
+    gen = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (3, 10, 2, 16), dtype=torch.uint8, generator=gen)
+    scales = torch.randint(118, 135, (3, 10, 2), dtype=torch.uint8, generator=gen)
+    assert torch.equal(dequantize(blocks, scales), convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
+
+
+def test_mxfp4_base_trains_and_merges_dequantized(tmp_path):
+    """The hub's MXFP4 experts: LoRA on the dequantized model, merged into a plain (dequantized) folder."""
+    import json
+
+    from safetensors import safe_open
+
+    base_dir = _as_mxfp4(build(tmp_path / "base"))
+    peft_model = _lora(base_dir, tmp_path / "adapter")
+    experts = peft_model.get_base_model().model.layers[0].mlp.experts.base_layer.base_layer
+    assert experts.gate_up_proj.dtype == torch.float32  # dequantized, with its LoRA beside it
+    run = tiny_run(base_dir / "config.json", base_model=str(base_dir), merge_dtype="float32")
+    report = merge_adapter(run, base_dir, tmp_path / "adapter", tmp_path / "merged")
+    assert report["merged_tensors"] == (4 + 2) * 2 and report["relative_logit_error"] < 1e-5
+    assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
+    with safe_open(tmp_path / "merged" / "model.safetensors", "pt") as f:
+        assert f.get_slice("model.layers.0.mlp.experts.gate_up_proj").get_shape() == [4, 64, 64]
+        assert not [k for k in f.keys() if k.endswith(("_blocks", "_scales"))]

@@ -33,6 +33,7 @@ from tunedag.io import atomic_path
 from tunedag.merge.weights import MergeError, merge_weights, parse_size
 from tunedag.models.loading import check_weight_files, load_causal_lm, load_run_tokenizer, run_vocab_size
 from tunedag.models.classifiers import BY_TASK, Classifier
+from tunedag.models.mxfp4 import is_mxfp4
 from tunedag.models.reward_head import reward_pad_token_id
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -85,6 +86,8 @@ def copy_model_files(run: RunConfig, model_path: Path, out: Path, dtype: torch.d
     config = json.loads((model_path / "config.json").read_text())
     name = str(dtype).removeprefix("torch.")
     config["torch_dtype"] = name
+    if is_mxfp4(config):  # the merge wrote the MXFP4 experts dequantized (tunedag.models.mxfp4)
+        del config["quantization_config"]
     if "dtype" in config:
         config["dtype"] = name
     tokenizer = load_run_tokenizer(model_path, run)

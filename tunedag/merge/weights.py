@@ -22,7 +22,9 @@ from safetensors.torch import save_file
 
 from tunedag.errors import TunedagError
 from tunedag.kernels.nf4 import dequantize_nf4_reference
+from tunedag.model_facts import read_model_config
 from tunedag.models.moe import expert_loras
+from tunedag.models.mxfp4 import dequantized_tensors, is_mxfp4
 from tunedag.models.qlora import quantize_weight
 from tunedag.models.vocab import grow_rows
 from tunedag.models.registry import QUANTIZED_PROJECTIONS
@@ -222,6 +224,9 @@ def merge_weights(model_path: Path, adapter_dir: Path, out_dir: Path, dtype: tor
     """
     config, lora, replaced = read_adapter(adapter_dir)
     lora = split_expert_loras(lora, model_path)
+    tensors = base_tensors(model_path)
+    if is_mxfp4(read_model_config(model_path)):  # gpt-oss's experts, merged and written dequantized
+        tensors = dequantized_tensors(tensors)
     generator = torch.Generator().manual_seed(seed)
     writer, worst, seen, dropped, written = ShardWriter(out_dir, max_shard_bytes), 0.0, set(), [], {}
     added_rows = 0
@@ -231,7 +236,7 @@ def merge_weights(model_path: Path, adapter_dir: Path, out_dir: Path, dtype: tor
         writer.add(name, tensor)
         written[name] = tensor.numel() * tensor.element_size()
 
-    for name, tensor in base_tensors(model_path):
+    for name, tensor in tensors:
         seen.add(name)
         if target_names is not None and name not in target_names:
             dropped.append(name)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -19,6 +20,8 @@ from tunedag.config import RunConfig
 from tunedag.data.run_tokenizer import prepare_run_tokenizer
 from tunedag.errors import TunedagError
 from tunedag.io import atomic_path
+from tunedag.model_facts import read_model_config
+from tunedag.models.mxfp4 import is_mxfp4
 from tunedag.models.vocab import resize_vocab_
 
 HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.jinja", "tokenizer*",
@@ -129,9 +132,19 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, trust_r
     else:
         check_weight_files(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
-                                                     trust_remote_code=trust_remote_code)
+                                                     trust_remote_code=trust_remote_code, **_dequantized(path))
     resize_vocab_(model, vocab_size)
     return model
+
+
+def _dequantized(path: Path) -> dict[str, Any]:
+    """from_pretrained's keywords that load an MXFP4 checkpoint (gpt-oss) dequantized: LoRA trains, and the
+    merge computes, against the dequantized experts (tunedag.models.mxfp4), wherever MXFP4 kernels exist."""
+    if not is_mxfp4(read_model_config(path)):
+        return {}
+    from transformers import Mxfp4Config
+
+    return {"quantization_config": Mxfp4Config(dequantize=True)}
 
 
 def fresh_causal_lm(path: str | Path, seed: int, dtype: torch.dtype = torch.float32,
