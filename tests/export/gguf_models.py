@@ -34,14 +34,19 @@ LLAMA3_REGEX = (
 QWEN2_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+O200K_REGEX = (  # gpt-oss's (tiktoken's o200k)
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
+    r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 CHAT_TEMPLATE = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
 
 
 def save_bpe_tokenizer(out: Path, pre: str = "gpt2", vocab_size: int = 400) -> int:
     """A byte-level BPE tokenizer like tunedag's built-in one; returns its size.
 
-    pre: "gpt2" (ByteLevel's built-in regex, as the built-in model uses), "llama3"
-    or "qwen2" (a Split regex followed by ByteLevel without regex, as those
+    pre: "gpt2" (ByteLevel's built-in regex, as the built-in model uses), "llama3",
+    "qwen2" or "o200k" (a Split regex followed by ByteLevel without regex, as those
     families ship it).
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -51,7 +56,7 @@ def save_bpe_tokenizer(out: Path, pre: str = "gpt2", vocab_size: int = 400) -> i
     if pre == "gpt2":
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     else:
-        regex = {"llama3": LLAMA3_REGEX, "qwen2": QWEN2_REGEX}[pre]
+        regex = {"llama3": LLAMA3_REGEX, "qwen2": QWEN2_REGEX, "o200k": O200K_REGEX}[pre]
         tok.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),

@@ -15,7 +15,8 @@ import torch
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
 
 from gguf_models import save_bpe_tokenizer  # noqa: E402
-from tests.export.test_gguf_llama_cpp import ATOL_F32_DEFAULT, REL_RMS, compare  # noqa: E402
+from tests.export.test_gguf_llama_cpp import (ATOL_F32_DEFAULT, REL_RMS, TOKENIZER_STRINGS, compare,  # noqa: E402
+                                              hf_tokenizer, load_llama_cpp)
 from tests.helpers import tiny_run  # noqa: E402
 from tunedag.export.gguf import export_gguf  # noqa: E402
 from tunedag.export.gguf_errors import GGUFExportError  # noqa: E402
@@ -32,7 +33,7 @@ def build(out: Path, **overrides) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GptOssConfig
 
     out.mkdir(parents=True)
-    n_tok = save_bpe_tokenizer(out, "gpt2")
+    n_tok = save_bpe_tokenizer(out, "o200k")  # gpt-oss's pre-tokenizer regex
     ids = AutoTokenizer.from_pretrained(out).convert_tokens_to_ids
     keys = dict(hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
@@ -125,6 +126,18 @@ def test_gguf_computes_what_transformers_does(merged, outtype, tmp_path, caplog)
     else:
         assert r["rel_rms"] <= REL_RMS[outtype]
     assert r["argmax_ok"]
+
+
+def test_gguf_tokenizes_as_transformers_does(merged, tmp_path):
+    """gpt-oss's o200k pre-tokenizer is written as llama.cpp's gpt-4o one: the same ids, and lossless."""
+    model_dir = merged[0]
+    llm = load_llama_cpp(export_gguf(model_dir, tmp_path / "gpt-oss.gguf", "f32").path)
+    tok = hf_tokenizer(model_dir)
+    for text in TOKENIZER_STRINGS + ["HelloWorld's CAPS don't 1234567/\n/path"]:
+        got = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+        assert got == tok(text)["input_ids"], text
+        assert llm.detokenize(got[1:]).decode("utf-8") == text
+    llm.close()
 
 
 @pytest.mark.parametrize("key, value, reason", [
