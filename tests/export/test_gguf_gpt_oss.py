@@ -145,17 +145,21 @@ def test_gguf_tokenizes_as_transformers_does(merged, tmp_path):
     ("layer_types", ["full_attention", "sliding_attention"], "layer_types"),
     ("rope_parameters", {**ROPE, "beta_fast": 16.0}, "beta_fast 16.0"),
 ])
-def test_configs_llama_cpp_would_compute_differently_are_refused(key, value, reason, tmp_path):
-    from tunedag.export.gguf_arch import resolve_arch
+def test_configs_llama_cpp_would_compute_differently_are_refused(key, value, reason, merged, tmp_path):
+    import json
+
+    from tunedag.export.preflight import export_problems
 
     model_dir = build(tmp_path / "m", **{key: value})
     with pytest.raises(GGUFExportError, match=reason):
         export_gguf(model_dir, tmp_path / "m.gguf", "f32")
     assert not (tmp_path / "m.gguf").exists()
-    import json
-
-    with pytest.raises(GGUFExportError, match=reason):  # the config check's call, torch-free
-        resolve_arch(json.loads((model_dir / "config.json").read_text()))
+    # the config check, before any job: the run's GGUF export named with the reason
+    run = tiny_run(model_dir / "config.json", base_model=str(model_dir), gguf_types=["f16"])
+    problems = export_problems(run, json.loads((model_dir / "config.json").read_text()), "runs.t", "m", True)
+    assert len(problems) == 1 and reason in problems[0] and "runs.t.gguf_types" in problems[0]
+    gpt_oss_20b_like = json.loads((merged[0].parent / "base" / "config.json").read_text())
+    assert export_problems(run, gpt_oss_20b_like, "runs.t", "base", True) == []
 
 
 def _as_mxfp4(model_dir: Path) -> Path:
