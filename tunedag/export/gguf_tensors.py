@@ -147,20 +147,22 @@ def _stacked_expert_plans(hf_name: str, path: Path, shape: tuple[int, ...], outt
         return None
     layer, proj, bias = int(match.group(1)), match.group(2), bool(match.group(3))
     suffix = ".bias" if bias else ".weight"
-
-    def plan(tensor: gguf.MODEL_TENSOR, take: Callable[[np.ndarray], np.ndarray]) -> TensorPlan:
-        out_shape = take(np.empty(shape, dtype=np.float32)).shape
-        name = gguf.TENSOR_NAMES[tensor].format(bid=layer) + suffix
-        return TensorPlan(name, out_shape, _storage_type(name, out_shape, outtype),
-                          _reader(path, hf_name, lambda a: np.ascontiguousarray(take(a))))
     # weights (E, in, out) -> (E, out, in); biases (E, out) as they are
     rows = (lambda a: a) if bias else (lambda a: a.swapaxes(1, 2))
+    out_shape = shape if bias else (shape[0], shape[2], shape[1])
+
+    def plan(tensor: gguf.MODEL_TENSOR, take: Callable[[np.ndarray], np.ndarray],
+             plan_shape: tuple[int, ...]) -> TensorPlan:
+        name = gguf.TENSOR_NAMES[tensor].format(bid=layer) + suffix
+        return TensorPlan(name, plan_shape, _storage_type(name, plan_shape, outtype),
+                          _reader(path, hf_name, lambda a: np.ascontiguousarray(take(a))))
     if proj == "down_proj":
-        return [plan(gguf.MODEL_TENSOR.FFN_DOWN_EXP, rows)]
+        return [plan(gguf.MODEL_TENSOR.FFN_DOWN_EXP, rows, out_shape)]
     if shape[-1] % 2:
         raise GGUFExportError(f"{hf_name}: {shape[-1]} gate/up columns, expected an even number (interleaved)")
-    return [plan(gguf.MODEL_TENSOR.FFN_GATE_EXP, lambda a: rows(a)[:, 0::2]),
-            plan(gguf.MODEL_TENSOR.FFN_UP_EXP, lambda a: rows(a)[:, 1::2])]
+    half = (out_shape[0], out_shape[1] // 2, *out_shape[2:])  # gate: even rows, up: odd rows
+    return [plan(gguf.MODEL_TENSOR.FFN_GATE_EXP, lambda a: rows(a)[:, 0::2], half),
+            plan(gguf.MODEL_TENSOR.FFN_UP_EXP, lambda a: rows(a)[:, 1::2], half)]
 
 
 def _transform_for(hf_name: str, gguf_name: str, spec: ArchSpec, hp: HParams) -> Callable[[np.ndarray], np.ndarray]:
