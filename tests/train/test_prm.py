@@ -179,3 +179,37 @@ def test_prm_config_is_checked(tmp_path):
         tiny_run(src, datasets=stepwise, rl="prm", lora_modules_to_save=["lm_head"])
     with pytest.raises(ConfigError, match=r"max_completion_length: must be at least 1"):
         tiny_run(src, datasets=[{**stepwise[0], "max_completion_length": 0}], rl="prm")
+
+
+PRM_YAML = """base_model: Qwen/Qwen2.5-3B
+model_type: AutoModelForTokenClassification
+num_labels: 2
+process_reward_model: true
+datasets:
+  - path: trl-lib/math_shepherd
+    type: stepwise_supervised
+    step_separator: "\\n"
+    max_completion_length:
+    train_on_last_step_only: false
+val_set_size: 0.2
+sequence_len: 2048
+micro_batch_size: 8
+"""
+
+
+def test_axolotls_prm_example_is_rl_prm_on_stepwise_rows(tmp_path, monkeypatch):
+    from tunedag.config import parse_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prm.yaml").write_text(PRM_YAML)
+    run = parse_config({"runs": {"r": {"axolotl": "prm.yaml"}}}, source="c.yaml").runs["r"]
+    (ds,) = run.datasets
+    assert run.rl == "prm" and run.adapter is None  # Axolotl's example is a full fine-tune
+    assert (ds.path, ds.type, ds.step_separator, ds.max_completion_length, ds.train_on_last_step_only) == (
+        "hf:trl-lib/math_shepherd", "stepwise_supervised", "\n", None, False)
+    (tmp_path / "three.yaml").write_text(PRM_YAML.replace("num_labels: 2", "num_labels: 3"))
+    with pytest.raises(ConfigError, match="num_labels"):
+        parse_config({"runs": {"r": {"axolotl": "three.yaml"}}}, source="c.yaml")
+    (tmp_path / "both.yaml").write_text(PRM_YAML + "reward_model: true\n")
+    with pytest.raises(ConfigError, match="process_reward_model: .*a run trains one objective"):
+        parse_config({"runs": {"r": {"axolotl": "both.yaml"}}}, source="c.yaml")
