@@ -213,3 +213,16 @@ def test_axolotls_prm_example_is_rl_prm_on_stepwise_rows(tmp_path, monkeypatch):
     (tmp_path / "both.yaml").write_text(PRM_YAML + "reward_model: true\n")
     with pytest.raises(ConfigError, match="process_reward_model: .*a run trains one objective"):
         parse_config({"runs": {"r": {"axolotl": "both.yaml"}}}, source="c.yaml")
+
+
+@pytest.mark.e2e
+def test_a_prm_run_plans_every_stage_but_the_exports(tmp_path):
+    """The DAG (a dry run): no GGUF (llama.cpp runs generators) and no vLLM folder (tunedag.export.vllm says why)."""
+    from tests.test_workflow import planned_rules, snakemake
+
+    write_jsonl(tmp_path / "data/steps.jsonl", step_rows(16, seed=3))
+    config = {"runs": {"prm": {"base_model": "builtin:tiny-llama", "rl": "prm", "max_steps": 2,
+                               "datasets": [{"path": "data/steps.jsonl", "type": "stepwise_supervised"}]}}}
+    (tmp_path / "config.yaml").write_text(json.dumps(config))
+    assert planned_rules(snakemake(tmp_path, "-n")) == {
+        "download", "download_model", "tokenize", "train", "merge", "evaluate", "report_run", "report_compare", "all"}
