@@ -6,7 +6,7 @@ mappable) of at most ``MAX_TOKENS_PER_SHARD`` tokens, one packed row per record:
 | column | type | meaning |
 | --- | --- | --- |
 | input_ids | list<int32> | the row's tokens (samples back to back; no padding) |
-| labels | list<int32> | the token itself where trained, -100 elsewhere (not shifted) |
+| labels | list<int32> | the token itself where trained (objective prm: the step's class), -100 elsewhere (not shifted) |
 | position_ids | list<int32> | 0, 1, … restarting at every sample (every segment of a pair) |
 | cu_seqlens | list<int32> | 0 and each sample's (segment's) end inside the row |
 | segment_labels | list<int8> | preference data only: one per segment (see below) |
