@@ -226,3 +226,14 @@ def test_a_prm_run_plans_every_stage_but_the_exports(tmp_path):
     (tmp_path / "config.yaml").write_text(json.dumps(config))
     assert planned_rules(snakemake(tmp_path, "-n")) == {
         "download", "download_model", "tokenize", "train", "merge", "evaluate", "report_run", "report_compare", "all"}
+
+
+def test_a_prm_adds_no_tokens(tmp_path, tiny_model_dir):
+    """Its token head is loaded over the base's embeddings as they are: a new token would have no trained row."""
+    from tunedag.data.run_tokenizer import TokenizerSetupError
+    from tunedag.models.loading import load_run_tokenizer
+
+    src = write_jsonl(tmp_path / "s.jsonl", step_rows(4, seed=1))
+    run = tiny_run(src, datasets=[{"path": str(src), "type": "stepwise_supervised"}], rl="prm", tokens=["<step>"])
+    with pytest.raises(TokenizerSetupError, match=r"'<step>'.*rl: prm\) keeps the vocabulary it has"):
+        load_run_tokenizer(tiny_model_dir, run)

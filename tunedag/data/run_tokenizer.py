@@ -55,9 +55,9 @@ EMBEDDING_MODULES = ("embed_tokens", "lm_head")
 
 def check_new_tokens_train(new: Sequence[str], run: RunConfig, where: str) -> None:
     """Stop when ``new`` tokens would start from embedding rows that the run never trains."""
-    if new and run.rl == "reward":
+    if new and run.rl in ("reward", "prm"):
         raise TokenizerSetupError(f"{where}: special_tokens/tokens add {', '.join(map(repr, new))}, new to the "
-                                  "tokenizer; a reward model (rl: reward) keeps the vocabulary it has: choose "
+                                  f"tokenizer; a reward model (rl: {run.rl}) keeps the vocabulary it has: choose "
                                   "tokens the vocabulary has")
     pad = run.special_tokens.pad_token if run.special_tokens else None
     trained = [t for t in new if t != pad]
