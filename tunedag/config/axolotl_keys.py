@@ -160,8 +160,8 @@ REFUSED: dict[str, tuple[str, ...]] = {
          "eval_sequence_len", "sample_packing_seq_len_multiplier", "max_packed_sequence_len"),
     "tunedag holds out val_set_size of the training rows; separate evaluation datasets are not offered":
         ("test_datasets", "do_bench_eval", "bench_dataset", "bench_split"),
-    "tunedag's objectives are supervised fine-tuning and rl: dpo (with dpo_loss_type ipo), orpo, kto and "
-    "reward, prm; this setting is not offered":
+    "tunedag's objectives are supervised fine-tuning and rl: dpo (with dpo_loss_type ipo), orpo, kto, "
+    "reward and prm; this setting is not offered":
         ("trl", "vllm", "ebft", "simpo_gamma", "cpo_alpha", "dpo_use_weighting",
          "precompute_ref_log_probs", "dpo_padding_free", "dpo_loss_weights", "rpo_alpha", "dpo_norm_loss",
          "dpo_use_logits_to_keep", "use_eaft", "eaft_alpha", "eaft_k", "diffusion"),
