@@ -104,18 +104,8 @@ class Muon(StateKeepingOptimizer):
                         use_muon=False, bits=None, block_size=0)
         super().__init__(groups, defaults)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            update = muon_step if group["use_muon"] else adamw_step
-            for param in group["params"]:
-                if param.grad is not None:
-                    update(param, self.state[param], group)
-        return loss
+    def update(self, param: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        (muon_step if group["use_muon"] else adamw_step)(param, state, group)
 
 
 def is_embedding(name: str) -> bool:

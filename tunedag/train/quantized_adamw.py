@@ -192,9 +192,25 @@ def adamw_step(param: torch.Tensor, state: dict[str, torch.Tensor], group: dict[
 
 
 class StateKeepingOptimizer(torch.optim.Optimizer):
-    """An optimizer whose state tensors load back with the dtypes they were saved with: torch's
-    ``load_state_dict`` casts every floating state to the weight's dtype, which would turn uint8 codes
-    into floats and round fp32 moments of a bf16 weight to bf16."""
+    """An optimizer that updates each parameter with a gradient on its own (:meth:`update`), and whose state
+    tensors load back with the dtypes they were saved with: torch's ``load_state_dict`` casts every floating
+    state to the weight's dtype, which would turn uint8 codes into floats and round fp32 moments of a bf16
+    weight to bf16."""
+
+    def update(self, param: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    self.update(param, self.state[param], group)
+        return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict["state"]
@@ -217,17 +233,8 @@ class QuantizedAdamW(StateKeepingOptimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, bits=bits,
                                       block_size=block_size or BLOCK_SIZE[bits]))
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is not None:
-                    adamw_step(param, self.state[param], group)
-        return loss
+    def update(self, param: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        adamw_step(param, state, group)
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
