@@ -58,3 +58,25 @@ def test_the_first_token_keeps_its_label_nothing_is_shifted():
 def test_bad_rows_name_the_field(row, message):
     with pytest.raises(RowFormatError, match=re.escape(message)):
         encode(row)
+
+
+def test_tokenize_cuts_long_rows_at_sequence_len_and_writes_prm_shards(tmp_path, tiny_model_dir):
+    """As Axolotl's strategy: a row past sequence_len is cut there, even under excess_length_strategy: drop."""
+    from tunedag.data.download import download_dataset
+    from tunedag.data.shards import ShardReader
+    from tests.helpers import tiny_run, tokenize_with_model, write_jsonl
+
+    rows = [{"prompt": "Which is right?", "completions": [f"step {k} " + "word " * 6 for k in range(6)],
+             "labels": [k % 2 == 0 for k in range(6)]} for _ in range(8)]
+    src = write_jsonl(tmp_path / "s.jsonl", rows)
+    download_dataset(DatasetConfig(path=str(src), type="stepwise_supervised"), tmp_path / "raw")
+    run = tiny_run(src, datasets=[{"path": str(src), "type": "stepwise_supervised"}], rl="prm", sequence_len=32,
+                   val_set_size=0.25, excess_length_strategy="drop")
+    manifest = tokenize_with_model(run, [tmp_path / "raw"], tiny_model_dir, tmp_path / "packed")
+    assert manifest["objective"] == "prm" and "segment_labels" not in manifest["columns"]
+    assert manifest["counts"]["too_long_truncated"] == 8 and manifest["counts"]["too_long_dropped"] == 0
+    reader = ShardReader(tmp_path / "packed/train")
+    for row in (reader.row(i) for i in range(len(reader))):
+        assert len(row["input_ids"]) <= 32 * 6  # packed rows of samples of at most 32 tokens
+        assert all(n <= 32 for n in (row["cu_seqlens"][1:] - row["cu_seqlens"][:-1]))
+        assert set(row["labels"].tolist()) <= {-100, 0, 1} and 1 in row["labels"]  # the first step's label kept

@@ -40,8 +40,9 @@ and TRL's PRMTrainer tokenize them: BOS (where the tokenizer has one) + the prom
 followed by ``step_separator``, each tokenized on its own. Labels are classes, not token ids: the
 step's label (0 wrong, 1 right) on its last token (the separator's last, unless the separator is
 empty), -100 everywhere else; ``train_on_last_step_only`` keeps only the last step's label;
-``max_completion_length`` cuts the steps' tokens after that many. Nothing is shifted, so the first
-token of a sample keeps its label.
+``max_completion_length`` cuts the steps' tokens after that many, and a row longer than
+``sequence_len`` is cut there too, whatever ``excess_length_strategy`` says (Axolotl's strategy cuts
+it before any length filter). Nothing is shifted, so the first token of a sample keeps its label.
 """
 from __future__ import annotations
 

@@ -267,6 +267,8 @@ class _Window:
 def _process_unit(unit: Unit) -> dict[str, Any]:
     tok, settings, tmp = _WORKER["tok"], _WORKER["settings"], _WORKER["tmp"]
     job: DatasetJob = _WORKER["jobs"][unit.dataset]
+    # Axolotl's stepwise_supervised strategy cuts its rows at sequence_len itself, before any length filter
+    excess = "truncate" if job.spec.type == STEPWISE else settings.excess_length_strategy
     size = unit.stop - unit.start
     rng = np.random.default_rng([settings.seed, job.index, 2, unit.index])
     is_val = np.zeros(size, bool)
@@ -308,10 +310,10 @@ def _process_unit(unit: Unit) -> dict[str, Any]:
                 counts["documents_split"] += 1
             for sample in samples:
                 if len(sample) > settings.sequence_len:
-                    if settings.excess_length_strategy == "raise":
+                    if excess == "raise":
                         raise TokenizeError(f"{job.where(i)}: sample of {len(sample)} tokens is longer than "
                                             f"sequence_len {settings.sequence_len} (excess_length_strategy: raise)")
-                    if settings.excess_length_strategy == "drop":
+                    if excess == "drop":
                         counts["too_long_dropped"] += 1
                         continue
                     sample = _fit(sample, settings.sequence_len)
