@@ -173,7 +173,7 @@ def test_prm_config_is_checked(tmp_path):
     assert tiny_run(src, datasets=stepwise, rl="prm").rl == "prm"
     with pytest.raises(ConfigError, match=r"rl: prm trains on type: stepwise_supervised data"):
         tiny_run(src, rl="prm")
-    with pytest.raises(ConfigError, match=r"type: stepwise_supervised, which trains a process reward model: set rl: prm"):
+    with pytest.raises(ConfigError, match=r"stepwise_supervised, which trains a process reward model: set rl: prm"):
         tiny_run(src, datasets=stepwise)
     with pytest.raises(ConfigError, match=r"lora_modules_to_save: a reward model has no lm_head"):
         tiny_run(src, datasets=stepwise, rl="prm", lora_modules_to_save=["lm_head"])

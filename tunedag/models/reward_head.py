@@ -70,8 +70,8 @@ def load_classifier(path: str | Path, auto: type, num_labels: int, dtype: torch.
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its load report calls lm_head unexpected and score missing: both intended
     try:
-        model = auto.from_pretrained(
-            path, num_labels=num_labels, pad_token_id=pad, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
+        model = auto.from_pretrained(path, num_labels=num_labels, pad_token_id=pad, dtype=dtype, use_safetensors=True,
+                                     trust_remote_code=trust_remote_code)
     finally:
         hf_logging.set_verbosity(verbosity)
     init_score_head_(model, seed)
