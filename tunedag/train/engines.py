@@ -27,7 +27,7 @@ the whole model and the trainable gradients are summed across ranks), ``fsdp``
 | several | ddp over triton | ddp over torch | fsdp | deepspeed |
 
 and falls back from triton to torch (CPU without ``TRITON_INTERPRET=1``, an architecture or
-setting the fast path does not cover, ``rl: reward``) with the reason logged and recorded.
+setting the fast path does not cover, ``rl: reward`` or ``prm``) with the reason logged and recorded.
 """
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ the torch engine with a logged reason):
   frozen copy of the base as loaded (:func:`tunedag.train.preference.frozen_reference`, bf16 on CUDA),
   run through transformers' decoder under no_grad and bf16 autocast (no backward, so no kernel of ours
   is needed).
-  ``rl: reward`` (a score head, not an LM head) stays on the torch engine.
+  ``rl: reward`` and ``prm`` (a score head, not an LM head) stay on the torch engine.
 
 Precision: on CUDA the frozen base is bf16 (rotary buffers stay fp32, as the torch engine's
 fp32 model under bf16 autocast computes them); LoRA A/B and fully trained modules are fp32
