@@ -1,4 +1,4 @@
-# Stages export_gguf and export_vllm: files llama.cpp, Ollama and vLLM load (no GGUF for rl: reward runs).
+# Stages export_gguf and export_vllm: files llama.cpp, Ollama and vLLM load (no GGUF for rl: reward or prm runs, no vLLM folder for prm runs: common.smk).
 from tunedag.export.preflight import base_model_config, check_exports, quantizer_installed
 from tunedag.model_facts import GGUF_TYPES
 
