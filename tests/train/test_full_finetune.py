@@ -192,7 +192,8 @@ def test_optimizers_by_axolotl_name():
 
 
 @pytest.mark.parametrize("over, message", [
-    ({"rl": "dpo", "datasets": [{"path": "SRC", "type": "dpo"}]}, "full fine-tuning .adapter: null. trains supervised"),
+    ({"rl": "dpo", "datasets": [{"path": "SRC", "type": "dpo"}], "train_engine": "fsdp"},
+     "rl: dpo does not run on fsdp"),  # its reference model is not sharded
     ({"unfrozen_parameters": ["model.embed_tokens.weight$[:32000]"]}, "row range"),
     ({"unfrozen_parameters": ["(lm_head"]}, "not a Python regular expression"),
     ({"adapter": "lora", "unfrozen_parameters": ["lm_head"]}, "applies to full fine-tuning"),

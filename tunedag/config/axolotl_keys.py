@@ -152,8 +152,9 @@ REFUSED: dict[str, tuple[str, ...]] = {
          "lr_scheduler_kwargs", "lr_quadratic_warmup",
          "lr_div_factor", "torchdistx_path",
          "neftune_noise_alpha", "batch_size", "auto_find_batch_size"),
-    "tunedag trains on downloaded dataset files (datasets:, type: completion for raw text); streaming "
-    "pretraining data is not offered":
+    "tunedag's download stage writes each dataset to data/raw/<name> (a hub split streamed only as far as "
+    "max_rows or max_words, which pretraining_dataset sets) and its tokenize stage packs rows of "
+    "sequence_len; this data option is not offered":
         ("streaming", "streaming_multipack_buffer_size", "pretrain_multipack_buffer_size",
          "pretraining_sample_concatenation", "shuffle_merged_datasets",
          "shuffle_before_merging_datasets", "min_sample_len", "max_prompt_len",
