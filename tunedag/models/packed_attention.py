@@ -13,6 +13,8 @@ Backends, chosen by device and features:
 - CUDA, logit softcap (Gemma-2): FlexAttention, compiled, with a same-document causal block
   mask and a ``tanh`` score_mod.
 - CPU: plain PyTorch with a dense (N, N) mask, in fp32 (tests and the tiny built-in model).
+- Attention sinks (gpt-oss: a learned per-head logit in every softmax denominator), on CUDA and under
+  ``TRITON_INTERPRET=1``: tunedag's Triton kernel (``kernels/sink_attention.py``); else its reference.
 
 Not used, on purpose: cuDNN's variable-length attention (correct outputs but garbage
 gradients on an H200 with torch 2.11) and the memory-efficient SDPA backend (refuses GQA).
@@ -20,9 +22,12 @@ gradients on an H200 with torch 2.11) and the memory-efficient SDPA backend (ref
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import dataclass, field
 
 import torch
+
+from tunedag.kernels.sink_attention import sink_attention, sink_attention_reference
 
 
 @dataclass
@@ -61,8 +66,15 @@ class PackedSequences:
 
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: PackedSequences,
-                     scale: float, softcap: float | None = None, window: int | None = None) -> torch.Tensor:
-    """(N, Hq, D) attention output for packed q (N, Hq, D), k/v (N, Hk, D)."""
+                     scale: float, softcap: float | None = None, window: int | None = None,
+                     sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, Hq, D) attention output for packed q (N, Hq, D), k/v (N, Hk, D); ``sinks`` (Hq,) sink logits."""
+    if sinks is not None:
+        if softcap is not None:
+            raise ValueError("packed_attention: attention sinks with a logit softcap (no architecture has both)")
+        if q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+            return sink_attention(q, k, v, sinks, seq.doc, seq.cu_seqlens, scale, window)
+        return sink_attention_reference(q.float(), k.float(), v.float(), sinks, seq.doc, scale, window).to(q.dtype)
     if q.is_cuda and softcap is None:
         return _varlen(q, k, v, seq, scale, window)
     if q.is_cuda:
