@@ -1,4 +1,4 @@
-"""Mixture-of-experts blocks (Mixtral, Qwen3-MoE) on the triton engine: top-k routing, grouped GEMMs.
+"""Mixture-of-experts blocks (Mixtral, Qwen3-MoE, gpt-oss) on the triton engine: top-k routing, grouped GEMMs.
 
 transformers 5 stores each block's experts as two 3-D parameters, ``gate_up_proj`` (E, 2I, H) and
 ``down_proj`` (E, H, I); peft adapts them through ``target_parameters`` (``lora.ParamWrapper``), one
@@ -11,6 +11,11 @@ weights, Qwen3-MoE when ``norm_topk_prob``), sorts the (token, choice) pairs by 
 runs each projection as one grouped GEMM over all experts (``kernels/grouped_gemm.py``): base
 x W_e^T, LoRA (x A_e^T) B_e^T, both grouped. The k outputs of a token are weighted and summed
 with one ``index_add_``.
+
+gpt-oss's experts differ in four ways, all on the same path: the router has a bias (softmax over the
+top-k biased logits is the full softmax renormalised over those k), each expert weight is stored
+(E, in, out) (x @ W_e: peft's delta is laid out the same way), both projections add a per-expert bias,
+and the activation is a clamped SwiGLU over *interleaved* gate/up columns (:func:`clamped_swiglu`).
 
 The load-balancing loss (HF's ``load_balancing_loss_func`` on the real tokens, when the config sets
 ``output_router_logits``) needs every layer's router probabilities, but a checkpointed layer keeps
@@ -103,7 +108,8 @@ class FusedLoRAMoE(nn.Module):
 
     def __init__(self, replaced: nn.Module, activation: str, log: RouterLogits, switch):
         super().__init__()
-        self.gate = replaced.gate  # the router (frozen under LoRA)
+        self.gpt_oss = activation == "gpt_oss"
+        self.gate = replaced.router if self.gpt_oss else replaced.gate  # the router (frozen under LoRA)
         self.experts = replaced.experts  # peft: ParamWrapper(down_proj) over ParamWrapper(gate_up_proj)
         if hasattr(self.experts, "lora_A"):
             self.down_lora, self.gate_up_lora = self.experts, self.experts.base_layer
@@ -114,12 +120,19 @@ class FusedLoRAMoE(nn.Module):
         self.top_k = self.gate.top_k
         self.num_experts = self.gate.num_experts
         self.renormalise = bool(getattr(self.gate, "norm_topk_prob", True))  # Mixtral always renormalises
-        self.act = {"silu": F.silu, "gelu_tanh": lambda g: F.gelu(g, approximate="tanh")}[activation]
+        if self.gpt_oss:
+            alpha, limit = self.base.alpha, self.base.limit
+            self.glu = lambda gu: clamped_swiglu(gu, alpha, limit)
+        else:
+            act = {"silu": F.silu, "gelu_tanh": lambda g: F.gelu(g, approximate="tanh")}[activation]
+            self.glu = lambda gu: _gated(gu, act)
         self.log, self.switch = log, switch
 
     def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights (N, k) in x's dtype, expert ids (N, k)) as the HF router picks them."""
         logits = x @ self.gate.weight.to(x.dtype).t()  # (N, E)
+        if self.gpt_oss:
+            logits = logits + self.gate.bias.to(x.dtype)
         probs = F.softmax(logits, dim=-1, dtype=torch.float32)
         if self.log.enabled and self.switch.enabled:
             if torch.is_grad_enabled():  # a plain forward, or a checkpointed layer's recompute in backward
@@ -131,13 +144,18 @@ class FusedLoRAMoE(nn.Module):
             top = top / top.sum(dim=-1, keepdim=True)
         return top.to(x.dtype), idx
 
-    def _project(self, rows: torch.Tensor, weight: torch.Tensor, wrapper: nn.Module, offs: torch.Tensor,
+    def _project(self, rows: torch.Tensor, name: str, wrapper: nn.Module, offs: torch.Tensor, expert: torch.Tensor,
                  lora: bool) -> torch.Tensor:
-        """rows (M, in) sorted by expert through W_e (E, out, in), plus s (rows A_e^T) B_e^T."""
-        out = grouped_mm(rows, weight.transpose(1, 2).to(rows.dtype), offs)
+        """rows (M, in) sorted by expert (``expert`` (M,)) through W_e, plus s (rows A_e^T) B_e^T (and gpt-oss's
+        bias b_e). W_e is stored (E, out, in), gpt-oss's (E, in, out)."""
+        weight = getattr(self.base, name)
+        weight = weight if self.gpt_oss else weight.transpose(1, 2)
+        out = grouped_mm(rows, weight.to(rows.dtype), offs)
         if lora:
             a, b, s = _param_lora(wrapper)
             out = out + s * grouped_mm(grouped_mm(rows, a.to(rows.dtype), offs), b.to(rows.dtype), offs)
+        if self.gpt_oss:
+            out = out + getattr(self.base, f"{name}_bias").to(rows.dtype)[expert]
         return out
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -152,18 +170,32 @@ class FusedLoRAMoE(nn.Module):
         flat = idx.reshape(-1)  # (N k,) expert of each (token, choice)
         order = torch.argsort(flat, stable=True)
         token = order // self.top_k  # source token of each sorted row
-        offs = group_offsets(flat[order], self.num_experts)
+        expert = flat[order]
+        offs = group_offsets(expert, self.num_experts)
         rows = x[token]  # (M, H), M = N k
-        gu = self._project(rows, self.base.gate_up_proj, self.gate_up_lora, offs, lora)  # (M, 2I)
-        g, u = gu.chunk(2, dim=-1)
-        h = self.act(g) * u
-        out = self._project(h, self.base.down_proj, self.down_lora, offs, lora)  # (M, H)
+        gu = self._project(rows, "gate_up_proj", self.gate_up_lora, offs, expert, lora)  # (M, 2I)
+        out = self._project(self.glu(gu), "down_proj", self.down_lora, offs, expert, lora)  # (M, H)
         out = out * weights.reshape(-1)[order, None]
-        y = torch.zeros_like(x).index_add_(0, token, out)
-        return y.view(shape)
+        y = torch.zeros_like(x).index_add_(0, token, out).view(shape)
+        # gpt-oss's decoder layer unpacks (hidden states, router scores) and drops the scores
+        return (y, None) if self.gpt_oss else y
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, top_k={self.top_k}, renormalise={self.renormalise}"
+
+
+def _gated(gu: torch.Tensor, act) -> torch.Tensor:
+    """Mixtral / Qwen3-MoE: act(gate) * up over gate_up's halves [gate | up]."""
+    g, u = gu.chunk(2, dim=-1)
+    return act(g) * u
+
+
+def clamped_swiglu(gu: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """gpt-oss: gate and up interleaved (columns 0, 2, … and 1, 3, …), gate clamped above at ``limit``, up
+    to [-limit, limit], then (up + 1) * gate * sigmoid(alpha * gate)."""
+    gate = gu[:, ::2].clamp(max=limit)
+    up = gu[:, 1::2].clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
 
 def num_experts(config) -> int:
