@@ -324,10 +324,15 @@ class RunConfig:
                                            doc="warmup as a share of all optimizer steps (instead of warmup_steps)")
     weight_decay: float = _field(0.0, stages=("train",), doc="AdamW weight decay")
     max_grad_norm: float = _field(1.0, stages=("train",), doc="gradient clipping norm (0 disables)")
-    gradient_checkpointing: bool = _field(False, stages=("train",), doc="recompute activations in backward")
+    gradient_checkpointing: Literal[True, False, "auto", "offload"] = _field(
+        "auto", stages=("train",),
+        doc="recompute activations in backward; offload: also keep the layer inputs in pinned CPU memory (triton "
+            "engine); auto: on one GPU with the triton engine the fastest of false, true, offload whose predicted "
+            "peak memory fits the free GPU memory (tunedag.train.memory_model, recorded in train_info.json), "
+            "true on the other engines' GPUs, false on the CPU")
     activation_offloading: bool = _field(False, stages=("train",),
-                                         doc="with gradient_checkpointing: keep layer inputs in pinned CPU "
-                                             "memory (triton engine)")
+                                         doc="with gradient_checkpointing true (or auto, when it checkpoints): keep "
+                                             "layer inputs in pinned CPU memory (triton engine)")
     qat: Optional[QATConfig] = _field(
         None, stages=("train",), doc="quantization-aware training of a full fine-tune (torch, ddp and fsdp "
                                      "engines): weight_dtype, activation_dtype, group_size, fake_quant_after_n_steps")

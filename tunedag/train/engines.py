@@ -57,6 +57,7 @@ from tunedag.models.moe import aux_loss_enabled, hf_moe_loss_sum
 from tunedag.models.registry import lora_target_kwargs
 from tunedag.models.prm_head import load_prm_model
 from tunedag.models.reward_head import load_reward_model
+from tunedag.train.memory_model import build_setting, resolve_checkpointing
 from tunedag.train.optimizers import build_optimizer
 from tunedag.train.preference import preference_objective
 from tunedag.train.ranks import DistEnv, choose_device
@@ -96,7 +97,7 @@ class TorchEngine:
             log.info("torch engine, qlora: %d projections hold their NF4-dequantised values "
                      "(the numerics of a 4-bit base, not its memory saving)", n)
         low_precision_(base, run, device)
-        if run.gradient_checkpointing:
+        if build_setting(run) != "off":  # offload is the triton engine's: here checkpointing on the GPU
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.enable_input_require_grads()
         if self.full:
@@ -291,34 +292,50 @@ def triton_blocker(run: RunConfig, model_path: Path, device: torch.device) -> st
                              lora_modules_to_save=run.lora_modules_to_save)
 
 
-def model_engine(run: RunConfig, model_path: Path, device: torch.device) -> tuple[Any, str | None]:
-    """The model of one process: triton where it can run (unless ``train_engine: torch``), else torch
-    and the reason."""
+def model_kind(run: RunConfig, model_path: Path, device: torch.device) -> tuple[str, str | None]:
+    """triton where it can run (unless ``train_engine: torch``), else torch and the reason."""
     if run.train_engine == "torch":
-        return TorchEngine(run, model_path, device), None
+        return "torch", None
     reason = triton_blocker(run, model_path, device)
     if reason is None:
+        return "triton", None
+    log.info("train_engine %s: using the torch engine because %s", run.train_engine, reason)
+    return "torch", reason
+
+
+def build_model_engine(kind: str, run: RunConfig, model_path: Path, device: torch.device) -> Any:
+    if kind == "triton":
         from tunedag.train.triton_engine import TritonEngine
 
-        return TritonEngine(run, model_path, device), None
-    log.info("train_engine %s: using the torch engine because %s", run.train_engine, reason)
-    return TorchEngine(run, model_path, device), reason
+        return TritonEngine(run, model_path, device)
+    return TorchEngine(run, model_path, device)
+
+
+def model_engine(run: RunConfig, model_path: Path, device: torch.device) -> tuple[Any, str | None]:
+    """The model of one process (see :func:`model_kind`) and why it is not triton."""
+    kind, reason = model_kind(run, model_path, device)
+    return build_model_engine(kind, run, model_path, device), reason
 
 
 def make_engine(run: RunConfig, model_path: Path, env: DistEnv):
     """The engine for ``run`` on this rank (see the module docstring's table)."""
     device = choose_device(env)
-    if run.train_engine == "deepspeed":
-        from tunedag.train.deepspeed_engine import DeepSpeedEngine
+    if run.train_engine in ("deepspeed", "fsdp"):
+        run, checkpointing = resolve_checkpointing(run, model_path, device, run.train_engine)
+        if run.train_engine == "deepspeed":
+            from tunedag.train.deepspeed_engine import DeepSpeedEngine
 
-        return DeepSpeedEngine(run, model_path, env, device)
-    if run.train_engine == "fsdp":
-        from tunedag.train.fsdp_engine import FSDPEngine
+            engine = DeepSpeedEngine(run, model_path, env, device)
+        else:
+            from tunedag.train.fsdp_engine import FSDPEngine
 
-        return FSDPEngine(run, model_path, env, device)
-    inner, reason = model_engine(run, model_path, device)
-    engine = ReplicatedEngine(inner, run, env)
-    if reason is not None:
-        engine.info["fallback_reason"] = reason
+            engine = FSDPEngine(run, model_path, env, device)
+    else:
+        kind, reason = model_kind(run, model_path, device)
+        run, checkpointing = resolve_checkpointing(run, model_path, device, kind)  # before the weights load
+        engine = ReplicatedEngine(build_model_engine(kind, run, model_path, device), run, env)
+        if reason is not None:
+            engine.info["fallback_reason"] = reason
+    engine.info["gradient_checkpointing"] = checkpointing
     return engine
 

@@ -15,8 +15,8 @@ the torch engine with a logged reason):
   gradient directly;
 - packed micro-batches computed on their real tokens only: rows are flattened to N tokens
   (padding dropped) and attention never crosses samples (``packed_attention``);
-- gradient checkpointing off / on / offload (``gradient_checkpointing`` +
-  ``activation_offloading``), per decoder layer;
+- gradient checkpointing off / on / offload (``gradient_checkpointing``, ``auto`` decided by
+  :mod:`tunedag.train.memory_model` before the model loads), per decoder layer;
 - preference training (``rl: dpo | orpo | kto``): the same decoder gives the final hidden states of
   chosen and rejected (or kto samples) in one packed pass, and ``PreferenceObjective`` turns them
   into chunked response log-probs and its loss. The reference (dpo, kto) is this model under
@@ -74,6 +74,7 @@ from tunedag.models.moe import add_router_loss, aux_loss_enabled
 from tunedag.models.registry import ARCHITECTURES, lora_target_kwargs
 from tunedag.train.engines import load_trainable, unfreeze_only
 from tunedag.train.layer_checkpoint import Mode, run_layers
+from tunedag.train.memory_model import build_setting
 from tunedag.train.preference import preference_objective
 
 log = logging.getLogger(__name__)
@@ -94,12 +95,6 @@ def cast_parameters_(model: torch.nn.Module, dtype: torch.dtype) -> None:
     for p in model.parameters():
         if p.dtype != dtype and p.is_floating_point():
             p.data = p.data.to(dtype)
-
-
-def checkpoint_mode(run: RunConfig) -> Mode:
-    if not run.gradient_checkpointing:
-        return "off"
-    return "offload" if run.activation_offloading else "on"
 
 
 class TritonEngine:
@@ -126,10 +121,10 @@ class TritonEngine:
             model = self._lora_model(base, run)
             nf4 = quantize_base_weights(model) if run.adapter == "qlora" else {}
         self.patches = patch_model(model, nf4)
-        log.info("triton engine: %s; gradient checkpointing %s", self.patches.summary(), checkpoint_mode(run))
+        log.info("triton engine: %s; gradient checkpointing %s", self.patches.summary(), build_setting(run))
         model.train()
         self.model = model
-        self.checkpointing: Mode = checkpoint_mode(run)
+        self.checkpointing: Mode = build_setting(run)
         self.causal_lm = model if self.full else model.get_base_model()
         self.decoder = self.causal_lm.model
         self.spec = ARCHITECTURES[self.causal_lm.config.model_type]

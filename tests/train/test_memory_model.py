@@ -1,0 +1,113 @@
+"""gradient_checkpointing: auto: the memory model against the H200's measured peaks, the choice at its
+thresholds, the config values, and the decision in train_info.json."""
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from tunedag.config import ConfigError
+from tunedag.config.axolotl import translate
+from tunedag.train.loop import train
+from tunedag.train.memory_model import (CALIBRATION, FASTEST_FIRST, GIB, LLAMA_1B, LLAMA_8B, RESERVE_BYTES,
+                                        RESERVE_SHARE, ModelShape, StepShape, auto_record, choose, predict_peak,
+                                        resolve_checkpointing)
+from tests.helpers import sample_rows, tiny_run, write_jsonl
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("data") / "d.jsonl", sample_rows(2))
+
+
+@pytest.mark.parametrize("row,model,step,setting,measured", CALIBRATION, ids=[c[0] for c in CALIBRATION])
+def test_prediction_reproduces_the_measured_peak(row, model, step, setting, measured):
+    predicted = predict_peak(model, step, setting)["total"] / GIB
+    assert predicted == pytest.approx(measured, rel=0.10)
+
+
+def test_settings_order_by_memory_and_activations_grow_with_tokens():
+    step = StepShape(16384, "lora")
+    peaks = [predict_peak(LLAMA_8B, step, s)["total"] for s in FASTEST_FIRST]
+    assert peaks[0] > peaks[1] > peaks[2]
+    longer = predict_peak(LLAMA_8B, dataclasses.replace(step, tokens=32768), "on")
+    assert longer["activations"] == pytest.approx(2 * predict_peak(LLAMA_8B, step, "on")["activations"], rel=0.01)
+    # QLoRA's base is about a quarter of bf16's; a full fine-tune keeps 16 bytes per weight with AdamW
+    assert predict_peak(LLAMA_8B, StepShape(16384, "qlora"), "on")["weights"] < 0.3 * peaks[1]
+    full = predict_peak(LLAMA_1B, StepShape(16384, None), "on")
+    assert full["weights"] + full["optimizer"] + full["gradients"] == pytest.approx(16 * 1.2357e9, rel=0.01)
+
+
+def _threshold(predicted: int) -> int:
+    """The least free memory a prediction fits in."""
+    return math.ceil(predicted * (1 + RESERVE_SHARE) + RESERVE_BYTES)
+
+
+def test_chooser_takes_the_fastest_setting_that_fits_at_each_threshold():
+    step = StepShape(16384, "lora")
+    predicted = {s: predict_peak(LLAMA_8B, step, s)["total"] for s in FASTEST_FIRST}
+    off, on, offload = (_threshold(predicted[s]) for s in FASTEST_FIRST)
+    assert choose(predicted, 80 * GIB) == ("off", True)  # off is ~70 GiB: an H200 takes it, an 80 GB card not
+    assert choose(predicted, off) == ("off", True)
+    assert choose(predicted, off - 1) == ("on", True)
+    assert choose(predicted, on) == ("on", True)
+    assert choose(predicted, on - 1) == ("offload", True)
+    assert choose(predicted, offload) == ("offload", True)
+    assert choose(predicted, offload - 1) == ("offload", False)
+    assert choose(predicted, on, candidates=("off", "offload")) == ("offload", True)  # activation_offloading
+
+
+def test_auto_record_holds_the_figures_and_the_shortfall():
+    step = StepShape(16384, "lora")
+    ok = auto_record(LLAMA_8B, step, 40 * GIB)
+    assert ok["setting"] == "on" and ok["free_gib"] == 40.0 and ok["tokens_per_micro_batch"] == 16384
+    assert set(ok["predicted_peak_gib"]) == {"off", "on", "offload"} and "shortfall_gib" not in ok
+    short = auto_record(LLAMA_8B, step, 16 * GIB)  # the bf16 8B weights alone are 15 GiB
+    assert short["setting"] == "offload" and short["shortfall_gib"] > 0
+    assert short["shortfall_gib"] == pytest.approx(
+        (_threshold(predict_peak(LLAMA_8B, step, "offload")["total"]) - 16 * GIB) / GIB, abs=1e-3)
+
+
+def test_shape_from_an_hf_config(tiny_model_dir):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    shape = ModelShape.from_config(config)
+    assert (shape.hidden, shape.layers, shape.vocab) == (config.hidden_size, config.num_hidden_layers,
+                                                         config.vocab_size)
+    assert shape.kv_dim == config.num_key_value_heads * (config.hidden_size // config.num_attention_heads)
+
+
+def test_config_takes_auto_by_default_and_every_setting(data, tmp_path):
+    assert tiny_run(data).gradient_checkpointing == "auto"
+    for value in (True, False, "auto", "offload"):
+        assert tiny_run(data, gradient_checkpointing=value).gradient_checkpointing == value
+    with pytest.raises(ConfigError, match="gradient_checkpointing: 'sometimes' is not one of"):
+        tiny_run(data, gradient_checkpointing="sometimes")
+    translated, _, problems = translate({"base_model": "x", "gradient_checkpointing": "offload"}, "a.yml", tmp_path)
+    assert translated["gradient_checkpointing"] and translated["activation_offloading"] and not problems
+
+
+@pytest.mark.parametrize("asked,engine,setting", [
+    (dict(), "triton", "off"),  # auto on the CPU
+    (dict(gradient_checkpointing=True), "triton", "on"),
+    (dict(gradient_checkpointing=True, activation_offloading=True), "triton", "offload"),
+    (dict(gradient_checkpointing="offload"), "torch", "on"),  # the torch engine checkpoints on the GPU only
+    (dict(gradient_checkpointing=False), "fsdp", "off"),
+])
+def test_resolved_run_holds_the_decision(data, tiny_model_dir, asked, engine, setting):
+    run, record = resolve_checkpointing(tiny_run(data, **asked), tiny_model_dir, CPU, engine)
+    assert record["setting"] == setting
+    assert (run.gradient_checkpointing, run.activation_offloading) == {
+        "off": (False, False), "on": (True, False), "offload": ("offload", True)}[setting]
+
+
+def test_train_info_records_the_decision_of_a_cpu_run(sample_shards, tiny_model_dir, tmp_path):
+    src, shards = sample_shards
+    info = train(tiny_run(src, max_steps=1), shards, tiny_model_dir, tmp_path / "run")
+    written = json.loads((tmp_path / "run/train_info.json").read_text())
+    assert info["gradient_checkpointing"] == written["gradient_checkpointing"] == {
+        "requested": "auto", "setting": "off", "reason": "no CUDA GPU: checkpointing saves GPU memory only"}
