@@ -1,12 +1,11 @@
-"""gpt-oss on the torch engine: packed rows, LoRA on attention and every expert, and the triton fallback.
+"""gpt-oss on the torch engine: packed rows, LoRA on attention and every expert (the triton engine:
+tests/train/test_gpt_oss_triton.py).
 
 A tiny random gpt-oss (2 layers: one sliding-window layer with a 4-token window, one global; 4 experts,
 top-2; attention sinks, attention and expert biases, the clamped SwiGLU) built from GptOssConfig, fp32
 on the CPU. HF's gpt-oss attention is eager with the sinks in the softmax, under the packed mask.
 """
 from __future__ import annotations
-
-import logging
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from transformers import AutoModelForCausalLM, GptOssConfig
 from tests.helpers import tiny_run
 from tests.train.triton_models import VOCAB, packed_batch
 from tunedag.models.batch_inputs import loss_sum
-from tunedag.train.engines import TorchEngine, model_engine
+from tunedag.train.engines import TorchEngine
 
 CPU = torch.device("cpu")
 # rows of documents longer than the window, so the sliding layer's window shows in the loss
@@ -114,16 +113,6 @@ def test_router_loss_on_packed_rows(tmp_path):
     n = int((batch["labels"][:, 1:] != -100).sum())
     assert float(aux) > 0
     torch.testing.assert_close(loss, plain + 0.5 * aux * n, rtol=1e-5, atol=0)
-
-
-def test_triton_engine_falls_back_naming_the_sinks(tmp_path, caplog, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    model_dir = tiny_gpt_oss(tmp_path / "m")
-    run = tiny_run(model_dir / "config.json", base_model=str(model_dir), train_engine="triton")
-    with caplog.at_level(logging.INFO, logger="tunedag.train.engines"):
-        engine, why = model_engine(run, model_dir, CPU)
-    assert isinstance(engine, TorchEngine)
-    assert "sink" in why and f"using the torch engine because {why}" in caplog.text
 
 
 def test_config_check_knows_gpt_oss_names(tmp_path):

@@ -87,3 +87,68 @@ def test_moe_block_with_lora_on_every_expert_matches_peft():
     for g, w in zip(got, want):
         assert w.abs().sum() > 0
         torch.testing.assert_close(g, w, **TOL)
+
+
+def _tiny_engines(tmp_path, **keys):
+    from tests.train.test_gpt_oss import tiny_gpt_oss
+    from tests.train.test_triton_engine import _engines
+
+    return _engines(tiny_gpt_oss(tmp_path / "m", swiglu_limit=LIMIT), **keys)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_loss_and_gradients_match_the_torch_engine(tmp_path, checkpointing):
+    """Packed rows with documents longer than the sliding layer's window: the triton engine (sink attention kernel,
+    fused MoE) gives the torch engine's loss and every adapter gradient (attention, experts of both layers)."""
+    from tests.train.test_gpt_oss import ROWS
+    from tests.train.test_triton_engine import _assert_same_step
+    from tests.train.triton_models import packed_batch
+
+    ref, fast = _tiny_engines(tmp_path, gradient_checkpointing=checkpointing)
+    record = fast.model.tunedag_patches
+    assert record.architecture == "gpt_oss"
+    assert sum(new == "FusedLoRAMoE" for _, new in record.modules.values()) == 2
+    assert sum(new == "FusedLoRAAttention" for _, new in record.modules.values()) == 2
+    _assert_same_step(ref, fast, packed_batch(seed=1, rows=ROWS))
+
+
+def test_full_fine_tune_trains_sinks_and_biases(tmp_path):
+    """adapter: none on the triton engine: the sinks, router and expert biases get the torch engine's gradients."""
+    from tests.train.test_gpt_oss import ROWS
+    from tests.train.test_triton_engine import _assert_same_step
+    from tests.train.triton_models import packed_batch
+
+    ref, fast = _tiny_engines(tmp_path, adapter=None)
+    trained = {n for n, p in fast.model.named_parameters() if p.requires_grad}
+    assert {"model.layers.0.self_attn.sinks", "model.layers.1.mlp.router.bias",
+            "model.layers.0.mlp.experts.down_proj_bias"} <= trained
+    _assert_same_step(ref, fast, packed_batch(seed=1, rows=ROWS))
+
+
+def test_triton_engine_takes_gpt_oss(tmp_path):
+    from tests.helpers import tiny_run
+    from tests.train.test_gpt_oss import tiny_gpt_oss
+    from tunedag.train.engines import model_kind
+
+    model_dir = tiny_gpt_oss(tmp_path / "m")
+    run = tiny_run(model_dir / "config.json", base_model=str(model_dir), train_engine="triton")
+    assert model_kind(run, model_dir, torch.device("cpu")) == ("triton", None)
+
+
+def test_router_loss_matches_the_torch_engine(tmp_path):
+    """output_router_logits: the biased router's load-balancing loss and its gradient, as the torch engine's."""
+    from tests.train.test_gpt_oss import ROWS, tiny_gpt_oss
+    from tests.train.test_triton_engine import FP32_REL, _engines, _rel
+    from tests.train.triton_models import packed_batch
+
+    ref, fast = _engines(tiny_gpt_oss(tmp_path / "m", swiglu_limit=LIMIT, output_router_logits=True,
+                                      router_aux_loss_coef=0.5))
+    batch = packed_batch(seed=1, rows=ROWS)
+    ref_loss, fast_loss = ref.loss_sum(batch), fast.loss_sum(batch)
+    assert _rel(fast_loss.detach(), ref_loss.detach()) < FP32_REL
+    ref_loss.backward()
+    fast_loss.backward()
+    fast_grads = dict(fast.model.named_parameters())
+    for name, p in ref.model.named_parameters():
+        if p.requires_grad:
+            assert _rel(fast_grads[name].grad, p.grad) < FP32_REL, name

@@ -109,7 +109,10 @@ class FusedLoRAMoE(nn.Module):
     def __init__(self, replaced: nn.Module, activation: str, log: RouterLogits, switch):
         super().__init__()
         self.gpt_oss = activation == "gpt_oss"
-        self.gate = replaced.router if self.gpt_oss else replaced.gate  # the router (frozen under LoRA)
+        if self.gpt_oss:  # the router (frozen under LoRA), under its HF name: full fine-tuning saves it by name
+            self.router = replaced.router
+        else:
+            self.gate = replaced.gate
         self.experts = replaced.experts  # peft: ParamWrapper(down_proj) over ParamWrapper(gate_up_proj)
         if hasattr(self.experts, "lora_A"):
             self.down_lora, self.gate_up_lora = self.experts, self.experts.base_layer
@@ -117,9 +120,9 @@ class FusedLoRAMoE(nn.Module):
         else:  # plain experts (full fine-tuning)
             self.down_lora = self.gate_up_lora = None
             self.base = self.experts
-        self.top_k = self.gate.top_k
-        self.num_experts = self.gate.num_experts
-        self.renormalise = bool(getattr(self.gate, "norm_topk_prob", True))  # Mixtral always renormalises
+        self.top_k = self._router.top_k
+        self.num_experts = self._router.num_experts
+        self.renormalise = bool(getattr(self._router, "norm_topk_prob", True))  # Mixtral always renormalises
         if self.gpt_oss:
             alpha, limit = self.base.alpha, self.base.limit
             self.glu = lambda gu: clamped_swiglu(gu, alpha, limit)
@@ -128,11 +131,15 @@ class FusedLoRAMoE(nn.Module):
             self.glu = lambda gu: _gated(gu, act)
         self.log, self.switch = log, switch
 
+    @property
+    def _router(self) -> nn.Module:
+        return self.router if self.gpt_oss else self.gate
+
     def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights (N, k) in x's dtype, expert ids (N, k)) as the HF router picks them."""
-        logits = x @ self.gate.weight.to(x.dtype).t()  # (N, E)
+        logits = x @ self._router.weight.to(x.dtype).t()  # (N, E)
         if self.gpt_oss:
-            logits = logits + self.gate.bias.to(x.dtype)
+            logits = logits + self._router.bias.to(x.dtype)
         probs = F.softmax(logits, dim=-1, dtype=torch.float32)
         if self.log.enabled and self.switch.enabled:
             if torch.is_grad_enabled():  # a plain forward, or a checkpointed layer's recompute in backward

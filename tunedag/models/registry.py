@@ -16,9 +16,7 @@ model; what differs between architectures is data, not code paths:
 | phi3 (Phi-3, Phi-4) | Llama | SiLU | packed ``qkv_proj`` and ``gate_up_proj`` (one LoRA each), sliding window from the config, partial rotary (Phi-4-mini: RoPE on the first 3/4 of each head) |
 | mixtral | Llama | SiLU | sparse MoE (:mod:`tunedag.models.moe`): LoRA on every expert, grouped GEMMs, router loss |
 | qwen3_moe | Llama | SiLU | per-head q/k RMSNorm; sparse MoE as Mixtral (top-k renormalised only with norm_topk_prob) |
-
-gpt_oss (gpt-oss-20b, -120b) trains on the torch engine only (``TORCH_ONLY``: attention sinks); its LoRA
-targets are named as on the MoE models above (gate/up/down: the experts' ``gate_up_proj`` and ``down_proj``).
+| gpt_oss (gpt-oss-20b, -120b) | Llama | clamped SwiGLU (fixed) | attention sinks (``kernels/sink_attention.py``), q/k/v/o biases, alternating sliding window, half-width RoPE tables (YaRN); sparse MoE with a biased router, expert biases, interleaved gate/up |
 
 Packed projections (Phi-3): peft puts one LoRA on the whole ``qkv_proj`` (A (r, H), B (q+k+v, r)) and
 one on ``gate_up_proj``. That is exactly the fused kernels' three (two) projections sharing one A,
@@ -63,6 +61,8 @@ class ArchitectureSpec:
     window_from_config: bool = False  # config.sliding_window applies to every layer (Mistral, Phi-3)
     rope_per_layer_type: bool = False  # rotary_emb(x, positions, layer_type): one RoPE base per layer type
     moe: bool = False  # sparse MoE blocks: experts as 3-D parameters, LoRA through peft's target_parameters
+    moe_activation: str | None = None  # the experts' own fixed activation, whatever hidden_act says (gpt-oss)
+    half_rope_tables: bool = False  # rotary_emb returns cos/sin of width D/2, shared by both halves (gpt-oss)
 
     @property
     def lora_targets(self) -> tuple[str, ...]:
@@ -85,14 +85,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "phi3": ArchitectureSpec("phi3", packed=True, window_from_config=True),
     "mixtral": ArchitectureSpec("mixtral", window_from_config=True, moe=True),
     "qwen3_moe": ArchitectureSpec("qwen3_moe", qk_norm=True, moe=True),
-}
-# Architectures the torch engine trains with the MoE target naming above but that have no fused path,
-# by the reason fast_path_blocker gives
-TORCH_ONLY: dict[str, tuple[ArchitectureSpec, str]] = {
-    "gpt_oss": (ArchitectureSpec("gpt_oss", moe=True),
-                "gpt_oss's attention adds a learned per-head sink logit to the softmax denominator, which the "
-                "packed attention kernel lacks (and its experts, a clamped SwiGLU over interleaved gate/up columns "
-                "with biases under a biased router, are not the fused MoE block's)"),
+    "gpt_oss": ArchitectureSpec("gpt_oss", moe=True, moe_activation="gpt_oss", half_rope_tables=True),
 }
 # packed projection -> the Llama projections it holds, in its row order
 PACKED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -135,13 +128,15 @@ def lora_target_kwargs(config: Any, names: Sequence[str]) -> dict[str, list[str]
     """peft LoraConfig's ``target_modules`` and ``target_parameters`` for an HF ``config`` (unknown
     architectures take ``names`` unchanged)."""
     model_type = getattr(config, "model_type", None)
-    spec = ARCHITECTURES.get(model_type) or TORCH_ONLY.get(model_type, (None, ""))[0]
+    spec = ARCHITECTURES.get(model_type)
     modules, params = peft_targets(spec, names)
     return {"target_modules": list(modules), "target_parameters": list(params) or None}
 
 
 def mlp_activation(spec: ArchitectureSpec, config: Any) -> str | None:
     """The kernel's activation name for this config, or None when the kernel lacks it."""
+    if spec.moe_activation:
+        return spec.moe_activation
     name = getattr(config, spec.activation_key, None) or getattr(config, "hidden_act", None)
     return ACTIVATIONS.get(name)
 
@@ -151,8 +146,6 @@ def fast_path_blocker(config: Any, *, rl: str | None, lora_dropout: float, lora_
     """Why a run with these settings on a model with HF ``config`` cannot use the triton engine (None: it can)."""
     model_type = getattr(config, "model_type", None)
     spec = ARCHITECTURES.get(model_type)
-    if model_type in TORCH_ONLY:
-        return TORCH_ONLY[model_type][1]
     if spec is None:
         return f"architecture {model_type!r} has no fused path (covered: {', '.join(ARCHITECTURES)})"
     if rl in ("reward", "prm"):
