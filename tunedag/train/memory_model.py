@@ -125,6 +125,7 @@ class StepShape:
     lora_targets: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     modules_to_save: Sequence[str] = ()
     optimizer: str = "adamw_torch_fused"
+    frozen_reference: bool = False  # a full fine-tune's dpo/kto reference: a bf16 copy of the base
 
 
 def lora_params(model: ModelShape, step: StepShape) -> int:
@@ -159,7 +160,8 @@ def predict_peak(model: ModelShape, step: StepShape, setting: Mode) -> dict[str,
     others = (model.layers - 1) * s if setting == "off" else stored
     activations = max(n * (others + in_backward), n * stored + min(n, CE_CHUNK_ROWS) * model.vocab * 4)
     gradients = 4 * trained
-    weights = int(frozen_bytes + 4 * trained)
+    weights = int(frozen_bytes + 4 * trained
+                  + (2 * (model.projection_params() + model.other_params()) if step.frozen_reference else 0))
     optimizer = state * trained
     working = max(activations + (4 * head if head_trained else 0), gradients + n * in_backward)
     parts = {"weights": weights, "optimizer": optimizer, "gradients": gradients, "activations": int(activations)}
@@ -197,8 +199,9 @@ def auto_record(model: ModelShape, step: StepShape, free: int,
         need = predicted[setting] * (1 + RESERVE_SHARE) + RESERVE_BYTES
         record["shortfall_gib"] = round((need - free) / GIB, 3)
         log.warning("gradient_checkpointing auto: no setting fits; training with %s, predicted to need %.1f GiB "
-                    "(with the reserve) of %.1f GiB free, %.1f GiB short: lower micro_batch_size or "
-                    "sequence_len, or use adapter: qlora", setting, need / GIB, free / GIB, (need - free) / GIB)
+                    "(with the reserve) of %.1f GiB free, %.1f GiB short: lower micro_batch_size or sequence_len%s",
+                    setting, need / GIB, free / GIB, (need - free) / GIB,
+                    ", or use adapter: qlora" if step.adapter == "lora" else "")
     return record
 
 
@@ -241,7 +244,8 @@ def resolve_checkpointing(run: RunConfig, model_path: Path, device: torch.device
 
         config = AutoConfig.from_pretrained(model_path, trust_remote_code=run.trust_remote_code)
         step = StepShape(run.micro_batch_size * run.sequence_len, run.adapter, run.lora_r,
-                         tuple(run.lora_target_modules), tuple(run.lora_modules_to_save), run.optimizer)
+                         tuple(run.lora_target_modules), tuple(run.lora_modules_to_save), run.optimizer,
+                         frozen_reference=run.adapter is None and run.rl in ("dpo", "kto"))
         free = torch.cuda.mem_get_info(device)[0]
         record = auto_record(ModelShape.from_config(config), step, free,
                              ("off", "offload") if run.activation_offloading else FASTEST_FIRST)
