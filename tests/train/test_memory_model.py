@@ -113,3 +113,19 @@ def test_train_info_records_the_decision_of_a_cpu_run(sample_shards, tiny_model_
     written = json.loads((tmp_path / "run/train_info.json").read_text())
     assert info["gradient_checkpointing"] == written["gradient_checkpointing"] == {
         "requested": "auto", "setting": "off", "reason": "no CUDA GPU: checkpointing saves GPU memory only"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("offloading", [False, True])
+def test_auto_on_a_gpu_reads_free_memory_and_picks_what_fits(data, tiny_model_dir, offloading):
+    """A tiny model fits any GPU without checkpointing; with activation_offloading auto picks off too."""
+    cuda = torch.device("cuda")
+    free_before = torch.cuda.mem_get_info(cuda)[0]
+    run, record = resolve_checkpointing(tiny_run(data, activation_offloading=offloading), tiny_model_dir, cuda,
+                                        "triton")
+    assert record["setting"] == "off" and run.gradient_checkpointing is False
+    assert record["free_gib"] == pytest.approx(free_before / GIB, rel=0.05)
+    assert record["predicted_peak_gib"]["off"] > record["predicted_peak_gib"]["on"] > 0
+    _, other = resolve_checkpointing(tiny_run(data), tiny_model_dir, cuda, "torch")
+    assert other["setting"] == "on" and "no measured memory model" in other["reason"]

@@ -210,7 +210,6 @@ def auto_record(model: ModelShape, step: StepShape, free: int,
     return record
 
 
-
 def checkpoint_setting(run: RunConfig) -> Mode | Literal["auto"]:
     """The setting ``gradient_checkpointing`` (with ``activation_offloading``) asks for."""
     asked = run.gradient_checkpointing
@@ -268,28 +267,27 @@ LLAMA_1B = ModelShape(hidden=2048, intermediate=8192, layers=16, q_dim=2048, kv_
 PHI3_MINI = ModelShape(hidden=3072, intermediate=8192, layers=32, q_dim=3072, kv_dim=3072, vocab=128256, tied=False)
 MOE_8X = ModelShape(hidden=2048, intermediate=4096, layers=16, q_dim=2048, kv_dim=512, vocab=128256, tied=False,
                     experts=8, active_experts=2)
-_LORA, _QLORA, _FULL = StepShape(0, "lora"), StepShape(0, "qlora"), StepShape(0, None)
-# (row, model, step (tokens filled in below), setting, measured peak GiB): one H200, torch 2.11, triton 3.6,
-# LoRA r=16 on the seven projections, fused AdamW, rows of 4096 tokens unless said.
+# (row, model, adapter, tokens, setting, measured peak GiB): one H200, torch 2.11, triton 3.6, LoRA r=16 on the
+# seven projections, fused AdamW, rows of 4096 tokens unless said.
 CALIBRATION: tuple[tuple[str, ModelShape, StepShape, Mode, float], ...] = tuple(
-    (row, model, StepShape(tokens, step.adapter), setting, gib) for row, model, step, tokens, setting, gib in (
+    (row, model, StepShape(tokens, adapter), setting, gib) for row, model, adapter, tokens, setting, gib in (
         # BENCHMARKS.md "Training: single GPU"
-        ("ours_lora 8B x4", LLAMA_8B, _LORA, 16384, "on", 21.89),
-        ("ours_lora_offload 8B x4", LLAMA_8B, _LORA, 16384, "offload", 18.29),
-        ("ours_qlora 8B x4", LLAMA_8B, _QLORA, 16384, "on", 12.46),
-        ("ours_lora 8B x1", LLAMA_8B, _LORA, 4096, "on", 17.09),
-        ("ours_lora 1B x4", LLAMA_1B, _LORA, 16384, "on", 4.79),
-        ("ours_lora 1B x8", LLAMA_1B, _LORA, 32768, "on", 7.08),
-        ("ours_qlora_long 8B, 65,536 tokens", LLAMA_8B, _QLORA, 65536, "on", 31.3),
-        ("ours_qlora_long 8B, 131,072 tokens", LLAMA_8B, _QLORA, 131072, "on", 56.9),
-        ("ours_qlora_long 8B, 262,144 tokens", LLAMA_8B, _QLORA, 262144, "on", 108.0),
+        ("ours_lora 8B x4", LLAMA_8B, "lora", 16384, "on", 21.89),
+        ("ours_lora_offload 8B x4", LLAMA_8B, "lora", 16384, "offload", 18.29),
+        ("ours_qlora 8B x4", LLAMA_8B, "qlora", 16384, "on", 12.46),
+        ("ours_lora 8B x1", LLAMA_8B, "lora", 4096, "on", 17.09),
+        ("ours_lora 1B x4", LLAMA_1B, "lora", 16384, "on", 4.79),
+        ("ours_lora 1B x8", LLAMA_1B, "lora", 32768, "on", 7.08),
+        ("ours_qlora_long 8B, 65,536 tokens", LLAMA_8B, "qlora", 65536, "on", 31.3),
+        ("ours_qlora_long 8B, 131,072 tokens", LLAMA_8B, "qlora", 131072, "on", 56.9),
+        ("ours_qlora_long 8B, 262,144 tokens", LLAMA_8B, "qlora", 262144, "on", 108.0),
         # BENCHMARKS.md "Other architectures" (batch 2)
-        ("ours_lora phi3-mini x2", PHI3_MINI, _LORA, 8192, "on", 10.92),
-        ("ours_lora moe-8x x2", MOE_8X, _LORA, 8192, "on", 9.93),
+        ("ours_lora phi3-mini x2", PHI3_MINI, "lora", 8192, "on", 10.92),
+        ("ours_lora moe-8x x2", MOE_8X, "lora", 8192, "on", 9.93),
         # BENCHMARKS.md "Full fine-tuning" (1B, every weight trained)
-        ("ours 1B full x4", LLAMA_1B, _FULL, 16384, "on", 19.85),
-        ("ours_nockpt 1B full x4", LLAMA_1B, _FULL, 16384, "off", 30.07),
+        ("ours 1B full x4", LLAMA_1B, None, 16384, "on", 19.85),
+        ("ours_nockpt 1B full x4", LLAMA_1B, None, 16384, "off", 30.07),
         # notes/gpu-peers.md (2026-11-30)
-        ("tunedag, no checkpointing 8B x4", LLAMA_8B, _LORA, 16384, "off", 70.5),
-        ("tunedag QLoRA offloaded, 131,072 tokens", LLAMA_8B, _QLORA, 131072, "offload", 27.2),
+        ("tunedag, no checkpointing 8B x4", LLAMA_8B, "lora", 16384, "off", 70.5),
+        ("tunedag QLoRA offloaded, 131,072 tokens", LLAMA_8B, "qlora", 131072, "offload", 27.2),
     ))
