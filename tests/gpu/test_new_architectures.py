@@ -1,4 +1,4 @@
-"""Phi-3, Gemma-3 (text), Mixtral and Qwen3-MoE on the triton engine in bf16 on CUDA, against the
+"""Phi-3, Gemma-3 (text), Mixtral, Qwen3-MoE and gpt-oss on the triton engine in bf16 on CUDA, against the
 torch engine: the same rule as tests/gpu/test_triton_engine.py (the triton engine's error to the fp32
 torch engine at most twice the torch engine's own bf16 autocast error). The MoE cases run the
 experts through torch._grouped_mm. Skipped without CUDA.
@@ -15,7 +15,8 @@ from tunedag.kernels.grouped_gemm import grouped_mm, grouped_mm_reference  # noq
 
 
 def _model(arch, dest):
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig, MixtralConfig, Phi3Config, Qwen3MoeConfig
+    from transformers import (AutoModelForCausalLM, Gemma3TextConfig, GptOssConfig, MixtralConfig, Phi3Config,
+                              Qwen3MoeConfig)
 
     moe = dict(SHAPE, intermediate_size=1024)
     cfg = {"phi3": lambda: Phi3Config(**SHAPE, sliding_window=2047),
@@ -24,13 +25,21 @@ def _model(arch, dest):
            "mixtral": lambda: MixtralConfig(**moe, num_local_experts=8, num_experts_per_tok=2,
                                             output_router_logits=True),
            "qwen3_moe": lambda: Qwen3MoeConfig(**dict(SHAPE, moe_intermediate_size=512), head_dim=64, num_experts=16,
-                                               num_experts_per_tok=4)}[arch]()
+                                               num_experts_per_tok=4),
+           "gpt_oss": lambda: GptOssConfig(**dict(SHAPE, intermediate_size=512), head_dim=64, num_local_experts=8,
+                                           num_experts_per_tok=2, sliding_window=128,
+                                           layer_types=["sliding_attention", "full_attention"] * 2)}[arch]()
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).float().save_pretrained(dest, safe_serialization=True)
+    model = AutoModelForCausalLM.from_config(cfg).float()
+    with torch.no_grad():  # gpt-oss's biases and sinks start at 0: make them matter
+        for name, p in model.named_parameters():
+            if name.endswith(("bias", "sinks")):
+                p.normal_(0, 0.1)
+    model.save_pretrained(dest, safe_serialization=True)
     return dest
 
 
-@pytest.mark.parametrize("arch", ["phi3", "gemma3_text", "mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ["phi3", "gemma3_text", "mixtral", "qwen3_moe", "gpt_oss"])
 def test_bf16_step_is_as_close_to_fp32_as_the_torch_engine(arch, tmp_path):
     model_dir = _model(arch, tmp_path / arch)
     batch = _batch()

@@ -66,7 +66,8 @@ def test_large_sinks_take_the_softmax():
     torch.manual_seed(0)  # _check's inputs again, with sinks that take no share of the softmax
     q, k, v = (rand((29, h, 8), torch.float32, DEVICE).double() for h in (2, 1, 1))
     doc, _ = _docs((9, 20))
-    no_sink = sink_attention_reference(q, k, v, torch.full((2,), -1e4, dtype=torch.float64), doc, 8**-0.5)
+    silent = torch.full((2,), -1e4, dtype=torch.float64, device=DEVICE)
+    no_sink = sink_attention_reference(q, k, v, silent, doc, 8**-0.5)
     assert (out.double() - no_sink).norm() > 0.1 * no_sink.norm()
 
 
