@@ -28,6 +28,16 @@ micro-batch losses add up to the true token mean) else by this call's non-ignore
 (clamped to 1: a batch with every target ignored gives loss 0 and zero gradients, not NaN).
 Targets are aligned with rows (shift labels before calling). ``ignore_index`` rows
 contribute nothing.
+
+Per-token log-probs (``fused_linear_token_logps``, preference training): the same chunks and
+row kernel give ``log p(target_t | h_t) = -CE_t`` per row, (N,) fp32, 0 at ``ignore_index``.
+Its upstream gradient is per token (DPO weights each token by its sequence's coefficient), so
+the kernel's gradient scale can be one value per row. With a frozen lm_head (LoRA) the rows are
+independent: forward computes ``d logp / d h`` as above and backward scales each row (two
+matmuls in all, as here). A trained lm_head or bias sums over rows, so forward keeps only the
+log-probs and backward recomputes each chunk's logits with the rows' upstream gradients as
+scales (one more matmul, still one block of logits). Without gradients (the reference model's
+pass) nothing is saved.
 """
 from __future__ import annotations
 
@@ -83,7 +93,8 @@ def chunk_rows_for(n_rows: int, hidden: int, vocab: int, weight_grad: bool = Fal
 def _cross_entropy_rows_kernel(
     logits_ptr, stride_row, target_ptr, loss_ptr, scale_ptr,
     n_cols, ignore_index, softcap,
-    HAS_SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SCALE_PER_ROW: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     """One row: loss = lse(z) - z[target], z = softcap(logits); optionally dlogits in place."""
     row = tl.program_id(0).to(tl.int64)
@@ -114,7 +125,11 @@ def _cross_entropy_rows_kernel(
 
     if COMPUTE_GRAD:
         # Pass 2: d loss_row * scale / d logits = (softmax - onehot) * scale * dz/dlogits.
-        row_scale = tl.where(valid, tl.load(scale_ptr), 0.0)
+        if SCALE_PER_ROW:
+            row_scale = tl.load(scale_ptr + row)
+        else:
+            row_scale = tl.load(scale_ptr)
+        row_scale = tl.where(valid, row_scale, 0.0)
         for start in range(0, n_cols, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             mask = cols < n_cols
@@ -131,9 +146,11 @@ def _cross_entropy_rows_kernel(
 
 def cross_entropy_rows_(
     logits: torch.Tensor, target: torch.Tensor, loss_out: torch.Tensor, scale: torch.Tensor,
-    ignore_index: int, softcap: float | None, compute_grad: bool,
+    ignore_index: int, softcap: float | None, compute_grad: bool, scale_per_row: bool = False,
 ) -> None:
-    """Launch the row kernel on a (c, V) contiguous logits chunk; overwrites it with dlogits."""
+    """Launch the row kernel on a (c, V) contiguous logits chunk; overwrites it with dlogits.
+
+    ``scale``: (1,) fp32 for every row, or with ``scale_per_row`` (c,) fp32, one per row."""
     rows, vocab = logits.shape
     if rows == 0:
         return
@@ -141,9 +158,29 @@ def cross_entropy_rows_(
     _cross_entropy_rows_kernel[(rows,)](
         logits, logits.stride(0), target, loss_out, scale,
         vocab, ignore_index, float(softcap or 0.0),
-        HAS_SOFTCAP=softcap is not None, COMPUTE_GRAD=compute_grad, BLOCK_V=block_v,
+        HAS_SOFTCAP=softcap is not None, COMPUTE_GRAD=compute_grad, SCALE_PER_ROW=scale_per_row,
+        BLOCK_V=block_v,
         num_warps=8 if block_v >= 2048 else 4,
     )
+
+
+def _head_chunks(hidden, weight, bias, chunk_rows):
+    """(start, end, hidden rows, their logits) per chunk; the caller drops each (c, V) block."""
+    w_t = weight.t()
+    for s in range(0, hidden.shape[0], chunk_rows):
+        e = min(s + chunk_rows, hidden.shape[0])
+        h_c = hidden[s:e]
+        yield s, e, h_c, (torch.addmm(bias, h_c, w_t) if bias is not None else h_c @ w_t)
+
+
+def _add_chunk_grads(dlogits, h_c, weight, grad_h_c, grad_w, grad_b) -> None:
+    """grad_h_c = dlogits @ W; grad_W += dlogits.T @ h_c; grad_b += column sums (those not None)."""
+    if grad_h_c is not None:
+        torch.mm(dlogits, weight, out=grad_h_c)  # (c, V) @ (V, H)
+    if grad_w is not None:
+        grad_w.addmm_(dlogits.t(), h_c)  # (V, c) @ (c, H)
+    if grad_b is not None:
+        grad_b += dlogits.sum(0, dtype=torch.float32)
 
 
 def _loss_scale(target, ignore_index, reduction, num_items_in_batch) -> torch.Tensor:
@@ -172,19 +209,10 @@ class TunedagFusedLinearCrossEntropyFunction(torch.autograd.Function):
         grad_w = torch.zeros_like(weight) if need_w else None
         grad_b = torch.zeros(v, dtype=torch.float32, device=hidden.device) if need_b else None
         c = chunk_rows or chunk_rows_for(n, h, v, weight_grad=need_w)
-        w_t = weight.t()
-        for s in range(0, n, c):
-            e = min(s + c, n)
-            h_c = hidden[s:e]
-            logits = torch.addmm(bias, h_c, w_t) if bias is not None else h_c @ w_t  # (c, V)
+        for s, e, h_c, logits in _head_chunks(hidden, weight, bias, c):
             cross_entropy_rows_(logits, target[s:e], loss_rows[s:e], scale, ignore_index,
                                 softcap, compute_grad)
-            if need_h:
-                torch.mm(logits, weight, out=grad_h[s:e])  # (c, V) @ (V, H)
-            if need_w:
-                grad_w.addmm_(logits.t(), h_c)  # (V, c) @ (c, H)
-            if need_b:
-                grad_b += logits.sum(0, dtype=torch.float32)
+            _add_chunk_grads(logits, h_c, weight, grad_h[s:e] if need_h else None, grad_w, grad_b)
             del logits
         loss = loss_rows.sum() * scale[0]
         ctx.save_for_backward(grad_h, grad_w, grad_b)
@@ -203,9 +231,12 @@ class TunedagFusedLinearCrossEntropyFunction(torch.autograd.Function):
         return grad_h, grad_w, None, grad_b, None, None, None, None, None
 
 
-def _check_args(hidden, weight, target, reduction, softcap):
+def _check_reduction(reduction):
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+
+
+def _check_args(hidden, weight, target, softcap):
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
     if hidden.shape[-1] != weight.shape[1]:
@@ -235,7 +266,8 @@ def fused_linear_cross_entropy(
     hidden (..., H), weight (V, H), target (...) int64 aligned with hidden's rows.
     ``chunk_rows`` overrides ``chunk_rows_for`` (tests use it to force several chunks).
     """
-    _check_args(hidden, weight, target, reduction, softcap)
+    _check_reduction(reduction)
+    _check_args(hidden, weight, target, softcap)
     hidden = hidden.reshape(-1, hidden.shape[-1])
     if not hidden.is_contiguous():
         hidden = hidden.contiguous()
@@ -257,7 +289,8 @@ def fused_linear_cross_entropy_reference(
     softcap: float | None = None,
 ) -> torch.Tensor:
     """Eager PyTorch, as Hugging Face models compute it: full logits, upcast to fp32."""
-    _check_args(hidden, weight, target, reduction, softcap)
+    _check_reduction(reduction)
+    _check_args(hidden, weight, target, softcap)
     logits = F.linear(hidden.reshape(-1, hidden.shape[-1]), weight, bias).float()
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
@@ -268,3 +301,98 @@ def fused_linear_cross_entropy_reference(
     if num_items_in_batch is None:
         return loss / (target != ignore_index).sum().clamp_min(1)
     return loss / num_items_in_batch
+
+
+def _token_logps_rows(hidden, weight, target, bias, ignore_index, softcap, chunk_rows,
+                      grad_h=None) -> torch.Tensor:
+    """(N,) fp32 log-probs; fills ``grad_h`` (N, H) with d logp_t / d h_t when given."""
+    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    minus_one = torch.full((1,), -1.0, dtype=torch.float32, device=hidden.device)  # d(-CE)/d CE
+    for s, e, _, logits in _head_chunks(hidden, weight, bias, chunk_rows):
+        cross_entropy_rows_(logits, target[s:e], out[s:e], minus_one, ignore_index, softcap,
+                            grad_h is not None)
+        if grad_h is not None:
+            torch.mm(logits, weight, out=grad_h[s:e])
+        del logits
+    return out.neg_()  # the kernel writes CE_t
+
+
+class TunedagFusedLinearTokenLogpsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, target, bias, ignore_index, softcap, chunk_rows):
+        n, h = hidden.shape
+        need_h, need_w, _, need_b = ctx.needs_input_grad[:4]
+        ctx.recompute = need_w or need_b  # gradients summed over rows need the upstream first
+        c = chunk_rows or chunk_rows_for(n, h, weight.shape[0], weight_grad=need_w)
+        ctx.args = (ignore_index, softcap, c)
+        if ctx.recompute:
+            ctx.save_for_backward(hidden, weight, target, bias)
+            return _token_logps_rows(hidden, weight, target, bias, ignore_index, softcap, c)
+        grad_h = torch.empty_like(hidden)
+        out = _token_logps_rows(hidden, weight, target, bias, ignore_index, softcap, c, grad_h)
+        ctx.save_for_backward(grad_h)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if not ctx.recompute:
+            (grad_h,) = ctx.saved_tensors
+            return grad_h * grad_out[:, None].to(grad_h.dtype), None, None, None, None, None, None
+        hidden, weight, target, bias = ctx.saved_tensors
+        ignore_index, softcap, c = ctx.args
+        need_h, need_w, _, need_b = ctx.needs_input_grad[:4]
+        scale = grad_out.float().neg().contiguous()  # per row: d loss / d logp_t = -d loss / d CE_t
+        scratch = torch.empty_like(scale)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=hidden.device) if need_b else None
+        for s, e, h_c, logits in _head_chunks(hidden, weight, bias, c):
+            cross_entropy_rows_(logits, target[s:e], scratch[s:e], scale[s:e], ignore_index, softcap,
+                                True, scale_per_row=True)
+            _add_chunk_grads(logits, h_c, weight, grad_h[s:e] if need_h else None, grad_w, grad_b)
+            del logits
+        grad_b = grad_b.to(bias.dtype) if need_b else None
+        return grad_h, grad_w, None, grad_b, None, None, None
+
+
+def fused_linear_token_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """fp32 ``log_softmax(softcap(hidden @ weight.T + bias))[target]`` per row, shaped like ``target``.
+
+    hidden (..., H), weight (V, H), target (...) aligned with hidden's rows; ``ignore_index``
+    rows give 0 and no gradient. Without gradients enabled (or none wanted) it saves nothing.
+    """
+    _check_args(hidden, weight, target, softcap)
+    shape = target.shape
+    hidden = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+    target = target.reshape(-1).contiguous()
+    args = (hidden, weight, target, bias, ignore_index, softcap)
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias)):
+        return TunedagFusedLinearTokenLogpsFunction.apply(*args, chunk_rows).reshape(shape)
+    c = chunk_rows or chunk_rows_for(hidden.shape[0], hidden.shape[1], weight.shape[0])
+    return _token_logps_rows(*args, c).reshape(shape)
+
+
+def fused_linear_token_logps_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Eager PyTorch: full fp32 logits, log-softmax, the target's entry (0 at ``ignore_index``)."""
+    _check_args(hidden, weight, target, softcap)
+    logits = F.linear(hidden, weight, bias).float()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    valid = target != ignore_index
+    logp = logits.log_softmax(-1).gather(-1, torch.where(valid, target, 0)[..., None])[..., 0]
+    return torch.where(valid, logp, 0.0)

@@ -7,7 +7,10 @@ batch, and the packed mask keeps them from seeing each other.
 Memory: the [tokens, vocab] logits are never materialised. Only the trained positions' hidden
 states are kept, and the LM head + log-softmax run over ``chunk_tokens`` of them at a time under
 activation checkpointing, so forward and backward hold one [chunk, vocab] block at once (the
-idea of the fused linear cross-entropy).
+idea of the fused linear cross-entropy). An engine that hands over a ``LinearHead`` (the triton
+engine) gets the fused kernel instead (``tunedag.kernels.cross_entropy.fused_linear_token_logps``):
+one block of logits in the compute dtype rather than fp32 copies, and with a frozen head no
+recomputation in backward.
 
 Reference model: with LoRA it is the same model with its adapters (and modules_to_save)
 disabled through peft's ``disable_adapter()``: no second copy in memory, one extra forward pass
@@ -26,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tunedag.data.batches import segment_index
 from tunedag.data.formats import IGNORE_INDEX
+from tunedag.kernels.cross_entropy import fused_linear_token_logps
 from tunedag.models.batch_inputs import model_inputs
 
 CHUNK_TOKENS = 1024
@@ -43,6 +47,17 @@ class SequenceLogps:
         return self.logps / self.tokens.clamp(min=1)
 
 
+@dataclass
+class LinearHead:
+    """An LM head given as its weight (V, H) and bias: ``token_logps`` runs the fused kernel on it."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+
+
+Head = Callable[[torch.Tensor], torch.Tensor] | LinearHead
+
+
 def _chunk_logps(hidden: torch.Tensor, target: torch.Tensor, head: torch.nn.Module,
                  softcap: float | None) -> torch.Tensor:
     logits = head(hidden).float()  # (chunk, V): the only vocab-sized block alive
@@ -51,14 +66,17 @@ def _chunk_logps(hidden: torch.Tensor, target: torch.Tensor, head: torch.nn.Modu
     return logits.gather(-1, target[:, None])[:, 0] - torch.logsumexp(logits, -1)
 
 
-def token_logps(hidden: torch.Tensor, target: torch.Tensor, head: torch.nn.Module,
+def token_logps(hidden: torch.Tensor, target: torch.Tensor, head: Head,
                 chunk_tokens: int = CHUNK_TOKENS, softcap: float | None = None) -> torch.Tensor:
     """log p(target | hidden) for (N, H) hidden states, ``chunk_tokens`` rows of logits at a time.
 
     Each chunk runs under checkpointing, so its logits are recomputed in backward rather than
     kept: peak extra memory is one (chunk_tokens, vocab) fp32 block, e.g. 1024 × 128256 × 4 B =
-    0.5 GB for Llama 3, instead of N × vocab for the whole batch.
+    0.5 GB for Llama 3, instead of N × vocab for the whole batch. A ``LinearHead`` goes through
+    the fused kernel, which sizes its own chunks (``chunk_rows_for``).
     """
+    if isinstance(head, LinearHead):
+        return fused_linear_token_logps(hidden, head.weight, target, head.bias, IGNORE_INDEX, softcap)
     out = []
     for a in range(0, hidden.shape[0], chunk_tokens):
         h, t = hidden[a:a + chunk_tokens], target[a:a + chunk_tokens]
@@ -73,13 +91,14 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def hidden_logps(hidden: torch.Tensor, batch: dict[str, torch.Tensor], head: Callable[[torch.Tensor], torch.Tensor],
+def hidden_logps(hidden: torch.Tensor, batch: dict[str, torch.Tensor], head: Head,
                  keep: torch.Tensor | None = None, chunk_tokens: int = CHUNK_TOKENS,
                  softcap: float | None = None) -> SequenceLogps:
     """Response log-probs of every segment from an engine's final hidden states and its LM head.
 
     ``hidden``: (B·T, H) for every position of the (B, T) batch, or (N, H) for the positions that
-    ``keep`` (B·T,) bool selects (an engine that drops padding). ``head`` maps (n, H) to (n, V) logits.
+    ``keep`` (B·T,) bool selects (an engine that drops padding). ``head`` maps (n, H) to (n, V) logits,
+or is a ``LinearHead`` for the fused kernel.
     """
     device = hidden.device
     labels = batch["labels"]

@@ -47,7 +47,7 @@ every ``optimizer`` (fused AdamW, 8-bit AdamW, Adafactor) run unchanged. Measure
 fp32 run (the torch engine's autocast: 0.018), where plain bf16 weights stall 3.8 above it.
 
 The loss is never computed from [tokens, vocab] logits: ``loss_sum`` ends in the chunked fused
-linear + cross-entropy, or with ``rl`` in the preference objective's chunked log-probs. Its interface is the torch engine's, so the shared loop, checkpoints
+linear + cross-entropy, or with ``rl`` in the fused per-token log-probs (the same kernel's rows). Its interface is the torch engine's, so the shared loop, checkpoints
 and peft adapter files are the same.
 """
 from __future__ import annotations
@@ -64,7 +64,7 @@ from transformers import PreTrainedModel
 from tunedag.config import RunConfig
 from tunedag.data.formats import IGNORE_INDEX
 from tunedag.kernels.cross_entropy import fused_linear_cross_entropy
-from tunedag.models.logprobs import CHUNK_TOKENS, SequenceLogps, hidden_logps
+from tunedag.models.logprobs import LinearHead, SequenceLogps, hidden_logps
 from tunedag.models.loading import load_causal_lm, run_vocab_size
 from tunedag.models.vocab import ADAPTER_SAVE
 from tunedag.models.packed_attention import PackedSequences
@@ -219,8 +219,7 @@ class TritonEngine:
         keep = batch["segment_ids"].reshape(-1) > 0
         hidden = self._final_hidden(batch, keep)
         weight, bias, softcap = self._head()
-        return hidden_logps(hidden, batch, lambda h: torch.nn.functional.linear(h, weight, bias), keep,
-                            self.objective.chunk_tokens if self.objective else CHUNK_TOKENS, softcap)
+        return hidden_logps(hidden, batch, LinearHead(weight, bias), keep, softcap=softcap)  # the fused kernel
 
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Summed next-token loss of one micro-batch over its real tokens only; with ``rl``, the summed
