@@ -38,7 +38,8 @@ chosen and rejected, sigmoid loss, beta 0.1, and the optimizer step. Variants:
   ours_dpo_torch      the same objective on the torch engine (train_engine: torch): fp32 base under bf16
                       autocast, dense 4-D packed mask.
   logp_path           the log-prob + DPO-loss path alone on random hidden states (policy with gradient,
-                      reference without): materialised logits vs TRL's kernel vs Liger vs ours.
+                      reference without): materialised logits vs TRL's kernel vs Liger vs ours, chunked
+                      (the torch engine's token_logps) and fused (the triton engine's LinearHead kernel).
 
 Usage: python scripts/bench_train.py --out bench.jsonl [--budget-s 330] [--plan default]
        python scripts/bench_train.py --variant ours_lora --shape 8b --batch 4   (one measurement)
@@ -447,7 +448,7 @@ def measure_logp_path(shape: str, pairs: int, seq: int, prompt: int, reps: int =
     log-probs without, sigmoid loss, backward to the hidden states, for 2 * pairs sequences of ``seq`` tokens."""
     import torch
 
-    from tunedag.models.logprobs import token_logps
+    from tunedag.models.logprobs import LinearHead, token_logps
     from tunedag.train.preference import dpo_losses
 
     dev = "cuda"
@@ -476,10 +477,12 @@ def measure_logp_path(shape: str, pairs: int, seq: int, prompt: int, reps: int =
                                            None, 1.0, ("log_probs", "entropy", "mean_logits", "is_top1"))
         return out[0].new_zeros(mask.shape).masked_scatter(mask, out[0]).sum(-1)
 
-    def seq_logps_ours(h):
-        hs = h[:, :-1]
-        lp = token_logps(hs[mask], target[mask], lambda x: x @ weight.T)
-        return lp.new_zeros(mask.shape).masked_scatter(mask, lp).sum(-1)
+    def seq_logps_ours(head):  # a callable head: the chunked PyTorch path; a LinearHead: the fused kernel
+        def run(h):
+            hs = h[:, :-1]
+            lp = token_logps(hs[mask], target[mask], head)
+            return lp.new_zeros(mask.shape).masked_scatter(mask, lp).sum(-1)
+        return run
 
     def dpo_from(fn):
         def run(h):
@@ -498,7 +501,8 @@ def measure_logp_path(shape: str, pairs: int, seq: int, prompt: int, reps: int =
 
     results = {}
     for name, fn in [("eager_logits", dpo_from(seq_logps_eager)), ("trl_fused", dpo_from(seq_logps_trl)),
-                     ("liger_dpo_loss", liger), ("ours_chunked", dpo_from(seq_logps_ours))]:
+                     ("liger_dpo_loss", liger), ("ours_chunked", dpo_from(seq_logps_ours(lambda x: x @ weight.T))),
+                     ("ours_fused", dpo_from(seq_logps_ours(LinearHead(weight))))]:
         try:
             times, loss = [], None
             for i in range(reps + 1):
