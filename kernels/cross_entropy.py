@@ -33,11 +33,12 @@ Per-token log-probs (``fused_linear_token_logps``, preference training): the sam
 row kernel give ``log p(target_t | h_t) = -CE_t`` per row, (N,) fp32, 0 at ``ignore_index``.
 Its upstream gradient is per token (DPO weights each token by its sequence's coefficient), so
 the kernel's gradient scale can be one value per row. With a frozen lm_head (LoRA) the rows are
-independent: forward computes ``d logp / d h`` as above and backward scales each row (two
-matmuls in all, as here). A trained lm_head or bias sums over rows, so forward keeps only the
-log-probs and backward recomputes each chunk's logits with the rows' upstream gradients as
-scales (one more matmul, still one block of logits). Without gradients (the reference model's
-pass) nothing is saved.
+independent: forward computes ``d logp / d h`` as the loss does and backward scales each row
+(two matmuls per chunk in all; grad_h is rounded to the input dtype, then once more by the
+scaling). A trained lm_head or bias sums over rows, so forward keeps only the log-probs and
+backward recomputes each chunk's logits with the rows' upstream gradients as scales (one more
+logits matmul than the loss, still one block of logits alive). Without gradients (the
+reference model's pass) nothing is saved.
 """
 from __future__ import annotations
 
