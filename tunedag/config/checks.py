@@ -25,7 +25,8 @@ def check_run(run: RunConfig, where: str, base_dir: Path) -> None:
               lambda: _check_adapter(run, where), lambda: _check_objective(run, where),
               lambda: _check_jinja(run.chat_template, run.chat_template_jinja, where),
               lambda: _check_engine(run, where, base_dir), lambda: _check_eval_schedule(run, where),
-              lambda: _check_low_precision(run, where), lambda: _check_tokens(run, where))
+              lambda: _check_low_precision(run, where), lambda: _check_tokens(run, where),
+              lambda: _check_master_weights(run, where))
     for check in checks:
         with problems.check():
             check()
@@ -137,6 +138,28 @@ def _check_engine(run: RunConfig, where: str, base_dir: Path) -> None:
         if run.rl is not None and user["zero_optimization"]["stage"] == 3:
             raise ConfigError(f"{where}.deepspeed_config: {path} runs ZeRO stage 3, on which rl: {run.rl} does "
                               "not run; use a stage 1 or 2 JSON")
+
+
+KAHAN_OPTIMIZERS = ("adamw_torch", "adamw_torch_8bit", "adamw_torch_4bit")  # AdamWs with a KahanAdamW form
+
+
+def _check_master_weights(run: RunConfig, where: str) -> None:
+    """bf16_kahan: a full fine-tune, an AdamW that compensates its rounding, an engine that keeps bf16 weights."""
+    if run.master_weights == "fp32":
+        return
+    key = f"{where}.master_weights"
+    if run.adapter is not None:
+        raise ConfigError(f"{key}: bf16_kahan applies to full fine-tuning (adapter: null); a {run.adapter} "
+                          "adapter's few weights stay fp32")
+    if run.optimizer not in KAHAN_OPTIMIZERS:
+        raise ConfigError(f"{key}: bf16_kahan needs optimizer {', '.join(KAHAN_OPTIMIZERS)} (AdamW with a Kahan-"
+                          f"compensated bf16 update); {run.optimizer} would round small updates away")
+    if run.train_engine == "deepspeed":
+        raise ConfigError(f"{key}: bf16_kahan runs on the triton, torch, ddp and fsdp engines; DeepSpeed keeps "
+                          "its own fp32 master weights")
+    if run.qat is not None or run.fp8:
+        raise ConfigError(f"{key}: bf16_kahan is not offered with {'qat' if run.qat is not None else 'fp8'} "
+                          "(their layers expect fp32 weights); use master_weights: fp32")
 
 
 QAT_PAIRS = {("int4", "int8"), ("mxfp4", "mxfp4"), ("nvfp4", "nvfp4")}  # (weights, activations) offered

@@ -297,6 +297,12 @@ class RunConfig:
     adam_beta1: float = _field(0.9, stages=("train",), doc="AdamW's first-moment decay (the adamw_* optimizers)")
     adam_beta2: float = _field(0.999, stages=("train",), doc="AdamW's second-moment decay")
     adam_epsilon: float = _field(1e-8, stages=("train",), doc="AdamW's epsilon")
+    master_weights: Literal["fp32", "bf16_kahan"] = _field(
+        "fp32", stages=("train",),
+        doc="adapter: null: fp32 keeps the trained weights in fp32 (bf16 compute; 16 bytes per parameter with "
+            "adamw_torch); bf16_kahan keeps them in bf16 with a bf16 Kahan compensation per weight, so updates "
+            "smaller than a bf16 step still add up (8 bytes per parameter with adamw_torch_8bit, 14 with "
+            "adamw_torch); optimizer adamw_torch, adamw_torch_8bit or adamw_torch_4bit, any engine but deepspeed")
     lora_r: int = _field(16, stages=("train",), doc="LoRA rank")
     lora_alpha: float = _field(32, stages=("train",), doc="LoRA scale numerator (scale = alpha / r)")
     lora_dropout: float = _field(0.0, stages=("train",), doc="dropout on the LoRA input")

@@ -75,13 +75,15 @@ class EngineError(TunedagError, RuntimeError):
 
 class TorchEngine:
     """HF model + PEFT LoRA, or with ``adapter: null`` the HF model itself (every weight trained, or
-    those ``unfrozen_parameters`` names); fp32 weights, bf16 autocast on CUDA. ``base``: the HF model
-    already built and placed (fsdp builds it on the meta device, deepspeed's ZeRO-3 partitioned)."""
+    those ``unfrozen_parameters`` names); fp32 weights (bf16 under ``master_weights: bf16_kahan``), bf16
+    autocast on CUDA. ``base``: the HF model already built and placed (fsdp builds it on the meta device,
+    deepspeed's ZeRO-3 partitioned)."""
 
     name = "torch"
 
     def __init__(self, run: RunConfig, model_path: Path, device: torch.device, base: PreTrainedModel | None = None):
         self.device, self.full = device, run.adapter is None
+        self.weight_dtype = torch.float32  # the model's weights: fp32, or bf16 under master_weights: bf16_kahan
         reward, prm = run.rl == "reward", run.rl == "prm"
         placed = base is not None  # on the meta device, or partitioned by ZeRO-3: left where it is
         if base is None:  # rl: reward, the decoder under a scalar head; rl: prm, under a 2-label token head
@@ -103,6 +105,11 @@ class TorchEngine:
         if self.full:
             n = unfreeze_only(base, run.unfrozen_parameters)
             log.info("full fine-tuning: %d of %d parameter tensors trained", n, len(list(base.parameters())))
+            if run.master_weights == "bf16_kahan":  # tunedag.train.kahan_adamw updates them
+                self.weight_dtype = torch.bfloat16
+                for p in base.parameters():
+                    if p.is_floating_point():
+                        p.data = p.data.to(torch.bfloat16)
             self.model = base if placed else base.to(device)
             self.model.train()
             return
@@ -129,7 +136,7 @@ class TorchEngine:
         if self.objective is not None:
             return self.objective.loss_sum(self.model, batch, self.device, self.autocast)
         with self.autocast():
-            inputs = model_inputs(batch, self.device, torch.float32, self.model.config)
+            inputs = model_inputs(batch, self.device, self.weight_dtype, self.model.config)
             if aux_loss_enabled(self.model.config):  # MoE router loss on
                 return hf_moe_loss_sum(self.model, inputs, batch["labels"], batch["segment_ids"].reshape(-1) > 0)
             logits = self.model(**inputs).logits
@@ -207,7 +214,8 @@ def make_optimizer(params: list[torch.nn.Parameter], run: RunConfig, fused: bool
         names = {id(p): name for name, p in model.named_parameters()}
         params = [(names[id(p)], p) for p in params]
     return build_optimizer(params, run.optimizer, run.learning_rate, run.weight_decay, fused,
-                           betas=(run.adam_beta1, run.adam_beta2), eps=run.adam_epsilon)
+                           betas=(run.adam_beta1, run.adam_beta2), eps=run.adam_epsilon,
+                           master_weights=run.master_weights)
 
 
 class ReplicatedEngine:

@@ -15,6 +15,11 @@ The quantized moments and Muon are tunedag's own (:mod:`tunedag.train.quantized_
 :mod:`tunedag.train.muon`): they update plain tensors and FSDP2's DTensor shards alike. Weights under
 4096 elements keep fp32 moments with the quantized AdamWs.
 
+With ``master_weights: bf16_kahan`` (a full fine-tune on bf16 weights, no fp32 master copy) adamw_torch,
+adamw_torch_8bit and adamw_torch_4bit become :class:`tunedag.train.kahan_adamw.KahanAdamW` with fp32, 8-bit or
+4-bit moments: the same update, rounded to bf16 with a 2-byte Kahan compensation per weight; the other
+optimizers would round small updates away on bf16 weights, so they are refused there.
+
 The loop's schedule drives every one of them through their parameter groups' ``lr``; every one
 saves and loads its state through ``state_dict`` (each engine stores it the way it stores AdamW's).
 """
@@ -25,7 +30,9 @@ from typing import Iterable
 
 import torch
 
+from tunedag.config.checks import KAHAN_OPTIMIZERS
 from tunedag.errors import TunedagError
+from tunedag.train.kahan_adamw import KahanAdamW
 from tunedag.train.muon import Muon, muon_groups
 from tunedag.train.quantized_adamw import QuantizedAdamW
 
@@ -50,11 +57,18 @@ def _bitsandbytes(name: str):
 
 def build_optimizer(params: Params, name: str, lr: float, weight_decay: float,
                     fused: bool = False, betas: tuple[float, float] = (0.9, 0.999),
-                    eps: float = 1e-8) -> torch.optim.Optimizer:
+                    eps: float = 1e-8, master_weights: str = "fp32") -> torch.optim.Optimizer:
     """``name``'s optimizer over ``params`` (or (name, parameter) pairs, which muon needs to tell the
     embeddings apart); ``fused``: the engine's parameters are plain tensors on a device with a fused
-    AdamW (adamw_torch then takes it). ``betas`` and ``eps`` are the AdamW ones (Adafactor has its own)."""
+    AdamW (adamw_torch then takes it). ``betas`` and ``eps`` are the AdamW ones (Adafactor has its own).
+    ``master_weights: bf16_kahan``: the weights are bf16, updated by :class:`KahanAdamW`."""
     named = [p if isinstance(p, tuple) else (None, p) for p in params]
+    if master_weights == "bf16_kahan":
+        if name not in KAHAN_OPTIMIZERS:
+            raise OptimizerError(f"optimizer: {name} would round small updates away on bf16 weights; with "
+                                 f"master_weights: bf16_kahan use {', '.join(KAHAN_OPTIMIZERS)}")
+        return KahanAdamW([p for _, p in named], lr=lr, bits=QUANTIZED_BITS.get(name), betas=betas, eps=eps,
+                          weight_decay=weight_decay)
     if name == "muon":
         if any(n is None for n, _ in named):
             raise OptimizerError("optimizer: muon needs the parameters' names (embeddings and lm_head take AdamW)")

@@ -173,6 +173,13 @@ def _store(state: dict[str, torch.Tensor], exp_avg: torch.Tensor, exp_avg_sq: to
 def adamw_step(param: torch.Tensor, state: dict[str, torch.Tensor], group: dict[str, Any]) -> None:
     """One AdamW update of ``param`` from its gradient, on this rank's shard, with ``group``'s lr, betas,
     eps, weight_decay and moment storage (``bits``: 8, 4 or None for fp32; ``block_size``)."""
+    local(param).copy_(adamw_target(param, state, group))
+
+
+@torch.no_grad()
+def adamw_target(param: torch.Tensor, state: dict[str, torch.Tensor], group: dict[str, Any]) -> torch.Tensor:
+    """The fp32 value of this rank's shard of ``param`` after one AdamW update (:func:`adamw_step`), its
+    moments already stored; ``param`` itself is left as it was."""
     bits, block_size = group["bits"], group["block_size"]
     if not state:
         state.update(init_state(param, bits, block_size))
@@ -185,10 +192,10 @@ def adamw_step(param: torch.Tensor, state: dict[str, torch.Tensor], group: dict[
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** step)).add_(group["eps"])
-    updated = weight.float().mul_(1 - lr * group["weight_decay"])
+    updated = weight.float().mul(1 - lr * group["weight_decay"])  # a new tensor, also for an fp32 weight
     updated.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1 ** step))
-    weight.copy_(updated)
     _store(state, exp_avg, exp_avg_sq, bits, block_size)
+    return updated
 
 
 class StateKeepingOptimizer(torch.optim.Optimizer):

@@ -45,6 +45,8 @@ master copy or a compensated update keeps those steps, and of the two only the m
 every ``optimizer`` (fused AdamW, 8-bit AdamW, Adafactor) run unchanged. Measured on an H200
 (BENCHMARKS.md, "Full fine-tuning"): after 150 steps at lr 1e-5 the loss is within 0.013 of an
 fp32 run (the torch engine's autocast: 0.018), where plain bf16 weights stall 3.8 above it.
+``master_weights: bf16_kahan`` takes the other road: trained weights in bf16 (gradients then bf16 too),
+updated by :class:`tunedag.train.kahan_adamw.KahanAdamW` (8 bytes per parameter with adamw_torch_8bit).
 
 The loss is never computed from [tokens, vocab] logits: ``loss_sum`` ends in the chunked fused
 linear + cross-entropy, or with ``rl`` in the fused per-token log-probs (the same kernel's rows). Its interface is the torch engine's, so the shared loop, checkpoints
@@ -144,14 +146,16 @@ class TritonEngine:
 
     def _full_model(self, base: PreTrainedModel, run: RunConfig) -> torch.nn.Module:
         """The HF model itself: trained parameters (all, or those ``unfrozen_parameters`` names) as fp32
-        masters, frozen ones in the compute dtype."""
+        masters (bf16 under ``master_weights: bf16_kahan``), frozen ones in the compute dtype."""
         n = unfreeze_only(base, run.unfrozen_parameters)
+        trained = torch.bfloat16 if run.master_weights == "bf16_kahan" else torch.float32
         for p in base.parameters():
             if p.is_floating_point():
-                dtype = torch.float32 if p.requires_grad else self.compute_dtype
+                dtype = trained if p.requires_grad else self.compute_dtype
                 if p.dtype != dtype:
                     p.data = p.data.to(dtype)
-        log.info("triton engine, full fine-tuning: %d parameter tensors trained (fp32 masters)", n)
+        log.info("triton engine, full fine-tuning: %d parameter tensors trained (%s weights)", n,
+                 "bf16, Kahan-compensated" if trained == torch.bfloat16 else "fp32 master")
         return base.to(self.device)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
