@@ -10,6 +10,9 @@ memory is per process), 2 warm-up steps and --steps timed ones, tokens/s from th
   ours         tunedag's triton engine: fp32 master weights cast to bf16 inside the fused kernels,
                fp32 gradients and moments, per-layer checkpointing, torch's fused AdamW
   ours_nockpt  the same without checkpointing
+  ours_kahan   the triton engine with master_weights: bf16_kahan: bf16 weights and gradients, adamw_torch_8bit's
+               8-bit moments and a bf16 Kahan compensation (tunedag.train.kahan_adamw: 8 bytes per parameter),
+               per-layer checkpointing
   unsloth      Unsloth's FastLanguageModel.from_pretrained(..., full_finetuning=True, dtype=bfloat16) on the
                same weights (scripts/bench_peers.py: saved once to a scratch folder): bf16 weights, gradients
                and moments like hf, its offloaded checkpointing, torch's fused AdamW; its first 3 steps
@@ -24,6 +27,8 @@ of 2 x 2048 random tokens (memorised, so the loss falls), from the same initial 
   autocast     torch engine, fp32 weights under bf16 autocast (tunedag's torch engine on a GPU)
   ours         triton engine, fp32 masters + bf16 compute (the choice made)
   bf16         the HF model in bf16 with torch's AdamW on bf16 weights (no master copy)
+  kahan        triton engine, master_weights: bf16_kahan: bf16 weights, fp32 moments, Kahan-compensated update
+  kahan_8bit   the same with adamw_torch_8bit's 8-bit moments (8 bytes per parameter)
 Each row reports the mean loss of the last 4 steps and its gap to fp32.
 
 Usage: python scripts/bench_full_finetune.py --out full.jsonl [--plan speed|precision|all]
@@ -48,7 +53,8 @@ from scripts.bench_peers import UNSLOTH_WARMUP_STEPS, scratch_folder  # noqa: E4
 from scripts.bench_train import SEQ, SHAPES, make_batch, random_model  # noqa: E402
 
 PEAK_FLOPS = 989.5e12
-SPEED_VARIANTS = ("hf", "ours", "ours_nockpt", "unsloth")
+SPEED_VARIANTS = ("hf", "ours", "ours_nockpt", "ours_kahan", "unsloth")
+KAHAN = {"kahan": "adamw_torch", "kahan_8bit": "adamw_torch_8bit", "ours_kahan": "adamw_torch_8bit"}  # optimizer
 PRECISION_SHAPE = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
                        num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=4096,
                        rms_norm_eps=1e-5, initializer_range=0.02, pad_token_id=0, tie_word_embeddings=False)
@@ -62,11 +68,22 @@ def flops_per_token(shape: str, seq: int) -> float:
     return 6 * weights + 12 * n_l * h * (seq + 1) / 2
 
 
-def _full_run(gradient_checkpointing: bool):
+def _full_run(gradient_checkpointing: bool, master_weights: str = "fp32"):
     from tunedag.config import RunConfig
 
     return RunConfig(base_model="bench", datasets=[], adapter=None, gradient_checkpointing=gradient_checkpointing,
-                     train_engine="triton")
+                     train_engine="triton", master_weights=master_weights)
+
+
+def _optimizer(variant: str, params, weight_decay: float):
+    """torch's fused AdamW at lr 1e-5, or for the bf16_kahan rows their KahanAdamW."""
+    import torch
+
+    from tunedag.train.optimizers import build_optimizer
+
+    if variant in KAHAN:
+        return build_optimizer(params, KAHAN[variant], 1e-5, weight_decay, master_weights="bf16_kahan")
+    return torch.optim.AdamW(params, lr=1e-5, weight_decay=weight_decay, fused=True)
 
 
 def build(variant: str, shape: str, seq: int):
@@ -94,7 +111,8 @@ def build(variant: str, shape: str, seq: int):
     from tunedag.data.batches import trained_token_count
     from tunedag.train.triton_engine import TritonEngine
 
-    engine = TritonEngine(_full_run(variant != "ours_nockpt"), None, torch.device("cuda"), base=base)
+    run = _full_run(variant != "ours_nockpt", "bf16_kahan" if variant in KAHAN else "fp32")
+    engine = TritonEngine(run, None, torch.device("cuda"), base=base)
     torch.cuda.empty_cache()
 
     def step(batch):
@@ -109,7 +127,7 @@ def measure(variant: str, shape: str, batch: int, seq: int, steps: int) -> dict:
     import torch
 
     params, step = build(variant, shape, seq)
-    opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    opt = _optimizer(variant, params, weight_decay=0.01)  # torch's default
     data = make_batch(batch, seq)
     torch.cuda.reset_peak_memory_stats()
     losses, times = [], []
@@ -151,9 +169,9 @@ def precision(steps: int) -> list[dict]:
     run, dev = _full_run(False), torch.device("cuda")
     n_tokens = batches[0]["labels"][:, 1:].numel()
     rows = []
-    for scheme in ("fp32", "autocast", "ours", "bf16"):
-        if scheme == "ours":
-            engine = TritonEngine(run, folder, dev)
+    for scheme in ("fp32", "autocast", "ours", "bf16", "kahan", "kahan_8bit"):
+        if scheme in ("ours", *KAHAN):
+            engine = TritonEngine(_full_run(False, "bf16_kahan") if scheme in KAHAN else run, folder, dev)
             params, loss_of = engine.trainable_parameters(), engine.loss_sum
         elif scheme == "bf16":
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(dev).train()
@@ -167,7 +185,7 @@ def precision(steps: int) -> list[dict]:
             if scheme == "fp32":
                 engine.autocast = contextlib.nullcontext
             params, loss_of = engine.trainable_parameters(), engine.loss_sum
-        opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, fused=True)
+        opt = _optimizer(scheme, params, weight_decay=0.0)
         losses = []
         for i in range(steps):
             loss = loss_of(batches[i % len(batches)]) / n_tokens
