@@ -129,3 +129,14 @@ def test_auto_on_a_gpu_reads_free_memory_and_picks_what_fits(data, tiny_model_di
     assert record["predicted_peak_gib"]["off"] > record["predicted_peak_gib"]["on"] > 0
     _, other = resolve_checkpointing(tiny_run(data), tiny_model_dir, cuda, "torch")
     assert other["setting"] == "on" and "no measured memory model" in other["reason"]
+
+
+def test_bf16_kahan_full_finetune_counts_eight_bytes_a_weight_with_8bit_moments():
+    """master_weights: bf16_kahan keeps bf16 weights and gradients and a bf16 compensation beside 8-bit moments:
+    8 bytes a trained weight where fp32 masters with fused AdamW take 16."""
+    step = StepShape(16384, None, optimizer="adamw_torch_8bit", master_weights="bf16_kahan")
+    fp32 = dataclasses.replace(step, optimizer="adamw_torch_fused", master_weights="fp32")
+    params = LLAMA_1B.projection_params() + LLAMA_1B.other_params()
+    per_weight = {name: sum(predict_peak(LLAMA_1B, s, "on")[k] for k in ("weights", "optimizer", "gradients"))
+                  / params for name, s in (("kahan", step), ("fp32", fp32))}
+    assert per_weight == {"kahan": 8, "fp32": 16}

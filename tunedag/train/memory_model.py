@@ -131,6 +131,7 @@ class StepShape:
     modules_to_save: Sequence[str] = ()
     optimizer: str = "adamw_torch_fused"
     frozen_reference: bool = False  # a full fine-tune's dpo/kto reference: a bf16 copy of the base
+    master_weights: str = "fp32"  # a full fine-tune's trained weights: fp32, or bf16 with a bf16 Kahan buffer
 
 
 def lora_params(model: ModelShape, step: StepShape) -> int:
@@ -159,13 +160,16 @@ def predict_peak(model: ModelShape, step: StepShape, setting: Mode) -> dict[str,
         frozen_bytes = base * model.projection_params() + 2 * model.other_params()  # trained copies keep originals
         head_trained = "lm_head" in saved_modules or (model.tied and heads_trained > 0)
     state = OPTIMIZER_STATE_BYTES.get(step.optimizer, 8)
+    kahan = step.adapter is None and step.master_weights == "bf16_kahan"
+    trained_bytes = 2 if kahan else 4  # each trained weight and its gradient
+    state += 2 if kahan else 0  # the compensation buffer is optimizer state
     s = model.saved_bytes_per_token()
     stored = {"off": model.layers * s, "on": model.layers * 2 * h, "offload": OFFLOAD_RESIDENT_INPUTS * 2 * h}[setting]
     in_backward = BACKWARD_LAYER_FACTOR * s
     others = (model.layers - 1) * s if setting == "off" else stored
     activations = max(n * (others + in_backward), n * stored + min(n, CE_CHUNK_ROWS) * model.vocab * 4)
-    gradients = 4 * trained
-    weights = int(frozen_bytes + 4 * trained
+    gradients = trained_bytes * trained
+    weights = int(frozen_bytes + trained_bytes * trained
                   + (2 * (model.projection_params() + model.other_params()) if step.frozen_reference else 0))
     optimizer = state * trained
     working = max(activations + (4 * head if head_trained else 0), gradients + n * in_backward)
@@ -249,7 +253,8 @@ def resolve_checkpointing(run: RunConfig, model_path: Path, device: torch.device
         config = AutoConfig.from_pretrained(model_path, trust_remote_code=run.trust_remote_code)
         step = StepShape(run.micro_batch_size * run.sequence_len, run.adapter, run.lora_r,
                          tuple(run.lora_target_modules), tuple(run.lora_modules_to_save), run.optimizer,
-                         frozen_reference=run.adapter is None and run.rl in ("dpo", "kto"))
+                         frozen_reference=run.adapter is None and run.rl in ("dpo", "kto"),
+                         master_weights=run.master_weights)
         free = torch.cuda.mem_get_info(device)[0]
         record = auto_record(ModelShape.from_config(config), step, free,
                              ("off", "offload") if run.activation_offloading else FASTEST_FIRST)
