@@ -222,3 +222,19 @@ def test_a_key_outside_both_schemas_in_an_axolotl_file_is_ignored_with_a_note(wo
     assert any("test_value = True: not a key of Axolotl's schema or tunedag's; ignored" in n for n in notes)
     with pytest.raises(ConfigError, match="unknown key 'test_value'"):
         run_of("llama3-qlora.yml", test_value=True)
+
+
+def test_gpt_oss_configs_load_mxfp4_dequantized_and_map_the_thinking_field():
+    """Axolotl's gpt-oss examples: Mxfp4Config(dequantize=True) is what tunedag does with an MXFP4 checkpoint;
+    field_thinking/template_thinking_key become a message property mapping; constant_with_warmup is constant."""
+    keys = {"base_model": "builtin:tiny-llama", "adapter": "lora", "lr_scheduler": "constant_with_warmup",
+            "model_quantization_config": "Mxfp4Config", "model_quantization_config_kwargs": {"dequantize": True},
+            "datasets": [{"path": "hf:org/multilingual-thinking", "type": "chat_template",
+                          "field_thinking": "reasoning", "template_thinking_key": "thinking"}]}
+    config = parse_config({"runs": {"r": keys}}, source="c.yaml")
+    run = config.runs["r"]
+    assert run.lr_scheduler == "constant"
+    assert run.datasets[0].message_property_mappings == {"thinking": "reasoning"}
+    assert any("MXFP4 checkpoint's experts (gpt-oss) dequantized" in n for n in config.notes["r"])
+    with pytest.raises(ConfigError, match=r"model_quantization_config: 'Mxfp4Config': .*dequantize: true"):
+        parse_config({"runs": {"r": {**keys, "model_quantization_config_kwargs": None}}}, source="c.yaml")

@@ -202,6 +202,18 @@ def test_qwen3_trains_the_reasoning_of_the_turns_after_the_last_user_message():
     assert trained(s) == "<think> hmm </think> ok <|im_end|>"
 
 
+def test_an_axolotl_thinking_field_reaches_the_templates_reasoning_key():
+    """field_thinking: thinking (gpt-oss's data) under the template's reasoning_content key: Axolotl's mapping."""
+    from tunedag.config.axolotl import translate
+
+    entry = {"path": "hf:org/d", "type": "chat_template", "chat_template": "qwen3", "field_thinking": "thinking"}
+    mapped = translate({"datasets": [entry]}, "c.yaml: runs.r", None)[0]["datasets"][0]
+    assert mapped["message_property_mappings"] == {"reasoning_content": "thinking"}
+    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok", "thinking": "hmm"}]}
+    s, _ = encode({k: v for k, v in mapped.items() if k != "path"}, row)
+    assert trained(s) == "<think> hmm </think> ok <|im_end|>"
+
+
 # --------------------------------------------------------------------------- preference types
 
 def test_dpo_chat_template_default_reads_messages_and_the_last_chosen_message():

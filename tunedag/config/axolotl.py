@@ -230,6 +230,17 @@ def _translate_keys(raw: dict[str, Any], out: dict[str, Any], notes: list[str], 
     if raw.get("num_labels") not in (None, labels):
         refuse("num_labels", "tunedag trains causal language models, reward models (reward_model: true) with one "
                              "score and process reward models (process_reward_model: true) with two labels")
+    if not asks_nothing(raw.get("model_quantization_config")) or not asks_nothing(
+            raw.get("model_quantization_config_kwargs")):
+        if raw.get("model_quantization_config") == "Mxfp4Config" and (
+                raw.get("model_quantization_config_kwargs") or {}) == {"dequantize": True}:
+            note("model_quantization_config", "tunedag loads an MXFP4 checkpoint's experts (gpt-oss) dequantized to "
+                                              "bf16, as dequantize: true asks, and trains over them")
+        else:
+            refuse("model_quantization_config", "tunedag's quantized base is 4-bit NF4 (adapter: qlora); an MXFP4 "
+                                                "checkpoint loads dequantized (Mxfp4Config with dequantize: true)")
+    if raw.get("lr_scheduler") == "constant_with_warmup":
+        out["lr_scheduler"] = "constant"
     if not asks_nothing(raw.get("llmcompressor")):
         with problems.check():
             out["keep_sparsity"] = kept_sparsity(raw["llmcompressor"], f"{where}.llmcompressor")
@@ -319,6 +330,14 @@ def _translate_dataset(entry: Any, where: str, base_dir: Path, notes: list[str],
         if split not in (None, "train"):
             problems.found.append(f"{where}.split: {split!r}: a local file {path!r} is read whole; split it into "
                                   "its own file")
+    thinking = entry.pop("field_thinking", None), entry.pop("template_thinking_key", None)
+    if any(thinking):  # Axolotl maps the template's thinking key to the message field holding the reasoning
+        field, key = thinking[0] or "reasoning_content", thinking[1] or "reasoning_content"
+        mappings = dict(entry.get("message_property_mappings") or {})
+        if field != key and mappings.setdefault(key, field) != field:
+            problems.found.append(f"{where}.field_thinking: {field!r} beside message_property_mappings "
+                                  f"{key}: {mappings[key]!r}; set one")
+        entry["message_property_mappings"] = mappings or None
     if "train_on_eot" in entry:
         eot = entry.pop("train_on_eot")
         if entry.setdefault("train_on_eos", eot) != eot:

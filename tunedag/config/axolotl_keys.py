@@ -36,6 +36,11 @@ TRANSLATED: dict[str, str] = {
                     "load-balancing loss as the model's config sets it (noted); other overrides are refused",
     "optimizer": "Axolotl's aliases adamw_8bit (adamw_bnb_8bit) and paged_adamw_32bit (adamw_torch: the same "
                  "update, unpaged) become tunedag's names; muon without adam_beta2 takes 0.95 (Axolotl's Muon)",
+    "model_quantization_config": "Mxfp4Config with model_quantization_config_kwargs dequantize: true: tunedag "
+                                 "loads an MXFP4 checkpoint's (gpt-oss's) experts dequantized to bf16 (noted); "
+                                 "other quantization configs are refused",
+    "model_quantization_config_kwargs": "with model_quantization_config",
+    "lr_scheduler": "Axolotl's constant_with_warmup is tunedag's constant (the warmup, then a constant rate)",
     "num_labels": "1 with reward_model (the reward model's one score), 2 with process_reward_model (a step is "
                   "wrong or right); other values are refused",
     "plugins": "Liger and Cut Cross Entropy plugins: tunedag's own kernels (noted); LLMCompressorPlugin with "
@@ -126,7 +131,7 @@ REFUSED: dict[str, tuple[str, ...]] = {
         ("fp16", "float16"),
     "tunedag's quantized base is 4-bit NF4 (adapter: qlora) and it trains quantization-aware with qat; GPTQ "
     "and other quantizers are not offered":
-        ("quantization", "model_quantization_config", "model_quantization_config_kwargs", "gptq",
+        ("quantization", "gptq",
          "use_onebitllms", "bnb_config_kwargs", "quantize_moe_experts", "nvfp4_merge_aware"),
     "tunedag trains plain LoRA (lora_r, lora_alpha, lora_dropout, lora_target_modules, lora_modules_to_save); "
     "this variant is not offered":
@@ -209,6 +214,9 @@ DATASET_TRANSLATED: dict[str, str] = {
     "ds_type": "no effect: tunedag reads the format from the file's suffix (.jsonl, .json, .csv, .parquet)",
     "train_on_eot": "train_on_eos (tunedag's end-of-turn tokens are the template's end-of-turn tokens)",
     "chat_template_jinja": "a path to a .jinja file is read in; the text itself is kept",
+    "field_thinking": "message_property_mappings: the template's thinking key reads this message field",
+    "template_thinking_key": "message_property_mappings: the key the chat template reads the thinking from "
+                             "(reasoning_content unless set)",
 }
 
 DATASET_REFUSED: dict[str, tuple[str, ...]] = {
@@ -218,7 +226,7 @@ DATASET_REFUSED: dict[str, tuple[str, ...]] = {
         ("trust_remote_code", "input_transform"),
     "tunedag keeps every message and trains the turns of roles_to_train; edit the rows for more":
         ("message_field_training", "message_field_training_detail", "split_thinking",
-         "field_thinking", "template_thinking_key", "field_human", "field_model"),
+         "field_human", "field_model"),
     "tunedag's dataset types are listed in README, \"Dataset formats\"; this form is not offered":
         ("conversation", "input_format", "format", "no_input_format", "system_format", "system_prompt",
          "prompt_format", "chosen_format", "rejected_format", "completion_format", "logprobs_field", "temperature",
