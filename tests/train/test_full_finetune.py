@@ -99,14 +99,18 @@ class Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize("engine, optimizer", [("torch", "adamw_torch"), ("torch", "adafactor"),
-                                               ("fsdp", "adamw_torch")])
-def test_killed_run_resumes_to_the_same_weights(engine, optimizer, sample_shards, tiny_model_dir, tmp_path,
-                                                monkeypatch):
+KAHAN = {"optimizer": "adamw_torch_8bit", "master_weights": "bf16_kahan"}
+
+
+@pytest.mark.parametrize("engine, keys", [("torch", {"optimizer": "adamw_torch"}), ("torch", {"optimizer": "adafactor"}),
+                                          ("fsdp", {"optimizer": "adamw_torch"}), ("torch", KAHAN), ("fsdp", KAHAN)],
+                         ids=["torch", "torch-adafactor", "fsdp", "torch-bf16_kahan", "fsdp-bf16_kahan"])
+def test_killed_run_resumes_to_the_same_weights(engine, keys, sample_shards, tiny_model_dir, tmp_path, monkeypatch):
     """Killed in step 5 after the step-3 checkpoint, then run again: bit-identical weights and losses
-    (fsdp: one rank, its sharded torch.distributed.checkpoint folder)."""
+    (fsdp: one rank, its sharded torch.distributed.checkpoint folder; bf16_kahan: bf16 weights, the Kahan
+    compensation and 8-bit moments in the optimizer state)."""
     src, shards = sample_shards
-    run = single(src, train_engine=engine, optimizer=optimizer, max_steps=6, save_steps=3)
+    run = single(src, train_engine=engine, max_steps=6, save_steps=3, **keys)
     env = DistEnv(master_port=free_port())
     train(run, shards, tiny_model_dir, tmp_path / "straight", env)
     real, calls = TorchEngine.loss_sum, []
@@ -133,6 +137,7 @@ def test_killed_run_resumes_to_the_same_weights(engine, optimizer, sample_shards
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+        assert keys is not KAHAN or a[name].dtype == torch.bfloat16, name
 
 
 def test_unfrozen_parameters_train_only_what_they_match(sample_shards, tiny_model_dir, tmp_path):

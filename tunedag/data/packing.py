@@ -26,9 +26,12 @@ import numpy as np
 from tunedag.data.formats import Sample
 
 
-def _check_lengths(lengths: np.ndarray, capacity: int) -> None:
-    if lengths.max() > capacity or lengths.min() < 1:
+def _checked_lengths(lengths: np.ndarray, capacity: int) -> np.ndarray:
+    """``lengths`` as int64, each in [1, capacity] (an empty array passes)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) and (lengths.max() > capacity or lengths.min() < 1):
         raise ValueError(f"item lengths must lie in [1, {capacity}], got [{lengths.min()}, {lengths.max()}]")
+    return lengths
 
 
 def first_fit_decreasing(lengths: np.ndarray, capacity: int,
@@ -39,11 +42,10 @@ def first_fit_decreasing(lengths: np.ndarray, capacity: int,
     (``bins[k]`` is the bin of item ``order[k]``); bins are numbered in opening order. The
     result depends only on ``lengths``, ``capacity`` and ``seed`` (None: ties keep the given order).
     """
-    lengths = np.asarray(lengths, dtype=np.int64)
+    lengths = _checked_lengths(lengths, capacity)
     n = len(lengths)
     if n == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    _check_lengths(lengths, capacity)
     shuffled = np.arange(n) if seed is None else np.random.default_rng(seed).permutation(n)
     order = shuffled[np.argsort(-lengths[shuffled], kind="stable")]
     # tree[1] is the root; leaves size..2*size-1 hold bins' free space. Unopened bins are full
@@ -71,11 +73,10 @@ def first_fit_decreasing(lengths: np.ndarray, capacity: int,
 def next_fit(lengths: np.ndarray, capacity: int, seed: int | list[int] | None) -> tuple[np.ndarray, np.ndarray]:
     """Assign items to bins next-fit in their order (a seeded permutation of it unless ``seed`` is None):
     ``(order, bins)`` as :func:`first_fit_decreasing` returns them."""
-    lengths = np.asarray(lengths, dtype=np.int64)
+    lengths = _checked_lengths(lengths, capacity)
     n = len(lengths)
     if n == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    _check_lengths(lengths, capacity)
     order = np.arange(n) if seed is None else np.random.default_rng(seed).permutation(n)
     bins = np.empty(n, np.int64)
     row, free = 0, capacity
