@@ -322,7 +322,7 @@ class TunedagFusedLinearTokenLogpsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, target, bias, ignore_index, softcap, chunk_rows):
         n, h = hidden.shape
-        need_h, need_w, _, need_b = ctx.needs_input_grad[:4]
+        _, need_w, _, need_b = ctx.needs_input_grad[:4]
         ctx.recompute = need_w or need_b  # gradients summed over rows need the upstream first
         c = chunk_rows or chunk_rows_for(n, h, weight.shape[0], weight_grad=need_w)
         ctx.args = (ignore_index, softcap, c)

@@ -81,8 +81,10 @@ def run_token_ids(run: RunConfig, tokenizer: Any) -> dict[str, int]:
             if special is not None and getattr(special, role) is not None}
 
 
-def copy_model_files(run: RunConfig, model_path: Path, out: Path, dtype: torch.dtype,
+def copy_model_files(run: RunConfig, model_path: Path, out: Path, dtype: torch.dtype, tokenizer: Any,
                       reward_architecture: str | None, num_labels: int = 1) -> None:
+    """config.json (dtype, vocabulary and the run's special-token ids; a classifier's labels), the run's
+    ``tokenizer``, generation_config.json and any model code, beside the merged weights in ``out``."""
     config = json.loads((model_path / "config.json").read_text())
     name = str(dtype).removeprefix("torch.")
     config["torch_dtype"] = name
@@ -90,8 +92,8 @@ def copy_model_files(run: RunConfig, model_path: Path, out: Path, dtype: torch.d
         del config["quantization_config"]
     if "dtype" in config:
         config["dtype"] = name
-    tokenizer = load_run_tokenizer(model_path, run)
-    config.update(vocab_size=max(config.get("vocab_size", 0), len(tokenizer)), **run_token_ids(run, tokenizer))
+    token_ids = run_token_ids(run, tokenizer)
+    config.update(vocab_size=max(config.get("vocab_size", 0), len(tokenizer)), **token_ids)
     if reward_architecture:
         pad = reward_pad_token_id(AutoConfig.from_pretrained(model_path, trust_remote_code=run.trust_remote_code),
                                   tokenizer)
@@ -103,7 +105,7 @@ def copy_model_files(run: RunConfig, model_path: Path, out: Path, dtype: torch.d
         shutil.copy2(sentencepiece, out / sentencepiece.name)
     if (model_path / "generation_config.json").is_file() and not reward_architecture:  # a reward model generates nothing
         generation = GenerationConfig.from_pretrained(model_path)
-        for key, value in run_token_ids(run, tokenizer).items():  # the run's eos stops generation, the base's too
+        for key, value in token_ids.items():  # the run's eos stops generation, the base's too
             old = getattr(generation, key)
             old = old if isinstance(old, list) else [] if old is None else [old]
             setattr(generation, key, list(dict.fromkeys([value, *old])) if key == "eos_token_id" else value)
@@ -115,14 +117,13 @@ def copy_model_files(run: RunConfig, model_path: Path, out: Path, dtype: torch.d
 
 @torch.no_grad()
 def _logit_error(run: RunConfig, model_path: Path, adapter_dir: Path, merged_dir: Path,
-                 classifier: Classifier | None) -> float:
+                 classifier: Classifier | None, vocab_size: int | None) -> float:
     """Relative error of the merged model's logits (a reward model's scores) against base + adapter
     through PEFT."""
     if classifier:  # the head's seeded start is replaced by the adapter's trained score
         base = classifier.load(model_path, torch.float32, run.trust_remote_code, run.seed)
     else:
-        base = load_causal_lm(model_path, torch.float32, run.trust_remote_code,
-                              vocab_size=run_vocab_size(model_path, run))
+        base = load_causal_lm(model_path, torch.float32, run.trust_remote_code, vocab_size=vocab_size)
     if run.adapter == "qlora":
         from tunedag.models.qlora import fake_quantize_
 
@@ -143,15 +144,18 @@ def merge_adapter(run: RunConfig, model_path: Path, adapter_dir: Path, out_dir: 
     classifier = adapter_classifier(adapter_dir)
     architecture, shapes = classifier.shapes(model_path, run.trust_remote_code) if classifier else (None, None)
     target_names = set(shapes) if shapes else None
+    tokenizer = load_run_tokenizer(model_path, run)  # once: the vocabulary's size and the merged folder's copy
+    vocab = run_vocab_size(model_path, run, tokenizer)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         report: dict[str, Any] = merge_weights(model_path, adapter_dir, tmp, dtype, parse_size(run.max_shard_size),
                                                nf4_base=run.adapter == "qlora", seed=run.seed,
-                                               target_names=target_names, vocab_size=run_vocab_size(model_path, run))
-        copy_model_files(run, model_path, tmp, dtype, architecture, classifier.num_labels if classifier else 1)
+                                               target_names=target_names, vocab_size=vocab)
+        copy_model_files(run, model_path, tmp, dtype, tokenizer, architecture,
+                         classifier.num_labels if classifier else 1)
         report["relative_logit_error"] = None
         if weight_bytes(model_path) <= LOGIT_CHECK_MAX_BYTES:
-            error = _logit_error(run, model_path, adapter_dir, tmp, classifier)
+            error = _logit_error(run, model_path, adapter_dir, tmp, classifier, vocab)
             if error > MAX_RELATIVE_LOGIT_ERROR[dtype]:
                 raise MergeError(f"merged model's logits differ from base + adapter by {error:.2e} (relative; "
                                  f"limit {MAX_RELATIVE_LOGIT_ERROR[dtype]:.0e}): {adapter_dir} does not match "

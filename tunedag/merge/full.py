@@ -31,7 +31,7 @@ from tunedag.io import atomic_path
 from tunedag.merge.adapter import (LOGIT_CHECK_MAX_BYTES, MAX_RELATIVE_LOGIT_ERROR, copy_model_files, target_dtype,
                                    weight_bytes)
 from tunedag.merge.weights import MergeError, ShardWriter, base_tensors, grown_shape, parse_size
-from tunedag.models.loading import check_weight_files, run_vocab_size
+from tunedag.models.loading import check_weight_files, load_run_tokenizer, run_vocab_size
 from tunedag.models.classifiers import BY_RL
 
 
@@ -72,7 +72,8 @@ def merge_full_model(run: RunConfig, model_path: Path, trained_dir: Path, out_di
     classifier = BY_RL.get(run.rl)
     architecture, expected = classifier.shapes(model_path, run.trust_remote_code) if classifier else (None, None)
     base = expected if expected is not None else tensor_shapes(model_path)
-    vocab = run_vocab_size(model_path, run)  # the embeddings grew to the run's tokenizer
+    tokenizer = load_run_tokenizer(model_path, run)
+    vocab = run_vocab_size(model_path, run, tokenizer)  # the embeddings grew to the run's tokenizer
     base = {name: grown_shape(shape, model_path, vocab) for name, shape in base.items()}
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
@@ -92,7 +93,8 @@ def merge_full_model(run: RunConfig, model_path: Path, trained_dir: Path, out_di
             raise MergeError(f"{trained_dir}: no tensor for {', '.join(sorted(unwritten)[:3])} of the reward "
                              "model; run the train stage again (snakemake --forcerun train)")
         writer.close(total)
-        copy_model_files(run, model_path, tmp, dtype, architecture, classifier.num_labels if classifier else 1)
+        copy_model_files(run, model_path, tmp, dtype, tokenizer, architecture,
+                         classifier.num_labels if classifier else 1)
         report: dict[str, Any] = {"full_fine_tune": True, "written_tensors": len(names),
                                   "relative_logit_error": None}
         if weight_bytes(trained_dir) <= LOGIT_CHECK_MAX_BYTES:

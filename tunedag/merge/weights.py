@@ -9,6 +9,7 @@ weight is checked on random inputs against the unmerged computation x·Wᵀ + s�
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -203,9 +204,14 @@ def grown_shape(shape: tuple[int, ...], model_path: Path, vocab_size: int | None
     ``vocab_size`` rows; every other shape stays."""
     if vocab_size is None or len(shape) != 2:
         return shape
+    return (vocab_size, shape[1]) if _base_vocab_rows(model_path) == shape[0] < vocab_size else shape
+
+
+@functools.lru_cache(maxsize=8)
+def _base_vocab_rows(model_path: Path) -> int | None:
+    """config.json's vocab_size (a multimodal config's text_config's), read once per model folder."""
     config = json.loads((model_path / "config.json").read_text())
-    rows = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
-    return (vocab_size, shape[1]) if rows == shape[0] < vocab_size else shape
+    return config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
 
 
 def merge_weights(model_path: Path, adapter_dir: Path, out_dir: Path, dtype: torch.dtype,

@@ -28,6 +28,7 @@ saturated block maxima included).
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -56,10 +57,16 @@ def _groups(x: torch.Tensor, size: int) -> torch.Tensor:
     return x.float().reshape(*x.shape[:-1], x.shape[-1] // size, size)
 
 
+@functools.lru_cache(maxsize=None)
+def _fp4_grid(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(FP4's non-negative values, the midpoints between them) on ``device``, made once per device."""
+    grid = torch.tensor(FP4_GRID, device=device)
+    return grid, (grid[1:] + grid[:-1]) / 2
+
+
 def round_fp4(v: torch.Tensor) -> torch.Tensor:
     """``v`` (float32) rounded to the nearest FP4 E2M1 value, ties to the even mantissa, saturating at ±6."""
-    grid = torch.tensor(FP4_GRID, device=v.device)
-    mids = (grid[1:] + grid[:-1]) / 2
+    grid, mids = _fp4_grid(v.device)
     mag = v.abs()
     below = torch.bucketize(mag, mids, right=False)  # a tie lands on the lower neighbour
     above = torch.bucketize(mag, mids, right=True)  # a tie lands on the upper neighbour

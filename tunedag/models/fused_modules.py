@@ -108,8 +108,7 @@ class FusedLoRAAttention(nn.Module):
     """Q/K/V with one fused LoRA call, (Qwen3) q/k norms, in-place RoPE, packed attention, LoRA O."""
 
     def __init__(self, replaced: nn.Module, config, nf4: dict[str, NF4Weight], prefix: str,
-                 qk_norm: bool, gemma_norm: bool, sliding_window: int | None, switch: AdapterSwitch,
-                 half_rope_tables: bool = False):
+                 qk_norm: bool, gemma_norm: bool, sliding_window: int | None, switch: AdapterSwitch):
         super().__init__()
         self.switch = switch
         self.qkv_proj = getattr(replaced, "qkv_proj", None)  # Phi-3: one packed projection, one LoRA
@@ -125,7 +124,6 @@ class FusedLoRAAttention(nn.Module):
         self.softcap = getattr(replaced, "attn_logit_softcapping", None)
         self.sliding_window = sliding_window
         self.sinks = getattr(replaced, "sinks", None)  # gpt-oss: (Hq,) sink logits in the softmax denominator
-        self.half_rope_tables = half_rope_tables
         self.layer_idx = replaced.layer_idx
         self._nf4 = {n: nf4[f"{prefix}.{n}"] for n in ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj")
                      if f"{prefix}.{n}" in nf4}
@@ -160,8 +158,6 @@ class FusedLoRAAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = position_embeddings  # (1, N, R): R < D rotates the first R dims only (partial rotary)
-        if self.half_rope_tables:  # gpt-oss's (1, N, D/2) tables rotate every dim: rotate-half's cos = [c, c]
-            cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
         q4, k4, rot = q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos.shape[-1]  # (1, H, N, D) views
         qr, kr = rope(q4[..., :rot], k4[..., :rot], cos, sin)  # in place
         if rot < self.head_dim:  # the rotated dims' graph runs through rope's outputs

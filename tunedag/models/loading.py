@@ -81,11 +81,12 @@ def load_run_tokenizer(path: str | Path, run: RunConfig) -> PreTrainedTokenizerB
     return prepare_run_tokenizer(load_tokenizer(path, run.trust_remote_code), run, str(path))
 
 
-def run_vocab_size(path: str | Path, run: RunConfig) -> int | None:
-    """The embedding rows ``run`` needs at least: its tokenizer's size (None when the run adds no tokens)."""
+def run_vocab_size(path: str | Path, run: RunConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> int | None:
+    """The embedding rows ``run`` needs at least: its tokenizer's size (None when the run adds no tokens);
+    ``tokenizer``: the run's, when the caller has loaded it already."""
     if run.special_tokens is None and not run.tokens:
         return None
-    return len(load_run_tokenizer(path, run))
+    return len(tokenizer if tokenizer is not None else load_run_tokenizer(path, run))
 
 
 def check_weight_files(path: str | Path) -> None:

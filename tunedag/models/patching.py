@@ -72,7 +72,7 @@ def patch_model(peft_model: nn.Module, nf4: dict[str, NF4Weight] | None = None) 
         attn = layer.self_attn
         _replace(record, layer, path, "self_attn", FusedLoRAAttention(
             attn, config, nf4, f"{path}.self_attn", spec.qk_norm, spec.gemma_norm, _sliding_window(attn, config, spec),
-            record.adapters, half_rope_tables=spec.half_rope_tables))
+            record.adapters))
         mlp = (FusedLoRAMoE(layer.mlp, activation, record.router_logits, record.adapters) if spec.moe
                else FusedLoRAMLP(layer.mlp, nf4, f"{path}.mlp", activation, record.adapters))
         _replace(record, layer, path, "mlp", mlp)

@@ -21,9 +21,7 @@ import torch
 from transformers import AutoModelForTokenClassification, PreTrainedModel
 
 from tunedag.data.formats import IGNORE_INDEX
-from tunedag.models.batch_inputs import model_inputs
-from tunedag.models.logprobs import unwrap_model
-from tunedag.models.reward_head import load_classifier
+from tunedag.models.reward_head import classifier_hidden, load_classifier
 
 PRM_LABELS = 2  # a step is wrong (0) or right (1)
 
@@ -36,11 +34,8 @@ def load_prm_model(path: str | Path, dtype: torch.dtype, trust_remote_code: bool
 def step_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor],
                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits (N, 2) float32, labels (N,)) of the N labelled tokens of a packed batch, in one forward pass."""
-    classifier = unwrap_model(model)
-    decoder = getattr(classifier, classifier.base_model_prefix)
-    # the mask in the weights' dtype (tunedag.models.logprobs.sequence_logps says why)
-    hidden = decoder(**model_inputs(batch, device, classifier.dtype)).last_hidden_state  # (B, T, H)
+    classifier, hidden = classifier_hidden(model, batch, device)
     labels = batch["labels"].reshape(-1)
     where = torch.nonzero(labels != IGNORE_INDEX)[:, 0]  # (N,)
-    picked = hidden.reshape(-1, hidden.shape[-1])[where.to(device)]  # (N, H)
+    picked = hidden[where.to(device)]  # (N, H)
     return classifier.score(classifier.dropout(picked)).float(), labels[where].to(device)

@@ -109,13 +109,21 @@ def last_token_positions(batch: dict[str, torch.Tensor], pad_id: int) -> tuple[t
     return first.scatter_reduce(0, flat[usable], position[usable], "amax"), labels
 
 
+def classifier_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                      device: torch.device) -> tuple[torch.nn.Module, torch.Tensor]:
+    """(the classifier under any peft wrapper, its decoder's hidden states (B·T, H)) of a packed batch: the
+    reward and process reward heads score rows of these."""
+    classifier = unwrap_model(model)
+    decoder = getattr(classifier, classifier.base_model_prefix)
+    # the mask in the weights' dtype (tunedag.models.logprobs.sequence_logps says why), windowed per layer type
+    hidden = decoder(**model_inputs(batch, device, classifier.dtype, classifier.config)).last_hidden_state
+    return classifier, hidden.reshape(-1, hidden.shape[-1])
+
+
 def segment_rewards(model: torch.nn.Module, batch: dict[str, torch.Tensor],
                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(rewards (S,) float32, labels (S,)) of every segment of a packed batch, in one forward pass."""
-    classifier = unwrap_model(model)
-    decoder = getattr(classifier, classifier.base_model_prefix)
-    # the mask in the weights' dtype (tunedag.models.logprobs.sequence_logps says why)
-    hidden = decoder(**model_inputs(batch, device, classifier.dtype, classifier.config)).last_hidden_state  # (B, T, H)
+    classifier, hidden = classifier_hidden(model, batch, device)
     where, labels = last_token_positions(batch, classifier.config.pad_token_id)
-    pooled = hidden.reshape(-1, hidden.shape[-1])[where.to(device)]  # (S, H)
+    pooled = hidden[where.to(device)]  # (S, H)
     return classifier.score(pooled).float()[:, 0], labels.to(device)

@@ -107,9 +107,7 @@ class TorchEngine:
             log.info("full fine-tuning: %d of %d parameter tensors trained", n, len(list(base.parameters())))
             if run.master_weights == "bf16_kahan":  # tunedag.train.kahan_adamw updates them
                 self.weight_dtype = torch.bfloat16
-                for p in base.parameters():
-                    if p.is_floating_point():
-                        p.data = p.data.to(torch.bfloat16)
+                cast_parameters_(base, torch.bfloat16)
             self.model = base if placed else base.to(device)
             self.model.train()
             return
@@ -165,6 +163,13 @@ def low_precision_(model: torch.nn.Module, run: RunConfig, device: torch.device)
         require_fp8_device(device)
         names = convert_to_fp8(model)
         log.info("fp8: %d linear layers compute in float8 (the first and last stay in bf16)", len(names))
+
+
+def cast_parameters_(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast parameters only: buffers (rotary inv_freq) keep their fp32 values."""
+    for p in model.parameters():
+        if p.dtype != dtype and p.is_floating_point():
+            p.data = p.data.to(dtype)
 
 
 def unfreeze_only(model: torch.nn.Module, patterns: Sequence[str]) -> int:

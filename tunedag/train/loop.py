@@ -49,9 +49,9 @@ from tunedag.train.held_out import Evaluation, HeldOutRows, best_dir, eval_inter
 from tunedag.train.metrics_log import MetricsLog
 from tunedag.train.preference import check_preference_shards
 from tunedag.train.rank_failures import rank_session
-from tunedag.train.sparsity import KeptSparsity
 from tunedag.train.ranks import DistEnv, all_sum, any_rank, broadcast, choose_device
 from tunedag.train.schedule import build_scheduler
+from tunedag.train.sparsity import KeptSparsity
 
 log = logging.getLogger(__name__)
 SHARD_OBJECTIVE = {None: "sft", "kto": "kto", "prm": "prm"}  # what the shards of each rl hold; the others: dpo pairs
@@ -76,11 +76,10 @@ def loss_units(run: RunConfig, shards_dir: Path, manifest: dict[str, Any], model
     objective's pairs or samples (after checking every pair or sample is usable)."""
     if run.rl is None:
         return lambda batch: trained_token_count(batch["labels"])
-    if run.rl == "prm":  # labelled step tokens; no pairs or samples to check
-        return objective.loss_units
-    check_preference_shards(shards_dir / "train", manifest["objective"],
-                            {model_config.eos_token_id, manifest.get("eos_token_id", manifest["pad_token_id"]),
-                             manifest["pad_token_id"]})
+    if run.rl != "prm":  # prm counts labelled step tokens: no pairs or samples to check
+        check_preference_shards(shards_dir / "train", manifest["objective"],
+                                {model_config.eos_token_id, manifest.get("eos_token_id", manifest["pad_token_id"]),
+                                 manifest["pad_token_id"]})
     return objective.loss_units
 
 
@@ -215,10 +214,14 @@ def _train(run: RunConfig, shards_dir: Path, model_path: Path, run_dir: Path, en
     batches = micro_batches(reader, run, manifest["pad_token_id"], position)
     started, tokens_at_start = time.perf_counter(), position.tokens_seen
     last_loss = float("nan")
+    fake_quant_on = None
     try:
         while position.step < steps:
             if run.qat is not None:  # Axolotl's fake_quant_after_n_steps: plain linears until then
-                set_fake_quant(engine.model, fake_quant_due(position.step, run.qat.fake_quant_after_n_steps))
+                due = fake_quant_due(position.step, run.qat.fake_quant_after_n_steps)
+                if due != fake_quant_on:  # set on the first step (after a resume too), then once when it turns
+                    set_fake_quant(engine.model, due)
+                    fake_quant_on = due
             group = [b for _, b in zip(range(run.gradient_accumulation_steps), batches)]
             if not any_rank(bool(group), engine.device):
                 break

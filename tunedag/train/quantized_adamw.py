@@ -22,6 +22,7 @@ DTensor sharded on its rows) they are DTensors sharded alike: every rank updates
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Iterable
 
@@ -56,8 +57,11 @@ QMAPS = {  # (bits, signed) -> map; signed for the first moment, unsigned for th
 }
 
 
-def _qmap(bits: int, signed: bool, device: torch.device) -> torch.Tensor:
-    return QMAPS[bits, signed].to(device)
+@functools.lru_cache(maxsize=None)
+def _qmap(bits: int, signed: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(map, midpoints between its values) on ``device``: copied there once, not every optimizer step."""
+    qmap = QMAPS[bits, signed].to(device)
+    return qmap, (qmap[1:] + qmap[:-1]) / 2
 
 
 def rows_and_columns(shape: torch.Size) -> tuple[int, int]:
@@ -81,8 +85,7 @@ def quantize(x: torch.Tensor, bits: int, signed: bool, block_size: int) -> tuple
     nblocks = math.ceil(cols / block)
     blocks = torch.nn.functional.pad(x.float(), (0, nblocks * block - cols)).view(rows, nblocks, block)
     scales = blocks.abs().amax(-1)
-    qmap = _qmap(bits, signed, x.device)
-    mids = (qmap[1:] + qmap[:-1]) / 2
+    _, mids = _qmap(bits, signed, x.device)
     codes = torch.bucketize(blocks / scales.clamp_min(1e-12).unsqueeze(-1), mids).to(torch.uint8)
     codes = codes.view(rows, nblocks * block)[:, :cols]
     if bits == 4:
@@ -100,7 +103,7 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, signed: boo
     block = block_len(cols, block_size)
     nblocks = scales.shape[-1]
     codes = torch.nn.functional.pad(codes[:, :cols], (0, nblocks * block - cols)).view(rows, nblocks, block)
-    values = _qmap(bits, signed, codes.device)[codes.long()] * scales.unsqueeze(-1)
+    values = _qmap(bits, signed, codes.device)[0][codes.long()] * scales.unsqueeze(-1)
     return values.view(rows, nblocks * block)[:, :cols]
 
 

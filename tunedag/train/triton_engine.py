@@ -74,7 +74,7 @@ from tunedag.models.patching import patch_model
 from tunedag.models.qlora import quantize_base_weights
 from tunedag.models.moe import add_router_loss, aux_loss_enabled
 from tunedag.models.registry import ARCHITECTURES, lora_target_kwargs
-from tunedag.train.engines import load_trainable, unfreeze_only
+from tunedag.train.engines import cast_parameters_, load_trainable, unfreeze_only
 from tunedag.train.layer_checkpoint import Mode, run_layers
 from tunedag.train.memory_model import build_setting
 from tunedag.train.preference import preference_objective
@@ -90,13 +90,6 @@ def _active(module: torch.nn.Module, adapters: bool = True) -> torch.nn.Module:
             return module.original_module
         return module.modules_to_save[module.active_adapters[0]]
     return module
-
-
-def cast_parameters_(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Cast parameters only: buffers (rotary inv_freq) keep their fp32 values."""
-    for p in model.parameters():
-        if p.dtype != dtype and p.is_floating_point():
-            p.data = p.data.to(dtype)
 
 
 class TritonEngine:
@@ -201,8 +194,12 @@ class TritonEngine:
         return self.decoder.norm(hidden)[0]
 
     def _rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> list:
-        """(cos, sin) for each decoder layer: one pair for all, or one per layer type (Gemma-3's two bases)."""
+        """(cos, sin) for each decoder layer: one pair for all, or one per layer type (Gemma-3's two bases).
+        gpt-oss's tables are D/2 wide and rotate every dim: rotate-half's cos is [c, c], widened here once."""
         layers = range(len(self.decoder.layers))
+        if self.spec.half_rope_tables:
+            cos, sin = self.decoder.rotary_emb(hidden, position_ids)
+            return [(torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1))] * len(layers)
         if not self.spec.rope_per_layer_type:
             return [self.decoder.rotary_emb(hidden, position_ids)] * len(layers)
         types = self.causal_lm.config.layer_types
