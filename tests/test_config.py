@@ -1,4 +1,5 @@
 """config.yaml validation: each kind of error names the key and value at fault."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -160,3 +161,14 @@ def test_hub_revisions_pin_data_and_models_and_apply_to_the_hub_only(tmp_path):
         tiny_run(src, base_model_revision="main")
     with pytest.raises(ConfigError, match="base_model_revision: 'refs/pr/1' is not"):
         tiny_run(src, base_model="org/model", base_model_revision="refs/pr/1")
+
+
+def test_the_download_rerun_key_holds_what_the_download_depends_on():
+    """download.smk reruns on a change of this key: revision and name too, and the counted field when streamed."""
+    base = DatasetConfig(path="hf:org/data@train", max_words=100, field="text")
+    key = base.download_identity()
+    assert key == {"path": "hf:org/data@train", "max_words": 100, "field": "text"}
+    for changed in (dict(revision="v2"), dict(name="mine"), dict(field="body"), dict(max_words=200)):
+        assert DatasetConfig(**{**dataclasses.asdict(base), **changed}).download_identity() != key, changed
+    unbounded = DatasetConfig(path="hf:org/data@train", field="text")
+    assert unbounded.download_identity() == {"path": "hf:org/data@train"}  # the field matters only when counted

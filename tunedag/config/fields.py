@@ -177,6 +177,14 @@ class DatasetConfig:
         """The keys that make data/raw/{dataset_name}: entries alike in these share one download."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if "download" in f.metadata["stages"]}
 
+    def download_identity(self) -> dict[str, Any]:
+        """What data/raw/{dataset_name} holds, as the download stage's rerun key: the download keys that are
+        set, and under max_words the field whose words it counts."""
+        keys = {k: v for k, v in self.download_slice().items() if v is not None}
+        if self.max_words is not None:
+            keys["field"] = self.field
+        return keys
+
     @property
     def dataset_name(self) -> str:
         if self.name:

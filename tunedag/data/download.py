@@ -377,9 +377,7 @@ def download_dataset(ds: DatasetConfig, out_dir: str | Path) -> dict[str, Any]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     parquet = out_dir / "data.parquet"
-    record: dict[str, Any] = {"source": ds.path, "config_hash": hash_json(
-        {"path": ds.path, "sha256": ds.sha256, "name": ds.dataset_name, "revision": ds.revision,
-         **{k: v for k, v in (("max_rows", ds.max_rows), ("max_words", ds.max_words)) if v is not None}})}
+    record: dict[str, Any] = {"source": ds.path, "config_hash": hash_json(ds.download_identity())}
     if ds.path.startswith(("https://", "http://")):
         suffix = next((s for s in LOCAL_SUFFIXES if ds.path.split("?")[0].endswith(s)), ".jsonl")
         with tempfile.TemporaryDirectory(dir=out_dir) as tmp:

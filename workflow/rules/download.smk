@@ -1,11 +1,6 @@
 # Stage download (login node: compute nodes are often offline): datasets and base models.
 
 
-def streamed_bounds(ds):
-    """An hf: source's max_rows and max_words where set (a changed bound downloads again)."""
-    return [bound for bound in (ds.max_rows, ds.max_words) if bound is not None]
-
-
 localrules:
     download,
     download_model,
@@ -19,8 +14,7 @@ rule download:
         source="data/raw/{dataset}/source.json",
     params:
         run=lambda w: DATASETS[w.dataset][0],
-        source=lambda w: hash_json([DATASETS[w.dataset][1].path, DATASETS[w.dataset][1].sha256,
-                                    *streamed_bounds(DATASETS[w.dataset][1])]),
+        source=lambda w: hash_json(DATASETS[w.dataset][1].download_identity()),  # a change downloads again
     log:
         "logs/download/{dataset}.log",
     conda:
