@@ -8,16 +8,23 @@ The model is a randomly initialised Llama-3.1-8B shape (``bench_train.SHAPES["8b
 local`` on one GPU, and the Slurm job's ``TrainJob`` on two torchrun ranks (one per GPU), so data
 loading, metrics and checkpoint writes are in the figures. tokens/s per GPU is read from
 train_metrics.jsonl: tokens trained after the warm-up steps over the time they took, divided by
-the number of GPUs.
+the number of GPUs, and compared with the first one-GPU row of the same kind (LoRA or full).
+
+The ``full_*`` rows train every weight (``adapter: null``, lr 1e-5) with 8-bit AdamW moments
+(``adamw_torch_8bit``): on one GPU over fp32 master weights or over bf16 weights with Kahan
+compensation, and on two GPUs with fsdp (FSDP2) and DeepSpeed ZeRO-3, which shard weights, gradients
+and optimizer state. (With fp32 moments an 8B model's final checkpoint is 96 GB, which with the
+model and the final weights outgrows the benchmark machine's 128 GiB disk.)
 
 Usage: python scripts/bench_multi_gpu.py --out multi_gpu.jsonl [--rows triton_1gpu,ddp,fsdp,zero2,zero3]
-       [--steps 8 --warmup 3] [--shape 8b]
+       [--steps 8 --warmup 3] [--shape 8b]   (rows: the names in ROWS, full_* among them)
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -28,12 +35,20 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]  # scri
 sys.path.insert(0, str(_HERE.parent))
 
 MICRO_BATCH = 4
+FULL = {"adapter": None, "learning_rate": 1e-5, "train_engine": "auto", "optimizer": "adamw_torch_8bit"}
 ROWS = {  # name: (GPUs, run keys)
     "triton_1gpu": (1, {"train_engine": "auto"}),
+    "triton_1gpu_auto": (1, {"train_engine": "auto", "gradient_checkpointing": "auto"}),  # what auto picks here
     "ddp": (2, {"train_engine": "ddp"}),
     "fsdp": (2, {"train_engine": "fsdp"}),
     "zero2": (2, {"train_engine": "deepspeed", "deepspeed_zero_stage": 2}),
     "zero3": (2, {"train_engine": "deepspeed", "deepspeed_zero_stage": 3}),
+    # full fine-tuning (adapter: null, every weight trained, lr 1e-5, 8-bit AdamW moments): one GPU with fp32
+    # masters or bf16 + Kahan compensation, two GPUs sharding weights, gradients and moments
+    "full_1gpu_8bit": (1, FULL),
+    "full_1gpu_kahan_8bit": (1, {**FULL, "master_weights": "bf16_kahan"}),
+    "full_fsdp": (2, {**FULL, "train_engine": "fsdp"}),
+    "full_zero3": (2, {**FULL, "train_engine": "deepspeed", "deepspeed_zero_stage": 3}),
 }
 
 
@@ -114,7 +129,8 @@ def measured(run_dir: Path, gpus: int, warmup: int) -> dict:
     rate = (last["tokens_seen"] - first["tokens_seen"]) / (last["elapsed_s"] - first["elapsed_s"])
     return {"tokens_per_s": round(rate, 1), "tokens_per_s_per_gpu": round(rate / gpus, 1),
             "peak_gib_rank0": last.get("gpu_memory_gib"), "step1_loss": records[0]["loss"],
-            "engine": info["engine"], "model_engine": info.get("model_engine"), "world_size": info["world_size"]}
+            "engine": info["engine"], "model_engine": info.get("model_engine"), "world_size": info["world_size"],
+            "gradient_checkpointing": info.get("gradient_checkpointing")}
 
 
 def main() -> None:
@@ -138,19 +154,24 @@ def main() -> None:
     shards = write_shards(work / "packed", rows_needed, vocab, args.seq)
     config = write_config(work, model, args.steps, args.seq)
     versions = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-                "gpus": torch.cuda.device_count(), "torch": torch.__version__,
+                "gpus_on_host": torch.cuda.device_count(), "torch": torch.__version__,
                 "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d")}
-    baseline = None
+    baselines = {}  # LoRA or full: the first one-GPU row of that kind, which the others are compared with
     with open(args.out, "a") as out:
         for name in args.rows.split(","):
             gpus, _ = ROWS[name]
-            wall = launch(name, config, shards, model, work / "runs" / name)
+            run_dir = work / "runs" / name
+            shutil.rmtree(run_dir, ignore_errors=True)
+            wall = launch(name, config, shards, model, run_dir)
             row = {"row": name, "gpus": gpus, "shape": args.shape, "seq": args.seq, "wall_s": round(wall, 1),
-                   **measured(work / "runs" / name, gpus, args.warmup), **versions}
-            if name == "triton_1gpu":
-                baseline = row["tokens_per_s_per_gpu"]
-            if baseline:
-                row["per_gpu_vs_1gpu_triton"] = round(row["tokens_per_s_per_gpu"] / baseline, 3)
+                   **measured(run_dir, gpus, args.warmup), **versions}
+            shutil.rmtree(run_dir)  # an 8B full fine-tune's final checkpoint is over 100 GB: one row's at a time
+            kind = "full" if name.startswith("full") else "lora"
+            if gpus == 1 and kind not in baselines:
+                baselines[kind] = (name, row["tokens_per_s_per_gpu"])
+            if kind in baselines:
+                row["per_gpu_vs"] = baselines[kind][0]
+                row["per_gpu_ratio"] = round(row["tokens_per_s_per_gpu"] / baselines[kind][1], 3)
             out.write(json.dumps(row) + "\n")
             out.flush()
             print(json.dumps(row), flush=True)

@@ -45,6 +45,8 @@ Usage: python scripts/bench_train.py --out bench.jsonl [--budget-s 330] [--plan 
        python scripts/bench_train.py --variant ours_lora --shape 8b --batch 4   (one measurement)
        python scripts/bench_train.py --plan unsloth --out unsloth.jsonl --budget-s 330   (Unsloth and its HF rows, 8b, batch 4)
        python scripts/bench_train.py --plan dpo --out dpo.jsonl --budget-s 390   (DPO rows, 8b, 2 pairs)
+       python scripts/bench_train.py --plan real_arches --out arches.jsonl --budget-s 520   (MoE and Gemma-3
+           models at their real shapes against HF + peft, batch 2)
 """
 from __future__ import annotations
 
@@ -78,6 +80,17 @@ SHAPES = {
     "moe-8x": dict(model_type="mixtral", hidden_size=2048, intermediate_size=4096, num_hidden_layers=16,
                    num_attention_heads=16, num_key_value_heads=4, tie_word_embeddings=False, head_dim=128,
                    num_local_experts=8, num_experts_per_tok=2),
+    # mixture-of-experts models at their real widths, depths and expert counts (vocab 128256 as above)
+    "mixtral-8x7b": dict(model_type="mixtral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False, head_dim=128,
+                         num_local_experts=8, num_experts_per_tok=2),
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                          num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+                          tie_word_embeddings=False, head_dim=128, num_experts=128, num_experts_per_tok=8,
+                          norm_topk_prob=True),
+    "gpt-oss-20b": dict(model_type="gpt_oss", hidden_size=2880, intermediate_size=2880, num_hidden_layers=24,
+                        num_attention_heads=64, num_key_value_heads=8, tie_word_embeddings=False, head_dim=64,
+                        num_local_experts=32, num_experts_per_tok=4, sliding_window=128),
     # smoke tests only
     "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, tie_word_embeddings=False, head_dim=64),
@@ -90,6 +103,8 @@ PLANS = {
                 ("ours_lora", "1b", 8), ("ours_qlora_long", "8b", 1)],
     # most wanted first: --budget-s cuts the tail
     "new_arches": [(v, shape, 2) for shape in ("moe-8x", "phi3-mini", "gemma3-4b") for v in ("ours_lora", "hf_peft")],
+    "real_arches": [(v, shape, 2) for shape in ("gpt-oss-20b", "gemma3-4b", "qwen3-30b-a3b", "mixtral-8x7b")
+                    for v in ("ours_lora", "hf_peft")],
     "dpo": [("trl_dpo", "8b", 2), ("ours_dpo", "8b", 2), ("ours_dpo_torch", "8b", 2), ("trl_dpo_liger", "8b", 2),
             ("trl_liger_dpo_loss", "8b", 2), ("logp_path", "8b", 2)],
     # Unsloth (bench_peers.py) against the HF rows whose step-1 loss it must equal, then ours of the same run
@@ -116,19 +131,27 @@ def model_config(shape: str):
     model_type = fields.pop("model_type", None)
     if model_type is None:
         return llama_config(shape)
+    attention = "eager" if model_type == "gpt_oss" else "sdpa"  # HF's gpt-oss attends with sinks, not sdpa
     return AutoConfig.for_model(model_type, vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5,
-                                initializer_range=0.02, attn_implementation="sdpa", **fields)
+                                initializer_range=0.02, attn_implementation=attention, **fields)
 
 
 def flops_per_token(shape: str, seq: int, r: int = 16) -> float:
+    """Model FLOPs a trained token costs: 4 per frozen weight, 6 per LoRA weight, and attention's
+    12 x (query width) x (keys it sees, on average over the row; a sliding layer sees at most its window)."""
     s = SHAPES[shape]
     h, i, n_l = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"]
     q = s["num_attention_heads"] * s["head_dim"]
     kv = s["num_key_value_heads"] * s["head_dim"]
+    i = s.get("moe_intermediate_size", i)  # Qwen3-MoE: each expert's width
     dims = [(h, q), (h, kv), (h, kv), (q, h)] + [(h, i), (h, i), (i, h)] * s.get("num_experts_per_tok", 1)
     frozen = n_l * sum(a * b for a, b in dims) + h * 128256
     lora = n_l * sum(r * (a + b) for a, b in dims)
-    return 4 * frozen + 6 * lora + 12 * n_l * h * (seq + 1) / 2
+    layer_types = getattr(model_config(shape), "layer_types", None) or ["full_attention"] * n_l
+    window = min(s.get("sliding_window") or seq, seq)
+    keys = {"full_attention": (seq + 1) / 2,
+            "sliding_attention": (window * (window + 1) / 2 + (seq - window) * window) / seq}
+    return 4 * frozen + 6 * lora + 12 * q * sum(keys[t] for t in layer_types)
 
 
 def random_model(shape: str, dtype=None, device: str = "cuda"):
@@ -598,7 +621,8 @@ def run_rows(args) -> list[dict]:
             continue
         cmd = [sys.executable, __file__, "--variant", variant, "--shape", shape, "--batch", str(batch),
                "--prompt", str(args.prompt)] + (["--seq", str(args.seq)] if args.seq else [])
-        slow = variant in DPO_VARIANTS or variant.startswith("unsloth")  # Unsloth: save, load, compile
+        # Unsloth: save, load, compile; real-shape MoE rows: tens of GB of weights, HF's experts one by one
+        slow = variant in DPO_VARIANTS or variant.startswith("unsloth") or args.plan == "real_arches"
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ,
                                   timeout=min(left, 240 if slow else 150))
