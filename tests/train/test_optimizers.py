@@ -14,6 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from tunedag.config.axolotl import translate
 from tunedag.train.engines import TorchEngine
 from tunedag.train.loop import train
+from tunedag.train.kahan_adamw import KahanAdamW
 from tunedag.train.muon import Muon, muon_groups
 from tunedag.train.optimizers import build_optimizer
 from tunedag.train.quantized_adamw import QMAPS, QuantizedAdamW, dequantize, quantize, state_bytes
@@ -85,6 +86,36 @@ def test_unquantized_moments_are_adamw_exactly():
         theirs.step()
         ours.step()
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: QuantizedAdamW(p, lr=1e-2, bits=8, weight_decay=0.1),
+    lambda p: QuantizedAdamW(p, lr=1e-2, bits=4, weight_decay=0.1),
+    lambda p: KahanAdamW(p, lr=1e-2, bits=8, weight_decay=0.1),
+    lambda p: KahanAdamW(p, lr=1e-2, bits=None),
+], ids=["8bit", "4bit", "kahan_8bit", "kahan_fp32_moments"])
+def test_an_update_a_few_rows_at_a_time_equals_the_whole_weights(make, monkeypatch):
+    """Large weights are updated in chunks of rows (CHUNK_ELEMENTS, to bound the step's temporaries);
+    blocks never cross rows, so chunks of 2 rows (and of 1, for the odd 3-D expert weight) give the
+    same weights and state, bit for bit, as one chunk."""
+    import tunedag.train.quantized_adamw as qa
+
+    def run(chunk: int) -> list[torch.Tensor]:
+        monkeypatch.setattr(qa, "CHUNK_ELEMENTS", chunk)
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(shape, generator=gen).to(torch.bfloat16)) for shape in
+                  ((37, 301), (3, 29, 150), (5000,))]  # rows not a multiple of the chunk; a 3-D weight; a vector
+        opt = make(params)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+            opt.step()
+        return [p.detach().clone() for p in params] + [t for st in opt.state.values() for t in st.values()]
+
+    whole, chunked = run(2**30), run(602)
+    assert len(whole) == len(chunked)
+    for a, b in zip(whole, chunked):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("name, bits, block", [("adamw_torch_8bit", 8, 256), ("adamw_torch_4bit", 4, 128)])

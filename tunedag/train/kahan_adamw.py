@@ -12,7 +12,7 @@ bf16 compensation ``c``, the part of the intended weight that the last rounding 
 
 ``w + c`` follows the fp32 trajectory to within ``c``'s own rounding (2^-9 of a residual already below
 half a bf16 step), so small steps add up until they move ``w``. The AdamW arithmetic and the moment
-storage are :func:`tunedag.train.quantized_adamw.adamw_target`'s: fp32 moments (``bits=None``) or
+storage are those of :func:`tunedag.train.quantized_adamw.adamw_targets`: fp32 moments (``bits=None``) or
 block-wise 8- or 4-bit ones. State per trained bf16 weight: compensation 2 bytes + moments (8 fp32,
 2.03 8-bit, 1.06 4-bit); with the bf16 weight and gradient, 8.03 bytes per parameter under
 ``adamw_torch_8bit``. An fp32 weight has nothing to compensate and is updated as by AdamW.
@@ -27,7 +27,8 @@ from typing import Any, Iterable
 
 import torch
 
-from tunedag.train.quantized_adamw import BLOCK_SIZE, StateKeepingOptimizer, adamw_target, local
+from tunedag.train.quantized_adamw import (BLOCK_SIZE, StateKeepingOptimizer, adamw_step, adamw_targets, as_rows,
+                                           local)
 
 COMPENSATION = "compensation"  # the state key of a weight's Kahan compensation
 
@@ -35,17 +36,17 @@ COMPENSATION = "compensation"  # the state key of a weight's Kahan compensation
 @torch.no_grad()
 def kahan_adamw_step(param: torch.Tensor, state: dict[str, torch.Tensor], group: dict[str, Any]) -> None:
     """One AdamW update of ``param`` (this rank's shard), rounded to its dtype with Kahan compensation."""
-    target = adamw_target(param, state, group)  # first: it fills an empty state with the moments
-    weight = local(param)
+    weight = as_rows(local(param))
     if weight.dtype == torch.float32:
-        weight.copy_(target)
+        adamw_step(param, state, group)
         return
     if COMPENSATION not in state:
         state[COMPENSATION] = torch.zeros_like(param, memory_format=torch.preserve_format)
-    compensation = local(state[COMPENSATION])
-    target.add_(compensation)
-    weight.copy_(target)
-    compensation.copy_(target.sub_(weight))
+    compensation = as_rows(local(state[COMPENSATION]))
+    for rows, target in adamw_targets(param, state, group):
+        target.add_(compensation[rows])
+        weight[rows].copy_(target)
+        compensation[rows].copy_(target.sub_(weight[rows]))
 
 
 class KahanAdamW(StateKeepingOptimizer):

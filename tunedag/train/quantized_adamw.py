@@ -24,12 +24,16 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 MIN_QUANTIZED = 4096  # elements: smaller weights keep fp32 moments
+# An update works on this many elements of a weight at a time, so that its fp32 temporaries (gradient, moments,
+# the quantizer's) stay a few hundred MB however large the weight: a 128k-token embedding, updated whole, made
+# the optimizer step the run's memory peak.
+CHUNK_ELEMENTS = 2**24
 BLOCK_SIZE = {8: 256, 4: 128}
 BYTES_PER_SCALE = 4
 
@@ -70,7 +74,15 @@ def rows_and_columns(shape: torch.Size) -> tuple[int, int]:
 
 
 def as_rows(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(rows_and_columns(x.shape))
+    """``x`` seen as (rows, columns): a view, so that writes to it reach ``x``."""
+    return x.view(rows_and_columns(x.shape))
+
+
+def row_chunks(shape: torch.Size) -> Iterator[slice]:
+    """Slices of a weight's rows holding about CHUNK_ELEMENTS elements each (at least one row)."""
+    rows, cols = rows_and_columns(shape)
+    step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+    return (slice(start, min(start + step, rows)) for start in range(0, rows, step))
 
 
 def block_len(columns: int, block_size: int) -> int:
@@ -150,55 +162,62 @@ def init_state(param: torch.Tensor, bits: int | None, block_size: int) -> dict[s
     return state
 
 
-def _moments(state: dict[str, torch.Tensor], shape: torch.Size, bits: int | None,
+def _moments(state: dict[str, torch.Tensor], rows: slice, cols: int, bits: int | None,
              block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp32 moments of ``rows`` of a weight: views of fp32 state, or dequantized copies."""
     if "exp_avg" in state:
-        return local(state["exp_avg"]).float(), local(state["exp_avg_sq"]).float()
-    cols = rows_and_columns(shape)[1]
-    return tuple(dequantize(local(state[f"{key}_codes"]), local(state[f"{key}_scales"]), bits, signed,
-                            block_size, cols).view(shape)
+        return tuple(as_rows(local(state[key]))[rows].float() for key in ("exp_avg", "exp_avg_sq"))
+    return tuple(dequantize(local(state[f"{key}_codes"])[rows], local(state[f"{key}_scales"])[rows], bits, signed,
+                            block_size, cols)
                  for key, signed in (("exp_avg", True), ("exp_avg_sq", False)))
 
 
-def _store(state: dict[str, torch.Tensor], exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, bits: int | None,
-           block_size: int) -> None:
+def _store(state: dict[str, torch.Tensor], rows: slice, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+           bits: int | None, block_size: int) -> None:
     if "exp_avg" in state:
-        local(state["exp_avg"]).copy_(exp_avg)
-        local(state["exp_avg_sq"]).copy_(exp_avg_sq)
+        as_rows(local(state["exp_avg"]))[rows].copy_(exp_avg)
+        as_rows(local(state["exp_avg_sq"]))[rows].copy_(exp_avg_sq)
         return
     for key, value, signed in (("exp_avg", exp_avg, True), ("exp_avg_sq", exp_avg_sq, False)):
-        codes, scales = quantize(as_rows(value), bits, signed, block_size)
-        local(state[f"{key}_codes"]).copy_(codes)
-        local(state[f"{key}_scales"]).copy_(scales)
+        codes, scales = quantize(value, bits, signed, block_size)
+        local(state[f"{key}_codes"])[rows].copy_(codes)
+        local(state[f"{key}_scales"])[rows].copy_(scales)
 
 
 @torch.no_grad()
 def adamw_step(param: torch.Tensor, state: dict[str, torch.Tensor], group: dict[str, Any]) -> None:
     """One AdamW update of ``param`` from its gradient, on this rank's shard, with ``group``'s lr, betas,
     eps, weight_decay and moment storage (``bits``: 8, 4 or None for fp32; ``block_size``)."""
-    local(param).copy_(adamw_target(param, state, group))
+    weight = as_rows(local(param))
+    for rows, target in adamw_targets(param, state, group):
+        weight[rows].copy_(target)
 
 
 @torch.no_grad()
-def adamw_target(param: torch.Tensor, state: dict[str, torch.Tensor], group: dict[str, Any]) -> torch.Tensor:
-    """The fp32 value of this rank's shard of ``param`` after one AdamW update (:func:`adamw_step`), its
-    moments already stored; ``param`` itself is left as it was."""
+def adamw_targets(param: torch.Tensor, state: dict[str, torch.Tensor],
+                  group: dict[str, Any]) -> Iterator[tuple[slice, torch.Tensor]]:
+    """One AdamW update (:func:`adamw_step`) of this rank's shard of ``param``, a chunk of rows at a time
+    (:func:`row_chunks`): (rows, their fp32 value after the update), each chunk's moments stored as it is
+    yielded; ``param`` itself is left as it was. Consume every chunk: the step count advances on the first."""
     bits, block_size = group["bits"], group["block_size"]
-    if not state:
+    if "step" not in state:
         state.update(init_state(param, bits, block_size))
-    weight, grad = local(param), local(param.grad).float()
     beta1, beta2 = group["betas"]
     lr = float(group["lr"])
     state["step"] = state["step"] + 1  # a new tensor: a state dict taken earlier keeps its count
     step = float(state["step"])
-    exp_avg, exp_avg_sq = _moments(state, weight.shape, bits, block_size)
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** step)).add_(group["eps"])
-    updated = weight.float().mul(1 - lr * group["weight_decay"])  # a new tensor, also for an fp32 weight
-    updated.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1 ** step))
-    _store(state, exp_avg, exp_avg_sq, bits, block_size)
-    return updated
+    weight, grad = as_rows(local(param)), as_rows(local(param.grad))
+    cols = weight.shape[1]
+    for rows in row_chunks(local(param).shape):
+        g = grad[rows].float()
+        exp_avg, exp_avg_sq = _moments(state, rows, cols, bits, block_size)
+        exp_avg.lerp_(g, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** step)).add_(group["eps"])
+        updated = weight[rows].float().mul(1 - lr * group["weight_decay"])  # a new tensor, also for fp32
+        updated.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1 ** step))
+        _store(state, rows, exp_avg, exp_avg_sq, bits, block_size)
+        yield rows, updated
 
 
 class StateKeepingOptimizer(torch.optim.Optimizer):
