@@ -165,6 +165,21 @@ def test_vllm_export_loads_with_transformers_and_peft(tmp_path, tiny_model_dir):
         torch.testing.assert_close(model(ids).logits, lora(ids).logits, rtol=1e-4, atol=1e-5)
 
 
+def test_vllm_export_of_expert_lora_serves_the_merged_model_only(tmp_path, tiny_model_dir):
+    """An adapter with LoRA on a mixture of experts' expert weights (peft target_parameters): the merged
+    folder is served, and serve.json says why the adapter is not."""
+    adapter = make_adapter(tiny_model_dir, tmp_path / "adapter", r=8)
+    run, _ = _run(tmp_path)
+    merge_adapter(run, tiny_model_dir, adapter, tmp_path / "merged")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["target_parameters"] = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    serve = export_vllm(tmp_path / "merged", adapter, tmp_path / "vllm")
+    assert serve["lora"] is None and "mlp.experts.gate_up_proj" in serve["lora_note"]
+    assert serve["merged"].startswith("vllm serve model")
+    assert json.loads((tmp_path / "vllm/serve.json").read_text()) == serve
+
+
 def test_vllm_export_refuses_a_rank_vllm_cannot_serve(tmp_path, tiny_model_dir):
     adapter = make_adapter(tiny_model_dir, tmp_path / "adapter", r=12)
     run, _ = _run(tmp_path)

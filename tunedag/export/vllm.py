@@ -7,7 +7,8 @@ into place, and ``serve.json`` records the command lines that serve them. The ch
 run trained with (when the caller passes it) replaces the folder's: ``chat_template.jinja``, which
 transformers and so vLLM read first, and tokenizer_config.json's ``chat_template`` where it has one. A reward model
 (``rl: reward``) is a ``*ForSequenceClassification`` folder that vLLM serves as a pooling model;
-its adapter is copied too, but only the merged folder is served. A process reward model (``rl: prm``,
+its adapter is copied too, but only the merged folder is served; so is a mixture of experts' adapter
+with LoRA on the expert weights, which vLLM's fused-MoE LoRA has not been checked to load. A process reward model (``rl: prm``,
 ``*ForTokenClassification``) is not exported: vLLM would serve it only as a pooling model through its
 token-classification task, and tunedag has not checked that vLLM loads that head (with its bias) and
 returns the logits transformers does; serve the merged folder with transformers instead.
@@ -116,6 +117,11 @@ def export_vllm(merged_dir: Path, adapter_dir: Path, out_dir: Path, chat_templat
     if adapter_config and merge_report.is_file() and json.loads(merge_report.read_text()).get("added_vocab_rows"):
         serve.update(lora=None, lora_note="the run added tokens (special_tokens, tokens), whose embedding rows the "
                                           "base model lacks: serve the merged model")
+    if adapter_config and adapter_config.get("target_parameters"):
+        serve.update(lora=None, lora_note="the adapter holds LoRA on expert weights (peft target_parameters: "
+                                          f"{', '.join(adapter_config['target_parameters'])}); tunedag has not "
+                                          "checked that vLLM's fused-MoE LoRA loads that layout and computes what "
+                                          "peft does: serve the merged model")
     if is_reward_model(model_config):  # a pooling model; its score head is in the adapter in full, not as LoRA
         serve.update(merged="vllm serve model --runner pooling --served-model-name tunedag",
                      lora=None, lora_note="the adapter holds the score head trained in full, which vLLM's LoRA "
