@@ -94,7 +94,7 @@ def _check_objective(run: RunConfig, where: str) -> None:
     if run.rl == "reward" and run.center_rewards_coefficient < 0:
         raise ConfigError(f"{where}.center_rewards_coefficient: must be at least 0, "
                           f"got {run.center_rewards_coefficient!r}")
-    if run.rl in ("reward", "prm"):
+    if run.trains_classifier:
         for key in ("lora_target_modules", "lora_modules_to_save"):
             if "lm_head" in getattr(run, key):
                 raise ConfigError(f"{where}.{key}: a reward model has no lm_head (its score head replaces it "

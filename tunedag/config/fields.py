@@ -234,6 +234,9 @@ class QATConfig:
                                      "(null: from the start)")
 
 
+CLASSIFIER_OBJECTIVES = frozenset({"reward", "prm"})  # rl values that train a score head (RunConfig.trains_classifier)
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything one run needs, after ``defaults`` are merged in."""
@@ -431,6 +434,12 @@ class RunConfig:
         doc="GGUF files to write: f32, f16, bf16, q8_0 by tunedag; q4_0 … q6_k, iq4_nl, iq4_xs by llama.cpp's "
             "quantizer (llama-cpp-python) from the f16/bf16 file")
     output_dir: str = _field("", stages=(), doc="run folder, relative to the work folder (default runs/{run})")
+
+    @property
+    def trains_classifier(self) -> bool:
+        """rl: reward or prm: the decoder under a score head (sequence or token classification), not a
+        language model: no triton engine, no GGUF, and no new tokens."""
+        return self.rl in CLASSIFIER_OBJECTIVES
 
     @property
     def reinit_seed(self) -> int | None:

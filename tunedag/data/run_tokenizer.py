@@ -55,7 +55,7 @@ EMBEDDING_MODULES = ("embed_tokens", "lm_head")
 
 def check_new_tokens_train(new: Sequence[str], run: RunConfig, where: str) -> None:
     """Stop when ``new`` tokens would start from embedding rows that the run never trains."""
-    if new and run.rl in ("reward", "prm"):
+    if new and run.trains_classifier:
         raise TokenizerSetupError(f"{where}: special_tokens/tokens add {', '.join(map(repr, new))}, new to the "
                                   f"tokenizer; a reward model (rl: {run.rl}) keeps the vocabulary it has: choose "
                                   "tokens the vocabulary has")

@@ -40,7 +40,7 @@ def export_problems(run: RunConfig, model_config: dict[str, Any] | None, where: 
     ``model_config``: the base model's config.json (None: not readable yet); ``what`` names it;
     ``quantizer``: whether llama-cpp-python is installed where the export runs.
     """
-    if run.rl in ("reward", "prm") or not run.gguf_types:  # a reward model gets no GGUF (export.smk)
+    if run.trains_classifier or not run.gguf_types:  # a reward model gets no GGUF (export.smk)
         return []
     problems = []
     needs = [t for t in run.gguf_types if t in GGUF_QUANTIZER_TYPES]

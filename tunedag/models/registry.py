@@ -33,6 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from tunedag.config.fields import CLASSIFIER_OBJECTIVES
 from tunedag.model_facts import LORA_TARGETS
 
 # What the patching replaces, by role: (HF module, tunedag replacement)
@@ -148,7 +149,7 @@ def fast_path_blocker(config: Any, *, rl: str | None, lora_dropout: float, lora_
     spec = ARCHITECTURES.get(model_type)
     if spec is None:
         return f"architecture {model_type!r} has no fused path (covered: {', '.join(ARCHITECTURES)})"
-    if rl in ("reward", "prm"):
+    if rl in CLASSIFIER_OBJECTIVES:
         return (f"rl: {rl} (reward modelling trains a score head on the torch engine; dpo, orpo and kto take "
                 "this path)")
     if lora_dropout > 0:

@@ -106,7 +106,7 @@ class TritonEngine:
             base = load_causal_lm(model_path, torch.float32, run.trust_remote_code, run.reinit_seed,
                                   run_vocab_size(model_path, run))
         self.full = run.adapter is None
-        if run.rl in ("reward", "prm"):
+        if run.trains_classifier:
             raise ValueError(f"rl: {run.rl} trains on the torch engine (a score head, not an LM head)")
         # before patching: a full fine-tune's dpo/kto reference is a frozen copy of the base as loaded
         self.objective = preference_objective(run, base, device, self.full) if run.rl else None

@@ -97,7 +97,7 @@ def stage_hash(stage):
 
 def gguf_runs():
     """Runs that get GGUF files: not reward models (llama.cpp runs generators; a reward model scores)."""
-    return [name for name, run in CFG.runs.items() if run.rl not in ("reward", "prm")]
+    return [name for name, run in CFG.runs.items() if not run.trains_classifier]
 
 
 def vllm_runs():
