@@ -43,6 +43,7 @@ chosen and rejected, sigmoid loss, beta 0.1, and the optimizer step. Variants:
 
 Usage: python scripts/bench_train.py --out bench.jsonl [--budget-s 330] [--plan default]
        python scripts/bench_train.py --variant ours_lora --shape 8b --batch 4   (one measurement)
+       python scripts/bench_train.py --plan unsloth --profile ...   (each row's GPU time split by kernel class)
        python scripts/bench_train.py --plan unsloth --out unsloth.jsonl --budget-s 330   (Unsloth and its HF rows, 8b, batch 4)
        python scripts/bench_train.py --plan dpo --out dpo.jsonl --budget-s 390   (DPO rows, 8b, 2 pairs)
        python scripts/bench_train.py --plan real_arches --out arches.jsonl --budget-s 520   (MoE and Gemma-3
@@ -248,7 +249,9 @@ def build(variant: str, shape: str, seq: int):
     return (build_ours if variant.startswith("ours") else build_hf)(shape, variant)
 
 
-def measure(variant: str, shape: str, batch: int, seq: int, steps: int = 3) -> dict:
+def measure(variant: str, shape: str, batch: int, seq: int, steps: int = 3, profile: bool = False) -> dict:
+    """tokens/s and peak memory of ``steps`` optimizer steps after the warm-up; with ``profile``, then two more
+    steps under torch.profiler, their GPU time split by kernel class (scripts/step_profile.py)."""
     import torch
 
     from scripts.bench_peers import UNSLOTH_WARMUP_STEPS
@@ -260,21 +263,30 @@ def measure(variant: str, shape: str, batch: int, seq: int, steps: int = 3) -> d
     data = make_batch(batch, seq)
     torch.cuda.reset_peak_memory_stats()
     losses = []
+
+    def train_step():
+        losses.append(float(step(data)))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
     warmup = UNSLOTH_WARMUP_STEPS if variant.startswith("unsloth") else 1
     for i in range(steps + warmup):
         if i == warmup:
             torch.cuda.synchronize()
             start = time.perf_counter()
-        losses.append(float(step(data)))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step()
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     tok_s = steps * batch * seq / elapsed
-    return {"variant": variant, "shape": shape, "batch": batch, "seq": seq, "tokens_per_s": round(tok_s, 1),
-            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-            "mfu": round(tok_s * flops_per_token(shape, seq) / PEAK_FLOPS, 4), "step1_loss": round(losses[0], 6),
-            "warmup_steps": warmup, "trainable": sum(p.numel() for p in params)}
+    result = {"variant": variant, "shape": shape, "batch": batch, "seq": seq, "tokens_per_s": round(tok_s, 1),
+              "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+              "mfu": round(tok_s * flops_per_token(shape, seq) / PEAK_FLOPS, 4), "step1_loss": round(losses[0], 6),
+              "warmup_steps": warmup, "trainable": sum(p.numel() for p in params)}
+    if profile:
+        from scripts.step_profile import profile_steps
+
+        result["profile"] = profile_steps(train_step, steps=2)
+    return result
 
 
 # --------------------------------------------------------------------------- DPO
@@ -587,6 +599,9 @@ def main() -> None:
     ap.add_argument("--plan-shape", choices=list(SHAPES), help="run the plan's rows at this shape (smoke tests)")
     ap.add_argument("--budget-s", type=float, default=330)
     ap.add_argument("--out", default="bench_train.jsonl")
+    ap.add_argument("--profile", action="store_true",
+                    help="also split two more steps' GPU time into matmul, attention, tunedag kernels, copies, "
+                         "rest (training rows)")
     args = ap.parse_args()
     if args.variant:
         if args.variant == "ours_qlora_long":
@@ -596,7 +611,7 @@ def main() -> None:
         elif args.variant in DPO_VARIANTS:
             result = measure_dpo(args.variant, args.shape, args.batch, args.seq or DPO_SEQ, args.prompt)
         else:
-            result = measure(args.variant, args.shape, args.batch, args.seq or SEQ)
+            result = measure(args.variant, args.shape, args.batch, args.seq or SEQ, profile=args.profile)
         print("RESULT " + json.dumps(result), flush=True)
         return
     from scripts.bench_peers import scratch_folder
@@ -620,7 +635,8 @@ def run_rows(args) -> list[dict]:
             print(f"skipped {variant} {shape} b{batch}: budget spent", flush=True)
             continue
         cmd = [sys.executable, __file__, "--variant", variant, "--shape", shape, "--batch", str(batch),
-               "--prompt", str(args.prompt)] + (["--seq", str(args.seq)] if args.seq else [])
+               "--prompt", str(args.prompt)] + (["--seq", str(args.seq)] if args.seq else []) + (
+            ["--profile"] if args.profile else [])
         # Unsloth: save, load, compile; real-shape MoE rows: tens of GB of weights, HF's experts one by one
         slow = variant in DPO_VARIANTS or variant.startswith("unsloth") or args.plan == "real_arches"
         try:
@@ -663,6 +679,10 @@ def print_train(results: list[dict]) -> None:
         rel = f"{abs(r['step1_loss'] - ref['step1_loss']) / ref['step1_loss']:.1e}" if ref else "-"
         print(f"{r['variant']:22} {r['shape']:5} {r['batch']:>5} {r['tokens_per_s']:>9.0f} {ratio:>7} "
               f"{r['peak_gib']:>9.2f} {mem:>8} {r['mfu']:>6.1%} {r['step1_loss']:>10.6f} {rel:>8}")
+    if profiled := [r for r in results if "profile" in r]:
+        from scripts.step_profile import format_table
+
+        print("\nGPU time per step (ms) by kernel class:\n" + format_table(profiled))
 
 
 def print_dpo(results: list[dict]) -> None:
