@@ -10,9 +10,13 @@ so the same weights and batch: step-1 losses must agree to bf16 noise.
 Model FLOPs per trained token (stated, not measured; recomputation is not counted):
     4 * N_frozen  (forward + input gradient of every frozen matmul, lm_head included)
   + 6 * N_lora    (the adapters: forward, input and weight gradients)
-  + 12 * L * H * c  (attention scores and values, forward 4*H*c per layer, backward twice that;
-                     c = (S + 1) / 2 is the mean causal context of an S-token document)
+  + 12 * L * Q * c  (attention scores and values, forward 4*Q*c per layer, backward twice that; Q is the
+                     query width, heads x head_dim; c the mean keys a query sees: (S + 1) / 2 for causal
+                     attention over an S-token document, at most the window on a sliding-window layer)
 8B at S = 4096: 33.5 GFLOP/token. MFU = tokens/s * FLOP/token / 989.5e12 (H200 dense bf16 peak).
+
+tunedag's rows: ``ours_lora`` (checkpointing on), ``ours_lora_offload`` (checkpointed inputs in host memory),
+``ours_lora_nockpt`` (no checkpointing), ``ours_qlora`` (NF4 base).
 
 Unsloth (``--plan unsloth``; scripts/bench_peers.py): ``unsloth_lora`` and ``unsloth_qlora`` are Unsloth's
 FastLanguageModel on the same random weights (saved to a scratch folder, loaded bf16 or quantized to NF4 on load),
@@ -43,7 +47,8 @@ chosen and rejected, sigmoid loss, beta 0.1, and the optimizer step. Variants:
 
 Usage: python scripts/bench_train.py --out bench.jsonl [--budget-s 330] [--plan default]
        python scripts/bench_train.py --variant ours_lora --shape 8b --batch 4   (one measurement)
-       python scripts/bench_train.py --plan unsloth --profile ...   (each row's GPU time split by kernel class)
+       python scripts/bench_train.py --plan profile --profile --out profile.jsonl --budget-s 500   (each row's GPU
+           time split by kernel class: matmul, attention, tunedag kernels, copies, rest)
        python scripts/bench_train.py --plan unsloth --out unsloth.jsonl --budget-s 330   (Unsloth and its HF rows, 8b, batch 4)
        python scripts/bench_train.py --plan dpo --out dpo.jsonl --budget-s 390   (DPO rows, 8b, 2 pairs)
        python scripts/bench_train.py --plan real_arches --out arches.jsonl --budget-s 520   (MoE and Gemma-3
@@ -104,6 +109,9 @@ PLANS = {
                 ("ours_lora", "1b", 8), ("ours_qlora_long", "8b", 1)],
     # most wanted first: --budget-s cuts the tail
     "new_arches": [(v, shape, 2) for shape in ("moe-8x", "phi3-mini", "gemma3-4b") for v in ("ours_lora", "hf_peft")],
+    # with --profile: where each setting's step goes, for HF, Liger, Unsloth and tunedag's checkpointing settings
+    "profile": [("hf_peft", "8b", 4), ("hf_peft_liger", "8b", 4), ("unsloth_lora", "8b", 4), ("ours_lora", "8b", 4),
+                ("ours_lora_offload", "8b", 4), ("ours_lora_nockpt", "8b", 4)],
     "real_arches": [(v, shape, 2) for shape in ("gpt-oss-20b", "gemma3-4b", "qwen3-30b-a3b", "mixtral-8x7b")
                     for v in ("ours_lora", "hf_peft")],
     "dpo": [("trl_dpo", "8b", 2), ("ours_dpo", "8b", 2), ("ours_dpo_torch", "8b", 2), ("trl_dpo_liger", "8b", 2),
