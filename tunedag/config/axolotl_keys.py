@@ -169,7 +169,7 @@ REFUSED: dict[str, tuple[str, ...]] = {
     "tunedag's objectives are supervised fine-tuning and rl: dpo (with dpo_loss_type ipo), orpo, kto, "
     "reward and prm; this setting is not offered":
         ("trl", "vllm", "ebft", "simpo_gamma", "cpo_alpha", "dpo_use_weighting",
-         "precompute_ref_log_probs", "dpo_padding_free", "dpo_loss_weights", "rpo_alpha", "dpo_norm_loss",
+         "dpo_padding_free", "dpo_loss_weights", "rpo_alpha", "dpo_norm_loss",
          "dpo_use_logits_to_keep", "use_eaft", "eaft_alpha", "eaft_k", "diffusion"),
     "tunedag spreads a run over GPUs by data parallelism (train_engine: ddp, fsdp or deepspeed) and trains "
     "long sequences on one GPU with gradient_checkpointing and activation_offloading":

@@ -103,6 +103,9 @@ def _check_objective(run: RunConfig, where: str) -> None:
     if stepwise and run.rl != "prm":
         raise ConfigError(f"{where}.datasets: {stepwise[0].dataset_name!r} is type: stepwise_supervised, which "
                           "trains a process reward model: set rl: prm (Axolotl's process_reward_model: true)")
+    if run.precompute_ref_log_probs and run.rl not in ("dpo", "kto"):
+        raise ConfigError(f"{where}.precompute_ref_log_probs: only dpo and kto compare with a reference model; "
+                          f"rl: {run.rl or 'null'} has none to precompute")
     if run.rl is not None:
         if run.rl_beta <= 0:
             raise ConfigError(f"{where}.rl_beta: must be positive, got {run.rl_beta!r}")

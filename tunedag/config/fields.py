@@ -391,6 +391,10 @@ class RunConfig:
                                         doc="dpo sigmoid: assumed share of flipped labels (conservative DPO), "
                                             "in [0, 0.5)")
     orpo_alpha: float = _field(0.1, stages=("train",), doc="orpo: weight of the odds-ratio term beside the NLL")
+    precompute_ref_log_probs: bool = _field(
+        False, stages=("train",),
+        doc="dpo/kto: compute the reference model's log-probs of every training row once, before the first "
+            "step, instead of a reference forward pass in every step (held-out batches still run it)")
     center_rewards_coefficient: float = _field(
         0.0, stages=("train",), doc="reward: weight of the (r_chosen + r_rejected)² term that keeps rewards "
                                     "centred on zero (TRL's name; 0 disables)")

@@ -47,6 +47,7 @@ from tunedag.config import RunConfig
 from tunedag.deepspeed_json import check_user_config, owned_values, read_user_config, resolve_auto
 from tunedag.io import atomic_path
 from tunedag.models.batch_inputs import loss_sum, model_inputs
+from tunedag.models.logprobs import SequenceLogps
 from tunedag.models.vocab import ADAPTER_SAVE
 from tunedag.train.engines import EngineError, TorchEngine, make_optimizer
 from tunedag.train.ranks import DistEnv, init_process_group
@@ -131,6 +132,10 @@ class DeepSpeedEngine:
                                      "optimizer_offload": offloads_optimizer(self.config), "zero_init": zero3_init}
         log.info("deepspeed: ZeRO stage %d, %s, optimizer offload %s", self.ds.zero_optimization_stage(),
                  self.dtype, offloads_optimizer(self.config))
+
+    def reference_logps(self, batch: dict[str, torch.Tensor]) -> SequenceLogps:
+        """The dpo/kto reference's log-probs of a preference batch."""
+        return self.objective.live_reference(self.model, batch, self.device)
 
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.objective is not None:

@@ -49,6 +49,7 @@ from tunedag.errors import TunedagError
 from tunedag.io import atomic_path
 from tunedag.models.batch_inputs import loss_sum, model_inputs
 from tunedag.models.loading import load_causal_lm, run_vocab_size
+from tunedag.models.logprobs import SequenceLogps
 from tunedag.models.vocab import ADAPTER_SAVE
 from tunedag.models.fp8 import convert_to_fp8, require_fp8_device
 from tunedag.models.qat import prepare_qat
@@ -139,6 +140,11 @@ class TorchEngine:
                 return hf_moe_loss_sum(self.model, inputs, batch["labels"], batch["segment_ids"].reshape(-1) > 0)
             logits = self.model(**inputs).logits
         return loss_sum(logits, batch["labels"])
+
+    def reference_logps(self, batch: dict[str, torch.Tensor]) -> SequenceLogps:
+        """The dpo/kto reference's log-probs of a preference batch (the policy's precision)."""
+        with self.autocast():
+            return self.objective.live_reference(self.model, batch, self.device)
 
     def load_trainable(self, checkpoint: Path) -> None:
         load_trainable(self.model, checkpoint, self.full)
@@ -239,6 +245,9 @@ class ReplicatedEngine:
 
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.inner.loss_sum(batch)
+
+    def reference_logps(self, batch: dict[str, torch.Tensor]) -> SequenceLogps:
+        return self.inner.reference_logps(batch)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()

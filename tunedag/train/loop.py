@@ -47,7 +47,8 @@ from tunedag.train import checkpoint as ckpt
 from tunedag.train.engines import make_engine
 from tunedag.train.held_out import Evaluation, HeldOutRows, best_dir, eval_interval, prune_best, was_stopped_early
 from tunedag.train.metrics_log import MetricsLog
-from tunedag.train.preference import check_preference_shards
+from tunedag.train.preference import REFERENCE_LOGPS, check_preference_shards
+from tunedag.train.reference_table import ReferenceTable, reference_table
 from tunedag.train.rank_failures import rank_session
 from tunedag.train.ranks import DistEnv, all_sum, any_rank, broadcast, choose_device
 from tunedag.train.schedule import build_scheduler
@@ -89,17 +90,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def micro_batches(reader: ShardReader, run: RunConfig, pad_id: int,
-                  position: ckpt.Position) -> Iterator[tuple[dict[str, torch.Tensor], int, int]]:
+def micro_batches(reader: ShardReader, run: RunConfig, pad_id: int, position: ckpt.Position,
+                  reference: ReferenceTable | None = None) -> Iterator[tuple[dict[str, torch.Tensor], int, int]]:
     """(batch, epoch, offset after it) from ``position`` on; endless when max_steps is set, unless this rank
-    has no rows at all (fewer rows than ranks): then none, instead of cycling empty epochs forever."""
+    has no rows at all (fewer rows than ranks): then none, instead of cycling empty epochs forever. With a
+    ``reference`` table (precompute_ref_log_probs) each batch carries its rows' reference log-probs."""
     epoch, offset = position.epoch, position.offset
     while (run.max_steps is not None and len(reader) > 0) or epoch < run.num_epochs:
         order = reader.epoch_order(epoch, run.seed, shuffle=not run.curriculum_sampling)
         while offset < len(order):
-            rows = [reader.row(i) for i in order[offset: offset + run.micro_batch_size]]
-            offset += len(rows)
-            yield collate(rows, pad_id), epoch, offset
+            indices = [int(i) for i in order[offset: offset + run.micro_batch_size]]
+            batch = collate([reader.row(i) for i in indices], pad_id)
+            if reference is not None:
+                batch[REFERENCE_LOGPS] = reference.for_rows(indices)
+            offset += len(indices)
+            yield batch, epoch, offset
         epoch, offset = epoch + 1, 0
 
 
@@ -211,7 +216,11 @@ def _train(run: RunConfig, shards_dir: Path, model_path: Path, run_dir: Path, en
             write_json(run_dir / name, content)
         metrics = MetricsLog(run, run_dir, live_metrics, steps, position.step)
 
-    batches = micro_batches(reader, run, manifest["pad_token_id"], position)
+    reference = None
+    if run.precompute_ref_log_probs:  # after the resume point: a run started afresh clears ckpt_root first
+        reference = reference_table(engine, reader, run.micro_batch_size, manifest["pad_token_id"],
+                                    ckpt_root / f"reference_logps.rank{env.rank}.npz", key)
+    batches = micro_batches(reader, run, manifest["pad_token_id"], position, reference)
     started, tokens_at_start = time.perf_counter(), position.tokens_seen
     last_loss = float("nan")
     fake_quant_on = None

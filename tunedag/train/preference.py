@@ -13,6 +13,10 @@ gradients, in the dtype the policy computes in (bf16 on CUDA: 2 bytes per parame
 policy's 16 with AdamW; fp32 on the CPU, where the policy computes in fp32); its log-probs are
 computed under no_grad, so it holds no activations for backward. orpo needs no reference.
 
+With ``precompute_ref_log_probs`` the loop computes every training row's reference log-probs once,
+before the first step (:mod:`tunedag.train.reference_table`), and hands them to the objective in
+the batch under ``REFERENCE_LOGPS``: a training step then runs no reference pass.
+
 Losses, per pair (dpo/orpo) or per sample (kto); ``loss_sum`` returns their sum and
 ``loss_units`` their count, so the loop's "sum, then divide by the group's count" yields the mean
 over pairs, however a step is split into micro-batches:
@@ -42,6 +46,8 @@ from tunedag.config import RunConfig
 from tunedag.data.batches import PreferenceDataError, pair_indices
 from tunedag.data.formats import IGNORE_INDEX
 from tunedag.models.logprobs import CHUNK_TOKENS, SequenceLogps, reference_logps, sequence_logps
+
+REFERENCE_LOGPS = "reference_logps"  # a batch's precomputed reference log-probs, one per segment, in batch order
 
 
 # --------------------------------------------------------------------------- losses (per pair / sample)
@@ -106,12 +112,25 @@ class PreferenceObjective:
         """The summed loss of an HF (peft) ``model``'s forward passes over ``batch``."""
         with autocast():
             policy = sequence_logps(model, batch, device, self.chunk_tokens)
-            ref = None
-            if self.reference is not None:
-                ref = self.frozen_reference_logps(batch, device)
-            elif self.needs_reference:
-                ref = reference_logps(model, batch, device, self.chunk_tokens)
+            ref = self.reference_for(batch, lambda: self.live_reference(model, batch, device))
         return self.loss_from_logps(policy, ref)
+
+    def live_reference(self, model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                       device: torch.device) -> SequenceLogps:
+        """The reference's log-probs of ``batch``, computed now: a full fine-tune's frozen base, else ``model``
+        (an HF peft model) with its adapters disabled."""
+        if self.reference is not None:
+            return self.frozen_reference_logps(batch, device)
+        return reference_logps(model, batch, device, self.chunk_tokens)
+
+    def reference_for(self, batch: dict[str, torch.Tensor], live: Callable[[], SequenceLogps]) -> torch.Tensor | None:
+        """(segments,) reference log-probs of ``batch``: the precomputed ones it carries, else ``live()``'s;
+        None for orpo, which has no reference."""
+        if not self.needs_reference:
+            return None
+        if REFERENCE_LOGPS in batch:
+            return batch[REFERENCE_LOGPS]
+        return live().logps
 
     def frozen_reference_logps(self, batch: dict[str, torch.Tensor], device: torch.device) -> SequenceLogps:
         """The log-probs of a full fine-tune's frozen reference: its bf16 weights under bf16 autocast on CUDA
@@ -121,22 +140,25 @@ class PreferenceObjective:
         with autocast:
             return reference_logps(self.reference, batch, device, self.chunk_tokens)
 
-    def loss_from_logps(self, policy: SequenceLogps, ref: SequenceLogps | None) -> torch.Tensor:
-        """The summed loss from the policy's and (dpo, kto) the reference's log-probs, from any engine."""
+    def loss_from_logps(self, policy: SequenceLogps, ref: torch.Tensor | None) -> torch.Tensor:
+        """The summed loss from the policy's log-probs and (dpo, kto) the reference's, one per segment, from any
+        engine."""
         run = self.run
+        if ref is not None:
+            ref = ref.to(policy.logps.device, torch.float32)
         if run.rl == "kto":
-            ratio = (policy.logps - ref.logps).detach()
+            ratio = (policy.logps - ref).detach()
             kl = ratio.mean().clamp(min=0)
-            return kto_losses(policy.logps, ref.logps, policy.labels, run.rl_beta, kl,
+            return kto_losses(policy.logps, ref, policy.labels, run.rl_beta, kl,
                               run.kto_desirable_weight, run.kto_undesirable_weight).sum()
         c, r = pair_indices(policy.labels)
         if run.rl == "orpo":
             mean = policy.mean()
             return (-mean[c] - run.orpo_alpha * orpo_odds_ratio(mean[c], mean[r])).sum()
         if run.dpo_loss_type == "ipo":
-            return ipo_losses(policy.logps[c], policy.logps[r], ref.logps[c], ref.logps[r], run.rl_beta,
+            return ipo_losses(policy.logps[c], policy.logps[r], ref[c], ref[r], run.rl_beta,
                               policy.tokens[c], policy.tokens[r]).sum()
-        return dpo_losses(policy.logps[c], policy.logps[r], ref.logps[c], ref.logps[r], run.rl_beta,
+        return dpo_losses(policy.logps[c], policy.logps[r], ref[c], ref[r], run.rl_beta,
                           run.dpo_label_smoothing).sum()
 
 

@@ -222,17 +222,20 @@ class TritonEngine:
         weight, bias, softcap = self._head()
         return hidden_logps(hidden, batch, LinearHead(weight, bias), keep, softcap=softcap)  # the fused kernel
 
+    def reference_logps(self, batch: dict[str, torch.Tensor]) -> SequenceLogps:
+        """The dpo/kto reference's log-probs of a preference batch: a full fine-tune's frozen base, else this
+        model with its adapters off."""
+        if self.objective.reference is not None:
+            return self.objective.frozen_reference_logps(batch, self.device)
+        with self.adapters_off():
+            return self.sequence_logps(batch)
+
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Summed next-token loss of one micro-batch over its real tokens only; with ``rl``, the summed
         preference loss of its pairs or samples."""
         if self.objective is not None:
             policy = self.sequence_logps(batch)
-            ref = None
-            if self.objective.reference is not None:  # a full fine-tune's frozen base
-                ref = self.objective.frozen_reference_logps(batch, self.device)
-            elif self.objective.needs_reference:
-                with self.adapters_off():
-                    ref = self.sequence_logps(batch)
+            ref = self.objective.reference_for(batch, lambda: self.reference_logps(batch))
             return self.objective.loss_from_logps(policy, ref)
         keep = batch["segment_ids"].reshape(-1) > 0
         labels = batch["labels"]
