@@ -39,6 +39,9 @@ chosen and rejected, sigmoid loss, beta 0.1, and the optimizer step. Variants:
                       packed varlen attention, fused LoRA kernels, per-layer checkpointing) with
                       PreferenceObjective's chunked response log-probs, one packed row per pair; the reference
                       pass runs inside disable_adapter() under no_grad, on the frozen base alone (no LoRA matmuls).
+  ours_dpo_precomputed  ours_dpo with precompute_ref_log_probs: the reference's log-probs computed before the
+                      timed steps (the one pass over the data at the start is not in the figure), so a step
+                      runs the policy only.
   ours_dpo_torch      the same objective on the torch engine (train_engine: torch): fp32 base under bf16
                       autocast, dense 4-D packed mask.
   logp_path           the log-prob + DPO-loss path alone on random hidden states (policy with gradient,
@@ -70,7 +73,8 @@ sys.path.insert(0, os.path.dirname(_HERE))
 
 SEQ = 4096
 DPO_SEQ, DPO_PROMPT, DPO_BETA = 2048, 512, 0.1
-DPO_VARIANTS = ("trl_dpo", "trl_dpo_liger", "trl_liger_dpo_loss", "ours_dpo", "ours_dpo_torch", "logp_path")
+DPO_VARIANTS = ("trl_dpo", "trl_dpo_liger", "trl_liger_dpo_loss", "ours_dpo", "ours_dpo_precomputed", "ours_dpo_torch",
+                "logp_path")
 PEAK_FLOPS = 989.5e12
 SHAPES = {
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -114,8 +118,9 @@ PLANS = {
                 ("ours_lora_offload", "8b", 4), ("ours_lora_nockpt", "8b", 4)],
     "real_arches": [(v, shape, 2) for shape in ("gpt-oss-20b", "gemma3-4b", "qwen3-30b-a3b", "mixtral-8x7b")
                     for v in ("ours_lora", "hf_peft")],
-    "dpo": [("trl_dpo", "8b", 2), ("ours_dpo", "8b", 2), ("ours_dpo_torch", "8b", 2), ("trl_dpo_liger", "8b", 2),
-            ("trl_liger_dpo_loss", "8b", 2), ("logp_path", "8b", 2)],
+    "dpo": [("trl_dpo", "8b", 2), ("ours_dpo", "8b", 2), ("ours_dpo_precomputed", "8b", 2),
+            ("ours_dpo_torch", "8b", 2), ("trl_dpo_liger", "8b", 2), ("trl_liger_dpo_loss", "8b", 2),
+            ("logp_path", "8b", 2)],
     # Unsloth (bench_peers.py) against the HF rows whose step-1 loss it must equal, then ours of the same run
     "unsloth": [("hf_peft", "8b", 4), ("unsloth_lora", "8b", 4), ("unsloth_qlora", "8b", 4), ("hf_bnb_qlora", "8b", 4),
                 ("ours_lora", "8b", 4), ("ours_qlora", "8b", 4)],
@@ -416,14 +421,14 @@ def build_ours_dpo(shape: str, variant: str, examples: list[dict], device: str):
     from tunedag.config import RunConfig
     from tunedag.models.registry import fast_path_blocker
     from tunedag.train import engines
-    from tunedag.train.preference import PreferenceObjective
+    from tunedag.train.preference import REFERENCE_LOGPS, PreferenceObjective
     from tunedag.train.triton_engine import TritonEngine
 
     batch = packed_pairs(examples)
     run = RunConfig(base_model="bench", datasets=[], lora_r=16, lora_alpha=32, lora_dropout=0.0, rl="dpo",
                     rl_beta=DPO_BETA, gradient_checkpointing=True,
                     train_engine="torch" if variant == "ours_dpo_torch" else "triton")
-    if variant == "ours_dpo":  # what make_engine builds for rl: dpo on one GPU
+    if variant in ("ours_dpo", "ours_dpo_precomputed"):  # what make_engine builds for rl: dpo on one GPU
         base = random_model(shape, torch.bfloat16, device)
         assert fast_path_blocker(base.config, rl=run.rl, lora_dropout=run.lora_dropout,
                                  lora_target_modules=run.lora_target_modules,
@@ -437,6 +442,9 @@ def build_ours_dpo(shape: str, variant: str, examples: list[dict], device: str):
         finally:
             engines.load_causal_lm = loader
     assert isinstance(engine.objective, PreferenceObjective)
+    if variant == "ours_dpo_precomputed":  # precompute_ref_log_probs: the table's values, computed before the steps
+        with torch.no_grad():
+            batch[REFERENCE_LOGPS] = engine.reference_logps(batch).logps.float().cpu()
     if device == "cuda":
         torch.cuda.empty_cache()
 
