@@ -54,15 +54,29 @@ def preference_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
-def tokenized_pairs(root: Path, model_dir: Path, rows: list[dict], rl: str = "dpo", **overrides) -> tuple[RunConfig, Path]:
-    """``rows`` as type: dpo data through download and tokenize under ``root``: (run, packed shards folder)."""
+def tokenized_pairs(root: Path, model_dir: Path, rows: list[dict], rl: str = "dpo", data_type: str = "dpo",
+                    **overrides) -> tuple[RunConfig, Path]:
+    """``rows`` as type: dpo (or ``data_type``) data through download and tokenize under ``root``: (run, packed
+    shards folder)."""
     from tunedag.data.download import download_dataset
 
     src = write_jsonl(root / "src.jsonl", rows)
-    download_dataset(DatasetConfig(path=str(src), type="dpo"), root / "raw")
-    run = tiny_run(src, datasets=[{"path": str(src), "type": "dpo"}], rl=rl, **overrides)
+    download_dataset(DatasetConfig(path=str(src), type=data_type), root / "raw")
+    run = tiny_run(src, datasets=[{"path": str(src), "type": data_type}], rl=rl, **overrides)
     tokenize_with_model(run, [root / "raw"], model_dir, root / "packed")
     return run, root / "packed"
+
+
+def kto_rows(n: int, seed: int) -> list[dict]:
+    """The preference pairs as KTO samples: a conversation with the chosen (desirable) or rejected answer."""
+    return [{"messages": [{"role": "user", "content": r["prompt"]},
+                          {"role": "assistant", "content": r["chosen"] if k % 2 else r["rejected"]}],
+             "label": bool(k % 2)} for k, r in enumerate(preference_rows(n, seed))]
+
+
+def tokenized_kto(root: Path, model_dir: Path, n: int, seed: int, **overrides) -> tuple[RunConfig, Path]:
+    """``kto_rows(n, seed)`` as type: kto data for rl: kto through download and tokenize under ``root``."""
+    return tokenized_pairs(root, model_dir, kto_rows(n, seed), rl="kto", data_type="kto", **overrides)
 
 
 class _Accelerator:

@@ -6,12 +6,11 @@ import json
 import numpy as np
 import pytest
 
-from tunedag.config import ConfigError, DatasetConfig
-from tunedag.data.download import download_dataset
+from tunedag.config import ConfigError
 from tunedag.data.shards import ShardReader
 from tunedag.train.loop import train
 from tunedag.train.preference import PreferenceObjective
-from tests.helpers import preference_rows, tiny_run, tokenize_with_model, tokenized_pairs, write_jsonl
+from tests.helpers import preference_rows, tiny_run, tokenized_kto, tokenized_pairs, write_jsonl
 
 STEPS = 4
 
@@ -57,17 +56,10 @@ def test_precomputed_reference_trains_as_the_reference_pass_does(pairs, tiny_mod
 
 
 def test_kto_with_a_precomputed_reference(tmp_path, tiny_model_dir):
-    rows = [{"messages": [{"role": "user", "content": r["prompt"]},
-                          {"role": "assistant", "content": r["chosen"] if k % 2 else r["rejected"]}],
-             "label": bool(k % 2)} for k, r in enumerate(preference_rows(30, seed=5))]
-    src = write_jsonl(tmp_path / "src.jsonl", rows)
-    download_dataset(DatasetConfig(path=str(src), type="kto"), tmp_path / "raw")
-    run = tiny_run(src, datasets=[{"path": str(src), "type": "kto"}], rl="kto", max_steps=3, val_set_size=2,
-                   micro_batch_size=2, learning_rate=1e-2)
-    tokenize_with_model(run, [tmp_path / "raw"], tiny_model_dir, tmp_path / "packed")
-    train(run, tmp_path / "packed", tiny_model_dir, tmp_path / "live")
-    train(dataclasses.replace(run, precompute_ref_log_probs=True), tmp_path / "packed", tiny_model_dir,
-          tmp_path / "table")
+    run, packed = tokenized_kto(tmp_path, tiny_model_dir, 30, seed=5, max_steps=3, val_set_size=2,
+                                micro_batch_size=2, learning_rate=1e-2)
+    train(run, packed, tiny_model_dir, tmp_path / "live")
+    train(dataclasses.replace(run, precompute_ref_log_probs=True), packed, tiny_model_dir, tmp_path / "table")
     np.testing.assert_allclose(losses(tmp_path / "table"), losses(tmp_path / "live"), rtol=1e-5, atol=1e-6)
 
 

@@ -9,8 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tunedag.config import ConfigError, DatasetConfig
-from tunedag.data.download import download_dataset
+from tunedag.config import ConfigError
 from tunedag.data.sample_task import INSTRUCTION
 from tunedag.data.shards import ShardReader
 from tunedag.models.loading import load_causal_lm
@@ -19,7 +18,7 @@ from tunedag.evaluate.scores import kto_metrics, pair_logps, preference_metrics
 from tunedag.models.logprobs import sequence_logps, token_logps
 from tunedag.train.loop import TrainError, train
 from tunedag.train.preference import dpo_losses, ipo_losses, kto_losses, orpo_odds_ratio
-from tests.helpers import (preference_rows, tiny_run, tokenize_with_model, tokenized_pairs, trl_trainer_state,
+from tests.helpers import (preference_rows, tiny_run, tokenized_kto, tokenized_pairs, trl_trainer_state,
                            write_jsonl)
 
 trl = pytest.importorskip("trl")
@@ -192,14 +191,8 @@ def test_orpo_and_kto_train(tmp_path, tiny_model_dir, dpo_data):
     run, packed = dpo_data
     info = train(dataclasses.replace(run, rl="orpo", max_steps=3), packed, tiny_model_dir, tmp_path / "orpo")
     assert info["steps"] == 3 and np.isfinite(info["final_loss"])
-    rows = [{"messages": [{"role": "user", "content": r["prompt"]},
-                          {"role": "assistant", "content": r["chosen"] if k % 2 else r["rejected"]}],
-             "label": bool(k % 2)} for k, r in enumerate(preference_rows(40, seed=1))]
-    src = write_jsonl(tmp_path / "kto/src.jsonl", rows)
-    download_dataset(DatasetConfig(path=str(src), type="kto"), tmp_path / "kto/raw")
-    kto = tiny_run(src, datasets=[{"path": str(src), "type": "kto"}], rl="kto", max_steps=3, val_set_size=4)
-    tokenize_with_model(kto, [tmp_path / "kto/raw"], tiny_model_dir, tmp_path / "kto/packed")
-    info = train(kto, tmp_path / "kto/packed", tiny_model_dir, tmp_path / "kto/run")
+    kto, kto_packed = tokenized_kto(tmp_path / "kto", tiny_model_dir, 40, seed=1, max_steps=3, val_set_size=4)
+    info = train(kto, kto_packed, tiny_model_dir, tmp_path / "kto/run")
     assert info["steps"] == 3 and np.isfinite(info["final_loss"])
 
 

@@ -9,16 +9,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from tunedag.config import DatasetConfig
 from tunedag.data.batches import collate
-from tunedag.data.download import download_dataset
 from tunedag.data.shards import ShardReader
 from tunedag.merge.full import merge_full_model
 from tunedag.models.loading import load_causal_lm
 from tunedag.train.engines import TorchEngine, make_engine
 from tunedag.train.loop import train
 from tunedag.train.ranks import DistEnv
-from tests.helpers import preference_rows, tiny_run, tokenize_with_model, tokenized_pairs, write_jsonl
+from tests.helpers import preference_rows, tokenized_kto, tokenized_pairs
 
 CPU = torch.device("cpu")
 
@@ -131,14 +129,8 @@ def test_full_ipo_and_orpo(full_pairs, tiny_model_dir, loss):
 
 
 def test_full_kto_compares_with_the_frozen_base(tmp_path, tiny_model_dir):
-    rows = [{"messages": [{"role": "user", "content": r["prompt"]},
-                          {"role": "assistant", "content": r["chosen"] if k % 2 else r["rejected"]}],
-             "label": bool(k % 2)} for k, r in enumerate(preference_rows(16, seed=1))]
-    src = write_jsonl(tmp_path / "src.jsonl", rows)
-    download_dataset(DatasetConfig(path=str(src), type="kto"), tmp_path / "raw")
-    run = tiny_run(src, datasets=[{"path": str(src), "type": "kto"}], rl="kto", adapter=None, val_set_size=2,
-                   kto_desirable_weight=1.5, kto_undesirable_weight=0.5)
-    tokenize_with_model(run, [tmp_path / "raw"], tiny_model_dir, tmp_path / "packed")
+    run, _ = tokenized_kto(tmp_path, tiny_model_dir, 16, seed=1, adapter=None, val_set_size=2,
+                           kto_desirable_weight=1.5, kto_undesirable_weight=0.5)
     engine = TorchEngine(run, tiny_model_dir, CPU)
     batch = collate([ShardReader(tmp_path / "packed/train").row(0)], 0)
     labels = batch["segment_labels"][batch["segment_labels"] >= 0]
