@@ -90,6 +90,14 @@ def test_a_resumed_run_reads_the_table_instead_of_computing_it(pairs, tiny_model
     assert info["resumed_from"].endswith("step-2") and calls[0] > 0
     np.testing.assert_allclose(losses(tmp_path / "r2"), losses(tmp_path / "whole"), rtol=1e-6)
 
+    # and one that cannot be read (cut short) is computed again too
+    table = stopped_after_step_2(tmp_path / "r3")
+    table.write_bytes(table.read_bytes()[:100])
+    calls[0] = 0
+    info = train(run, packed, tiny_model_dir, tmp_path / "r3")
+    assert info["resumed_from"].endswith("step-2") and calls[0] > 0
+    np.testing.assert_allclose(losses(tmp_path / "r3"), losses(tmp_path / "whole"), rtol=1e-6)
+
 
 def test_precompute_needs_a_reference(tmp_path):
     src = write_jsonl(tmp_path / "a.jsonl", preference_rows(2, seed=0))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +48,14 @@ def reference_table(engine: Any, reader: ShardReader, micro_batch_size: int, pad
     """The reference log-probs of every row ``reader`` yields: read from ``path`` when it was written with
     resume key ``key``, else computed with ``engine.reference_logps`` a micro-batch at a time and written there."""
     if path.is_file():
-        with np.load(path) as saved:
-            if str(saved["key"]) == key and len(saved["offsets"]) == len(reader) + 1:
-                log.info("precompute_ref_log_probs: reading the reference log-probs from %s", path)
-                return ReferenceTable(saved["offsets"], saved["values"])
-        log.info("precompute_ref_log_probs: %s was written for another run; computing it again", path)
+        try:
+            with np.load(path) as saved:
+                if str(saved["key"]) == key and len(saved["offsets"]) == len(reader) + 1:
+                    log.info("precompute_ref_log_probs: reading the reference log-probs from %s", path)
+                    return ReferenceTable(saved["offsets"], saved["values"])
+            log.info("precompute_ref_log_probs: %s was written for another run; computing it again", path)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+            log.warning("precompute_ref_log_probs: %s is unreadable (%s); computing it again", path, err)
     started = time.perf_counter()
     counts, values = [], []
     with torch.no_grad():
