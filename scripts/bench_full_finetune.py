@@ -41,7 +41,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -50,6 +49,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]  # scr
 sys.path.insert(0, os.path.dirname(_HERE))
 
 from scripts.bench_peers import UNSLOTH_WARMUP_STEPS, scratch_folder  # noqa: E402
+from scripts.bench_rows import print_result, run_row  # noqa: E402
 from scripts.bench_train import SEQ, SHAPES, make_batch, random_model  # noqa: E402
 
 PEAK_FLOPS = 989.5e12
@@ -219,7 +219,7 @@ def main() -> None:
     if unknown := [v for v in variants if v not in SPEED_VARIANTS]:
         ap.error(f"--variants: unknown speed rows {unknown} (known: {', '.join(SPEED_VARIANTS)})")
     if args.variant:
-        print("RESULT " + json.dumps(measure(args.variant, args.shape, args.batch, args.seq, args.steps)), flush=True)
+        print_result(measure(args.variant, args.shape, args.batch, args.seq, args.steps))
         return
     results = []
     if args.plan in ("precision", "all"):
@@ -231,14 +231,7 @@ def main() -> None:
             for variant in variants:
                 cmd = [sys.executable, __file__, "--variant", variant, "--shape", args.shape, "--batch",
                        str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
-                try:
-                    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ, timeout=240)
-                except subprocess.TimeoutExpired:
-                    results.append({"variant": variant, "error": "timeout (240 s)"})
-                else:
-                    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-                    results.append(json.loads(lines[-1][7:]) if lines else
-                                   {"variant": variant, "error": (proc.stderr or proc.stdout)[-1500:]})
+                results.append(run_row(cmd, 240, {"variant": variant}))
                 print(json.dumps(results[-1]), flush=True)
     with open(args.out, "a") as f:
         f.writelines(json.dumps(r) + "\n" for r in results)

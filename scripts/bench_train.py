@@ -62,7 +62,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -70,6 +69,8 @@ import time
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 sys.path.insert(0, os.path.dirname(_HERE))
+
+from scripts.bench_rows import print_result, run_row  # noqa: E402
 
 SEQ = 4096
 DPO_SEQ, DPO_PROMPT, DPO_BETA = 2048, 512, 0.1
@@ -628,7 +629,7 @@ def main() -> None:
             result = measure_dpo(args.variant, args.shape, args.batch, args.seq or DPO_SEQ, args.prompt)
         else:
             result = measure(args.variant, args.shape, args.batch, args.seq or SEQ, profile=args.profile)
-        print("RESULT " + json.dumps(result), flush=True)
+        print_result(result)
         return
     from scripts.bench_peers import scratch_folder
 
@@ -655,19 +656,8 @@ def run_rows(args) -> list[dict]:
             ["--profile"] if args.profile else [])
         # Unsloth: save, load, compile; real-shape MoE rows: tens of GB of weights, HF's experts one by one
         slow = variant in DPO_VARIANTS or variant.startswith("unsloth") or args.plan == "real_arches"
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ,
-                                  timeout=min(left, 240 if slow else 150))
-            lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-            if lines:
-                results.append(json.loads(lines[-1][7:]))
-            else:
-                results.append({"variant": variant, "shape": shape, "batch": batch,
-                                "error": (proc.stderr or proc.stdout)[-1500:]})
-        except subprocess.TimeoutExpired as err:
-            results.append({"variant": variant, "shape": shape, "batch": batch, "error": "timeout",
-                            "stdout": (err.stdout or b"")[-400:].decode(errors="replace")
-                            if isinstance(err.stdout, bytes) else str(err.stdout)[-400:]})
+        results.append(run_row(cmd, min(left, 240 if slow else 150), {"variant": variant, "shape": shape,
+                                                                      "batch": batch}))
         print(json.dumps(results[-1]), flush=True)
         with open(args.out, "a") as f:
             f.write(json.dumps(results[-1]) + "\n")
