@@ -159,14 +159,14 @@ def main() -> None:
     baselines = {}  # LoRA or full: the first one-GPU row of that kind, which the others are compared with
     with open(args.out, "a") as out:
         for name in args.rows.split(","):
-            gpus, _ = ROWS[name]
+            gpus, keys = ROWS[name]
             run_dir = work / "runs" / name
             shutil.rmtree(run_dir, ignore_errors=True)
             wall = launch(name, config, shards, model, run_dir)
             row = {"row": name, "gpus": gpus, "shape": args.shape, "seq": args.seq, "wall_s": round(wall, 1),
                    **measured(run_dir, gpus, args.warmup), **versions}
             shutil.rmtree(run_dir)  # an 8B full fine-tune's final checkpoint is over 100 GB: one row's at a time
-            kind = "full" if name.startswith("full") else "lora"
+            kind = "full" if keys.get("adapter", "lora") is None else "lora"
             if gpus == 1 and kind not in baselines:
                 baselines[kind] = (name, row["tokens_per_s_per_gpu"])
             if kind in baselines:

@@ -85,11 +85,8 @@ def profile_steps(step: Callable[[], None], steps: int) -> dict:
         wall = time.perf_counter() - start
     kernel_us: dict[str, float] = {}
     for event in prof.key_averages():
-        us = getattr(event, "self_device_time_total", None)
-        if us is None:  # older torch names it after CUDA
-            us = event.self_cuda_time_total
-        if us > 0:
-            kernel_us[event.key] = kernel_us.get(event.key, 0.0) + us
+        if event.self_device_time_total > 0:
+            kernel_us[event.key] = kernel_us.get(event.key, 0.0) + event.self_device_time_total
     return split_by_class(kernel_us, tunedag_kernels(), steps, wall)
 
 

@@ -103,7 +103,7 @@ def _check_objective(run: RunConfig, where: str) -> None:
     if stepwise and run.rl != "prm":
         raise ConfigError(f"{where}.datasets: {stepwise[0].dataset_name!r} is type: stepwise_supervised, which "
                           "trains a process reward model: set rl: prm (Axolotl's process_reward_model: true)")
-    if run.precompute_ref_log_probs and run.rl not in ("dpo", "kto"):
+    if run.precompute_ref_log_probs and not run.compares_with_reference:
         raise ConfigError(f"{where}.precompute_ref_log_probs: only dpo and kto compare with a reference model; "
                           f"rl: {run.rl or 'null'} has none to precompute")
     if run.rl is not None:

@@ -235,6 +235,7 @@ class QATConfig:
 
 
 CLASSIFIER_OBJECTIVES = frozenset({"reward", "prm"})  # rl values that train a score head (RunConfig.trains_classifier)
+REFERENCE_OBJECTIVES = frozenset({"dpo", "kto"})  # rl values that compare with a reference model
 
 
 @dataclass(frozen=True)
@@ -444,6 +445,12 @@ class RunConfig:
         """rl: reward or prm: the decoder under a score head (sequence or token classification), not a
         language model: no triton engine, no GGUF, and no new tokens."""
         return self.rl in CLASSIFIER_OBJECTIVES
+
+    @property
+    def compares_with_reference(self) -> bool:
+        """rl: dpo (sigmoid or ipo) or kto: the loss compares the policy with a reference model (the base with
+        the adapters off, or a full fine-tune's frozen copy); orpo and the score heads have none."""
+        return self.rl in REFERENCE_OBJECTIVES
 
     @property
     def reinit_seed(self) -> int | None:

@@ -253,7 +253,7 @@ def resolve_checkpointing(run: RunConfig, model_path: Path, device: torch.device
         config = AutoConfig.from_pretrained(model_path, trust_remote_code=run.trust_remote_code)
         step = StepShape(run.micro_batch_size * run.sequence_len, run.adapter, run.lora_r,
                          tuple(run.lora_target_modules), tuple(run.lora_modules_to_save), run.optimizer,
-                         frozen_reference=run.adapter is None and run.rl in ("dpo", "kto"),
+                         frozen_reference=run.adapter is None and run.compares_with_reference,
                          master_weights=run.master_weights)
         free = torch.cuda.mem_get_info(device)[0]
         record = auto_record(ModelShape.from_config(config), step, free,

@@ -105,7 +105,7 @@ class PreferenceObjective:
     @property
     def needs_reference(self) -> bool:
         """dpo (sigmoid, ipo) and kto compare with the reference model; orpo does not."""
-        return self.run.rl in ("dpo", "kto")
+        return self.run.compares_with_reference
 
     def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device,
                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> torch.Tensor:
