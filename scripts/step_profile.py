@@ -48,7 +48,8 @@ def kernel_class(name: str, ours: dict[str, str]) -> str:
     if name in ours:
         return ours[name]
     lowered = name.lower()
-    for cls, marks in (("matmul", MATMUL), ("attention", ATTENTION), ("copies", COPY)):
+    # attention first: FlashAttention's kernel names carry CUTLASS template arguments (cutlass::bfloat16_t)
+    for cls, marks in (("attention", ATTENTION), ("matmul", MATMUL), ("copies", COPY)):
         if any(mark in lowered for mark in marks):
             return cls
     return "rest"

@@ -18,6 +18,10 @@ def test_kernel_names_seen_on_the_h200_fall_in_their_classes():
     assert kernel_class("void cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal<...>>", ours) == "matmul"
     assert kernel_class("void at::cuda::detail::grouped_mm_kernel<...>", ours) == "matmul"  # MoE experts
     assert kernel_class("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128>>", ours) == "attention"
+    # as the H200 profile names it: CUTLASS types in the template arguments, still attention
+    assert kernel_class("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits<128, "
+                        "64, 128, 8, 2, 4, 2, false, cutlass::bfloat16_t>>", ours) == "attention"
+    assert kernel_class("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x128", ours) == "attention"
     assert kernel_class("triton_tem_fused_0", ours) == "attention"  # FlexAttention's compiled template
     assert kernel_class("Memcpy HtoD (Pinned -> Device)", ours) == "copies"
     assert kernel_class("_rope_kernel", ours) == "tunedag kernels"

@@ -41,9 +41,12 @@ def _model(arch, dest):
     return dest
 
 
-def _batch(seed=0):
+MIXED_DOCS = ((900, 1500, 300, 1200), (2048, 1000, 700))  # 3900 and 3748 tokens: padding in both
+EQUAL_DOCS = ((1900, 1900), (1900,))  # one length: packed_attention's dense cuDNN path
+
+
+def _batch(seed=0, rows=MIXED_DOCS):
     rng = np.random.default_rng(seed)
-    rows = [[900, 1500, 300, 1200], [2048, 1000, 700]]  # 3900 and 3748 tokens: padding in both
     out = []
     for lengths in rows:
         samples = [sample(n, rng, prompt=20) for n in lengths]
@@ -122,6 +125,8 @@ def _check(fast_result, fp32, bf16, floor=2e-3):
 
 @pytest.mark.parametrize("arch,overrides", [
     ("llama", {}),
+    ("llama", dict(docs=EQUAL_DOCS)),
+    ("llama", dict(docs=EQUAL_DOCS, gradient_checkpointing=True)),
     ("llama", dict(adapter="qlora")),
     ("llama", dict(gradient_checkpointing=True, activation_offloading=True,
                    lora_modules_to_save=["embed_tokens", "lm_head"])),
@@ -131,10 +136,11 @@ def _check(fast_result, fp32, bf16, floor=2e-3):
     ("llama", dict(adapter=None)),
     ("qwen3", dict(adapter=None, gradient_checkpointing=True,
                    unfrozen_parameters=[r"layers\.[23]\.", r"norm\.weight$", r"^lm_head"])),
-], ids=["llama", "llama-qlora", "llama-offload-mts", "qwen3", "gemma2-flex", "llama-full", "qwen3-full-unfrozen-ckpt"])
+], ids=["llama", "llama-equal-docs", "llama-equal-docs-ckpt", "llama-qlora", "llama-offload-mts", "qwen3", "gemma2-flex", "llama-full", "qwen3-full-unfrozen-ckpt"])
 def test_bf16_step_is_as_close_to_fp32_as_the_torch_engine(arch, overrides, tmp_path):
     model_dir = _model(arch, tmp_path / arch)
-    batch = _batch()
+    overrides = dict(overrides)
+    batch = _batch(rows=overrides.pop("docs", MIXED_DOCS))
     run, state, fp32, bf16 = _references(model_dir, batch, **overrides)
     fast = _fast(run, model_dir, state)
     _check(_step(fast, batch), fp32, bf16)
@@ -143,14 +149,16 @@ def test_bf16_step_is_as_close_to_fp32_as_the_torch_engine(arch, overrides, tmp_
 # --------------------------------------------------------------------------- preference objectives
 
 PAIRS = ((900, 700, 1200, 1000), (1500, 1300))  # chosen, rejected, …: 3800 and 2800 tokens, padding in one row
+EQUAL_PAIRS = ((1000, 1000, 1000, 1000), (1000, 1000))  # every sequence one length: the dense cuDNN path
 
 
 @pytest.mark.parametrize("arch,rl,overrides", [
     ("llama", "dpo", {}),
+    ("llama", "dpo", dict(pairs=EQUAL_PAIRS, gradient_checkpointing=True)),
     ("llama", "dpo", dict(adapter="qlora", gradient_checkpointing=True, lora_modules_to_save=["lm_head"])),
     ("llama", "orpo", {}),
     ("qwen3", "kto", dict(gradient_checkpointing=True)),
-], ids=["llama-dpo", "llama-dpo-qlora-ckpt-mts", "llama-orpo", "qwen3-kto"])
+], ids=["llama-dpo", "llama-dpo-equal-ckpt", "llama-dpo-qlora-ckpt-mts", "llama-orpo", "qwen3-kto"])
 def test_bf16_preference_step_is_as_close_to_fp32_as_the_torch_engine(arch, rl, overrides, tmp_path):
     """The policy pass, the adapters-off reference and the loss in bf16, against the fp32 torch engine.
 
@@ -161,7 +169,8 @@ def test_bf16_preference_step_is_as_close_to_fp32_as_the_torch_engine(arch, rl, 
     model_dir = _model(arch, tmp_path / arch)
     kind = "kto" if rl == "kto" else "dpo"
     labels = ((1, 0, 0, 1), (0, 1)) if rl == "kto" else None
-    batch = preference_batch(rows=PAIRS, labels=labels, prompt=64, vocab=SHAPE["vocab_size"])
+    overrides = dict(overrides)
+    batch = preference_batch(rows=overrides.pop("pairs", PAIRS), labels=labels, prompt=64, vocab=SHAPE["vocab_size"])
     run, state, fp32, bf16 = _references(model_dir, batch, rl=rl, rl_beta=0.1,
                                          datasets=[{"path": str(model_dir / "config.json"), "type": kind}],
                                          **overrides)

@@ -8,7 +8,12 @@ window W, i - j < W (transformers' ``sliding_window_overlay``).
 
 Backends, chosen by device and features:
 
-- CUDA, no logit softcap: ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention-style
+- CUDA, no logit softcap, every document of the micro-batch one length L (one document per row,
+  or DPO's chosen and rejected of one length), no window shorter than L: cuDNN's dense causal
+  attention over (documents, H, L, D), key/value heads repeated to the query heads. On an H200
+  (torch 2.11) it runs forward + backward at 1.7x the varlen kernel's rate for 4 x 4096 tokens
+  and 1.6x for one 131,072-token document (``scripts/bench_attention.py``; BENCHMARKS.md).
+- CUDA otherwise, no logit softcap: ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention-2
   varlen kernel; causal via ``window_size=(-1, 0)``; GQA natively).
 - CUDA, logit softcap (Gemma-2): FlexAttention, compiled, with a same-document causal block
   mask and a ``tanh`` score_mod.
@@ -16,8 +21,9 @@ Backends, chosen by device and features:
 - Attention sinks (gpt-oss: a learned per-head logit in every softmax denominator), on CUDA and under
   ``TRITON_INTERPRET=1``: tunedag's Triton kernel (``kernels/sink_attention.py``); else its reference.
 
-Not used, on purpose: cuDNN's variable-length attention (correct outputs but garbage
-gradients on an H200 with torch 2.11) and the memory-efficient SDPA backend (refuses GQA).
+Not used, on purpose: cuDNN's variable-length (ragged) attention (correct outputs but wrong
+query and key gradients, and 20x slower, on an H200 with torch 2.11: ``scripts/bench_attention.py``)
+and the memory-efficient SDPA backend (refuses GQA).
 """
 from __future__ import annotations
 
@@ -39,6 +45,7 @@ class PackedSequences:
     position_ids: torch.Tensor  # (1, N) positions restarting at 0 per document
     cu_seqlens: torch.Tensor  # (docs + 1,) int32 document starts, then N
     max_len: int  # longest document
+    doc_len: int | None = None  # the one length of every document, when they share one
     _masks: dict = field(default_factory=dict, repr=False)  # per-window mask cache (one batch)
 
     @property
@@ -62,7 +69,9 @@ class PackedSequences:
         cu[1:] = counts.cumsum(0)
         doc = torch.repeat_interleave(torch.arange(counts.numel(), dtype=torch.int32), counts)
         pos = position_ids.cpu().reshape(-1)[keep][None]
-        return cls(keep.to(device), doc.to(device), pos.to(device), cu.to(device), int(counts.max()))
+        equal = bool((counts == counts[0]).all())
+        return cls(keep.to(device), doc.to(device), pos.to(device), cu.to(device), int(counts.max()),
+                   int(counts[0]) if equal else None)
 
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: PackedSequences,
@@ -76,6 +85,8 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: Pac
             return sink_attention(q, k, v, sinks, seq.doc, seq.cu_seqlens, scale, window)
         return sink_attention_reference(q.float(), k.float(), v.float(), sinks, seq.doc, scale, window).to(q.dtype)
     if q.is_cuda and softcap is None:
+        if seq.doc_len and (window is None or window >= seq.doc_len):
+            return equal_docs_attention(q, k, v, seq.doc_len, scale)
         return _varlen(q, k, v, seq, scale, window)
     if q.is_cuda:
         return _flex(q, k, v, seq, scale, softcap, window)
@@ -97,6 +108,32 @@ def _varlen(q, k, v, seq, scale, window):
         kwargs["enable_gqa"] = True
     cu = seq.cu_seqlens
     return varlen_attn(q, k, v, cu, cu, seq.max_len, seq.max_len, **kwargs)
+
+
+def equal_docs_attention(q, k, v, length: int, scale: float) -> torch.Tensor:
+    """Causal attention within each consecutive run of ``length`` tokens, through dense SDPA on cuDNN.
+
+    Where this torch's cuDNN path refuses grouped key/value heads, they are repeated to the query
+    heads (a copy that lives as long as the layer's autograd state). Shapes cuDNN refuses (a head
+    size over its limit, say) go to the dense flash kernel: the same result at the varlen speed.
+    """
+    from torch.backends.cuda import SDPAParams, can_use_cudnn_attention
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    docs = q.shape[0] // length
+
+    def dense(x):  # (N, H, D) -> (docs, H, L, D), a view
+        return x.view(docs, length, *x.shape[1:]).transpose(1, 2)
+
+    qd, kd, vd = dense(q), dense(k), dense(v)
+    gqa = q.shape[1] != k.shape[1]
+    if gqa and not can_use_cudnn_attention(SDPAParams(qd, kd, vd, None, 0.0, True, True), False):
+        rep = q.shape[1] // k.shape[1]
+        kd, vd, gqa = kd.repeat_interleave(rep, dim=1), vd.repeat_interleave(rep, dim=1), False
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION], set_priority=True):
+        out = torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, is_causal=True, scale=scale,
+                                                               enable_gqa=gqa)
+    return out.transpose(1, 2).reshape(q.shape)
 
 
 _compiled_flex = None
