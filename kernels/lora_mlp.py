@@ -140,7 +140,7 @@ def _project(x, w, a, b, s):
 class TunedagLoRAMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gate_w, gate_a, gate_b, up_w, up_a, up_b, down_w, down_a, down_b,
-                scaling, activation):
+                scaling, activation, output=True):
         dt = x.dtype
         s = float(scaling)
         adapters = gate_a is not None
@@ -149,9 +149,13 @@ class TunedagLoRAMLPFunction(torch.autograd.Function):
 
         g, xag = _project(x, gate_w, ag, bg, s)  # (N, I), (N, r)
         u, xau = _project(x, up_w, au, bu, s)
-        h = act_mul(g, u, activation)  # (N, I)
-        y, hd = _project(h, down_w, ad, bd, s)  # (N, H), (N, r)
-        del h
+        if output:
+            h = act_mul(g, u, activation)  # (N, I)
+            y, hd = _project(h, down_w, ad, bd, s)  # (N, H), (N, r)
+            del h
+        else:  # backward needs down's input only through h A_d^T, and not its output
+            hd = act_mul(g, u, activation) @ ad.t() if adapters else None
+            y = x.new_zeros(x.shape)
 
         dense = save_weights(ctx, (gate_w, up_w, down_w))
         lora = (xag, xau, hd, ag, bg, au, bu, ad, bd) if adapters else ()
@@ -216,7 +220,7 @@ class TunedagLoRAMLPFunction(torch.autograd.Function):
                 dx.addmm_(dub, au, alpha=s)
 
         return (dx, grad_gw, grads[0], grads[1], grad_uw, grads[2], grads[3], grad_dw, grads[4],
-                grads[5], None, None)
+                grads[5], None, None, None)
 
 
 def lora_mlp(
@@ -224,17 +228,22 @@ def lora_mlp(
     gate_w: torch.Tensor | NF4Weight, gate_a: torch.Tensor | None, gate_b: torch.Tensor | None,
     up_w: torch.Tensor | NF4Weight, up_a: torch.Tensor | None, up_b: torch.Tensor | None,
     down_w: torch.Tensor | NF4Weight, down_a: torch.Tensor | None, down_b: torch.Tensor | None,
-    scaling: float, activation: str = "silu",
+    scaling: float, activation: str = "silu", output: bool = True,
 ) -> torch.Tensor:
     """Gated MLP with LoRA on gate/up/down (or none: every A/B None). x (..., H) -> (..., H);
-    grads for x, the A/B, and each dense W that requires grad."""
+    grads for x, the A/B, and each dense W that requires grad.
+
+    ``output=False``: zeros in place of y, and the same gradients from the same upstream ``dy``. For a
+    checkpointed layer's recompute, whose output is thrown away: the down projection (a third of the
+    MLP's matmuls, and its NF4 dequantisation) is not run, as its backward needs only its input.
+    """
     _act_id(activation)
     check_adapters(gate_a, gate_b, up_a, up_b, down_a, down_b)
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).contiguous()
     y = TunedagLoRAMLPFunction.apply(
         x2, gate_w, gate_a, gate_b, up_w, up_a, up_b, down_w, down_a, down_b, scaling,
-        activation)
+        activation, output)
     return y.reshape(*shape[:-1], y.shape[-1])
 
 

@@ -129,3 +129,27 @@ def test_partial_adapters_and_second_backward_are_refused():
         y.sum().backward()
     with pytest.raises(ValueError, match="activation"):
         lora_mlp(*args(x, ws, ab), 1.0, "relu")
+
+
+@pytest.mark.parametrize("adapters", [True, False], ids=["lora", "full"])
+def test_without_output_the_gradients_are_the_same(adapters):
+    """output=False (a checkpoint recompute): zeros for y, and from the same dy the same gradients of
+    x, the adapters and a trained down weight as the full forward gives; odd sizes (9 tokens, H 20, I 36)."""
+    from tunedag.kernels.lora_mlp import lora_mlp
+
+    x, ws, ab = make(9, 20, 36, 3, torch.float32, seed=7)
+    ab = ab if adapters else [None] * 6
+    ws = [ws[0], ws[1], ws[2].clone().requires_grad_()]
+    dy = torch.randn(9, 20, generator=torch.Generator().manual_seed(8)).to(DEV)
+    results = []
+    for output in (True, False):
+        leaves = [t for t in (x, *ab, ws[2]) if t is not None]
+        for t in leaves:
+            t.grad = None
+        y = lora_mlp(*args(x, ws, ab), 2.0, "silu", output=output)
+        y.backward(dy)
+        results.append((y.detach(), [t.grad.clone() for t in leaves]))
+    (y_full, grads_full), (y_none, grads_none) = results
+    assert y_full.abs().sum() > 0 and torch.equal(y_none, torch.zeros_like(y_full))
+    for got, want in zip(grads_none, grads_full):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

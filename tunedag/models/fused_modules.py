@@ -17,9 +17,16 @@ for backward, and it refuses to run with gradients enabled.
 
 Shapes: the engine flattens a micro-batch to its N real tokens, so hidden states are
 (1, N, H) and the attention works on (N, heads, head_dim) views.
+
+Checkpoint recompute (inside :func:`recomputing_for_backward`): a layer runs again only to rebuild
+what its backward needs, and its output is thrown away. A fused MLP whose output goes straight into
+the residual stream (every dense architecture but Gemma-2/3, which normalise it first) then skips its
+down projection: backward needs that projection's input, never its output.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -173,13 +180,31 @@ class FusedLoRAAttention(nn.Module):
         return y.view(hidden_states.shape[:-1] + (y.shape[-1],)), None
 
 
+_recompute = threading.local()
+
+
+@contextlib.contextmanager
+def recomputing_for_backward():
+    """Marks a checkpointed layer's second forward, whose output nobody reads (see the module docstring)."""
+    _recompute.on = True
+    try:
+        yield
+    finally:
+        _recompute.on = False
+
+
 class FusedLoRAMLP(nn.Module):
-    """Gated MLP (SwiGLU or GeGLU-tanh) with LoRA on gate/up/down in one autograd Function."""
+    """Gated MLP (SwiGLU or GeGLU-tanh) with LoRA on gate/up/down in one autograd Function.
+
+    ``output_to_residual``: the layer adds this MLP's output to the residual stream as it is, so a
+    checkpoint recompute may skip the down projection.
+    """
 
     def __init__(self, replaced: nn.Module, nf4: dict[str, NF4Weight], prefix: str, activation: str,
-                 switch: AdapterSwitch):
+                 switch: AdapterSwitch, output_to_residual: bool = False):
         super().__init__()
         self.switch = switch
+        self.output_to_residual = output_to_residual
         self.gate_up_proj = getattr(replaced, "gate_up_proj", None)  # Phi-3: packed [gate; up], one LoRA
         if self.gate_up_proj is None:
             self.gate_proj, self.up_proj = replaced.gate_proj, replaced.up_proj
@@ -209,7 +234,8 @@ class FusedLoRAMLP(nn.Module):
         if "gate_up_proj" in self._nf4:
             return self._nf4_packed(x)
         parts = [*self._gate_up_parts(), _lora_parts(self.down_proj, self._nf4, "down_proj")]
-        return lora_mlp(x, *parts[0], *parts[1], *parts[2], _scaling(self.down_proj), self.activation)
+        output = not (self.output_to_residual and getattr(_recompute, "on", False))
+        return lora_mlp(x, *parts[0], *parts[1], *parts[2], _scaling(self.down_proj), self.activation, output)
 
     def _nf4_packed(self, x: torch.Tensor) -> torch.Tensor:
         """QLoRA on a packed [gate; up] (NF4 blocks cannot be split by rows): its LoRA projection, the
@@ -220,4 +246,4 @@ class FusedLoRAMLP(nn.Module):
         return lora_o(act * u, *_lora_parts(self.down_proj, self._nf4, "down_proj"), _scaling(self.down_proj))
 
     def extra_repr(self) -> str:
-        return f"activation={self.activation}, nf4={sorted(self._nf4)}"
+        return f"activation={self.activation}, nf4={sorted(self._nf4)}, output_to_residual={self.output_to_residual}"

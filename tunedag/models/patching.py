@@ -73,8 +73,10 @@ def patch_model(peft_model: nn.Module, nf4: dict[str, NF4Weight] | None = None) 
         _replace(record, layer, path, "self_attn", FusedLoRAAttention(
             attn, config, nf4, f"{path}.self_attn", spec.qk_norm, spec.gemma_norm, _sliding_window(attn, config, spec),
             record.adapters))
+        # Gemma-2/3 normalise the MLP's output before the residual add: that norm's backward reads it
         mlp = (FusedLoRAMoE(layer.mlp, activation, record.router_logits, record.adapters) if spec.moe
-               else FusedLoRAMLP(layer.mlp, nf4, f"{path}.mlp", activation, record.adapters))
+               else FusedLoRAMLP(layer.mlp, nf4, f"{path}.mlp", activation, record.adapters,
+                                 output_to_residual=not hasattr(layer, "post_feedforward_layernorm")))
         _replace(record, layer, path, "mlp", mlp)
         for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                      "post_feedforward_layernorm"):

@@ -12,13 +12,17 @@ Implemented as a reentrant autograd Function: backward recomputes and calls
 ``torch.autograd.backward`` on the layer's output, which accumulates the LoRA gradients into
 ``.grad`` directly. The layer input must require grad for that backward to run at all (the
 engine makes the embedding output require grad). There is no dropout on this path, so the
-recompute needs no RNG replay.
+recompute needs no RNG replay. The recompute runs inside ``recomputing_for_backward``: its
+output is only the root that backward starts from, so fused modules may skip work whose result
+only the output carries (tunedag.models.fused_modules).
 """
 from __future__ import annotations
 
 from typing import Callable, Literal
 
 import torch
+
+from tunedag.models.fused_modules import recomputing_for_backward
 
 Mode = Literal["off", "on", "offload"]
 MIN_OFFLOAD_BYTES = 1 << 20
@@ -61,7 +65,7 @@ class _CheckpointedLayer(torch.autograd.Function):
         else:
             (hidden,) = ctx.saved_tensors
         hidden = hidden.detach().requires_grad_(True)
-        with torch.enable_grad():
+        with torch.enable_grad(), recomputing_for_backward():  # the output is a graph root only
             out = ctx.run(hidden)
         torch.autograd.backward(out, grad_out)
         return hidden.grad, None, None
