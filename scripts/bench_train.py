@@ -16,7 +16,8 @@ Model FLOPs per trained token (stated, not measured; recomputation is not counte
 8B at S = 4096: 33.5 GFLOP/token. MFU = tokens/s * FLOP/token / 989.5e12 (H200 dense bf16 peak).
 
 tunedag's rows: ``ours_lora`` (checkpointing on), ``ours_lora_offload`` (checkpointed inputs in host memory),
-``ours_lora_nockpt`` (no checkpointing), ``ours_qlora`` (NF4 base).
+``ours_lora_nockpt`` (no checkpointing), ``ours_qlora`` (NF4 base); ``_skipK`` (``ours_lora_skip8``): checkpointing
+with the last K layers kept out of it (gradient_checkpointing_skip_layers).
 
 Unsloth (``--plan unsloth``; scripts/bench_peers.py): ``unsloth_lora`` and ``unsloth_qlora`` are Unsloth's
 FastLanguageModel on the same random weights (saved to a scratch folder, loaded bf16 or quantized to NF4 on load),
@@ -62,6 +63,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
@@ -239,9 +241,11 @@ def build_ours(shape: str, variant: str):
     from tunedag.train.triton_engine import TritonEngine
 
     base = random_model(shape)
+    skip = re.search(r"_skip(\d+)", variant)  # ours_lora_skip8: the last 8 layers kept out of checkpointing
     run = RunConfig(base_model="bench", datasets=[], lora_r=16, lora_alpha=32,
                     adapter="qlora" if "qlora" in variant else "lora",
                     gradient_checkpointing="nockpt" not in variant,
+                    gradient_checkpointing_skip_layers=int(skip.group(1)) if skip else 0,
                     activation_offloading="offload" in variant, train_engine="triton")
     engine = TritonEngine(run, None, torch.device("cuda"), base=base)
     torch.cuda.empty_cache()

@@ -88,6 +88,8 @@ CASES = [
     ("top-p-zero", run("eval_top_p: 0"), "runs.demo.eval_top_p: must be in (0, 1], got 0.0"),
     ("top-p-above-1", run("eval_top_p: 1.5"), "runs.demo.eval_top_p: must be in (0, 1], got 1.5"),
     ("warmup-negative", run("warmup_steps: -5"), "runs.demo.warmup_steps: must be at least 0, got -5"),
+    ("skip-layers-negative", run("gradient_checkpointing_skip_layers: -1"),
+     "runs.demo.gradient_checkpointing_skip_layers: must be at least 0, got -1"),
     ("max-steps-zero", run("max_steps: 0"), "runs.demo.max_steps: must be at least 1, got 0"),
     ("lora-r-not-served", run("lora_r: 4"), "runs.demo.lora_r: vLLM serves LoRA ranks 1, 8, 16, 32, 64, 128, 256, "
                                             "320, 512 only, got 4"),

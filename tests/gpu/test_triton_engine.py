@@ -127,6 +127,7 @@ def _check(fast_result, fp32, bf16, floor=2e-3):
     ("llama", {}),
     ("llama", dict(docs=EQUAL_DOCS)),
     ("llama", dict(docs=EQUAL_DOCS, gradient_checkpointing=True)),
+    ("llama", dict(gradient_checkpointing=True, gradient_checkpointing_skip_layers=2)),
     ("llama", dict(adapter="qlora")),
     ("llama", dict(gradient_checkpointing=True, activation_offloading=True,
                    lora_modules_to_save=["embed_tokens", "lm_head"])),
@@ -136,7 +137,7 @@ def _check(fast_result, fp32, bf16, floor=2e-3):
     ("llama", dict(adapter=None)),
     ("qwen3", dict(adapter=None, gradient_checkpointing=True,
                    unfrozen_parameters=[r"layers\.[23]\.", r"norm\.weight$", r"^lm_head"])),
-], ids=["llama", "llama-equal-docs", "llama-equal-docs-ckpt", "llama-qlora", "llama-offload-mts", "qwen3", "gemma2-flex", "llama-full", "qwen3-full-unfrozen-ckpt"])
+], ids=["llama", "llama-equal-docs", "llama-equal-docs-ckpt", "llama-ckpt-skip2", "llama-qlora", "llama-offload-mts", "qwen3", "gemma2-flex", "llama-full", "qwen3-full-unfrozen-ckpt"])
 def test_bf16_step_is_as_close_to_fp32_as_the_torch_engine(arch, overrides, tmp_path):
     model_dir = _model(arch, tmp_path / arch)
     overrides = dict(overrides)

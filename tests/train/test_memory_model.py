@@ -43,6 +43,18 @@ def test_settings_order_by_memory_and_activations_grow_with_tokens():
     assert with_reference["weights"] - full["weights"] == pytest.approx(2 * 1.2357e9, rel=0.01)
 
 
+def test_skipped_layers_span_checkpointing_on_to_off():
+    """Keeping k last layers out of checkpointing adds k layers' activations: 0 is on, all layers is off. The
+    last layer alone costs nothing: under on it is recomputed as soon as backward starts, beside its input."""
+    step = StepShape(16384, "lora")
+    peaks = [predict_peak(LLAMA_8B, step, "on", k)["total"] for k in range(LLAMA_8B.layers + 1)]
+    assert peaks[0] == predict_peak(LLAMA_8B, step, "on")["total"]
+    assert peaks[-1] == predict_peak(LLAMA_8B, step, "off")["total"]
+    assert peaks[1] <= peaks[0] and all(a < b for a, b in zip(peaks[1:], peaks[2:]))
+    offloaded = predict_peak(LLAMA_8B, step, "offload", 3)["total"]
+    assert predict_peak(LLAMA_8B, step, "offload")["total"] < offloaded < peaks[3]
+
+
 def _threshold(predicted: int) -> int:
     """The least free memory a prediction fits in."""
     return math.ceil(predicted * (1 + RESERVE_SHARE) + RESERVE_BYTES)
@@ -66,7 +78,13 @@ def test_auto_record_holds_the_figures_and_the_shortfall():
     step = StepShape(16384, "lora")
     ok = auto_record(LLAMA_8B, step, 40 * GIB)
     assert ok["setting"] == "on" and ok["free_gib"] == 40.0 and ok["tokens_per_micro_batch"] == 16384
-    assert set(ok["predicted_peak_gib"]) == {"off", "on", "offload"} and "shortfall_gib" not in ok
+    assert {"off", "on", "offload"} < set(ok["predicted_peak_gib"]) and "shortfall_gib" not in ok
+    # between on (~22 GiB) and off (~70): the most last layers kept out of checkpointing that still fit
+    skip = ok["skip_layers"]
+    assert 0 < skip < LLAMA_8B.layers
+    assert _threshold(predict_peak(LLAMA_8B, step, "on", skip)["total"]) <= 40 * GIB
+    assert _threshold(predict_peak(LLAMA_8B, step, "on", skip + 1)["total"]) > 40 * GIB
+    assert ok["predicted_peak_gib"][f"on, last {skip} layers kept"] > ok["predicted_peak_gib"]["on"]
     short = auto_record(LLAMA_8B, step, 16 * GIB)  # the bf16 8B weights alone are 15 GiB
     assert short["setting"] == "offload" and short["shortfall_gib"] > 0
     assert short["shortfall_gib"] == pytest.approx(
@@ -129,6 +147,15 @@ def test_auto_on_a_gpu_reads_free_memory_and_picks_what_fits(data, tiny_model_di
     assert record["predicted_peak_gib"]["off"] > record["predicted_peak_gib"]["on"] > 0
     _, other = resolve_checkpointing(tiny_run(data), tiny_model_dir, cuda, "torch")
     assert other["setting"] == "on" and "no measured memory model" in other["reason"]
+
+
+def test_skipped_layers_reach_the_run_when_it_checkpoints(data, tiny_model_dir):
+    asked = tiny_run(data, gradient_checkpointing=True, gradient_checkpointing_skip_layers=3)
+    run, record = resolve_checkpointing(asked, tiny_model_dir, torch.device("cpu"), "triton")
+    assert run.gradient_checkpointing_skip_layers == 3 and record["skip_layers"] == 3
+    run, record = resolve_checkpointing(dataclasses.replace(asked, gradient_checkpointing=False), tiny_model_dir,
+                                        torch.device("cpu"), "triton")
+    assert run.gradient_checkpointing_skip_layers == 0 and "skip_layers" not in record
 
 
 def test_bf16_kahan_full_finetune_counts_eight_bytes_a_weight_with_8bit_moments():

@@ -87,26 +87,39 @@ def test_loss_and_gradients_match_the_torch_engine(arch, tmp_path):
     _assert_same_step(ref, fast, packed_batch())
 
 
-@pytest.mark.parametrize("arch,skips", [("llama", True), ("gemma2", False)])
-def test_checkpoint_recompute_skips_the_down_projection_where_the_output_goes_to_the_residual(
-        arch, skips, tmp_path, monkeypatch):
-    """Checkpointed layers: the recompute asks each fused MLP for no output where the layer adds it to the
-    residual as it is (Llama), and for its output where a norm reads it first (Gemma-2's post-feedforward
-    norm, whose backward needs it); either way the step equals the torch engine's."""
+@pytest.fixture
+def mlp_outputs(monkeypatch):
+    """The ``output`` flag of every fused MLP call, in call order."""
     import tunedag.models.fused_modules as fused
 
-    outputs = []
-    real = fused.lora_mlp
+    outputs, real = [], fused.lora_mlp
 
     def spy(*args):
         outputs.append(args[-1])
         return real(*args)
 
     monkeypatch.setattr(fused, "lora_mlp", spy)
+    return outputs
+
+
+@pytest.mark.parametrize("arch,skips", [("llama", True), ("gemma2", False)])
+def test_checkpoint_recompute_skips_the_down_projection_where_the_output_goes_to_the_residual(
+        arch, skips, tmp_path, mlp_outputs):
+    """Checkpointed layers: the recompute asks each fused MLP for no output where the layer adds it to the
+    residual as it is (Llama), and for its output where a norm reads it first (Gemma-2's post-feedforward
+    norm, whose backward needs it); either way the step equals the torch engine's."""
     ref, fast = _engines(tiny_model(arch, tmp_path / arch), gradient_checkpointing=True)
     _assert_same_step(ref, fast, packed_batch())
     n_layers = CONFIGS[arch]().num_hidden_layers
-    assert outputs == [True] * n_layers + [not skips] * n_layers  # forward, then each layer's recompute
+    assert mlp_outputs == [True] * n_layers + [not skips] * n_layers  # forward, then each layer's recompute
+
+
+def test_layers_kept_out_of_checkpointing_are_not_recomputed(tmp_path, mlp_outputs):
+    ref, fast = _engines(tiny_model("llama", tmp_path / "llama"), gradient_checkpointing=True,
+                         gradient_checkpointing_skip_layers=1)
+    _assert_same_step(ref, fast, packed_batch())
+    n_layers = CONFIGS["llama"]().num_hidden_layers
+    assert n_layers > 1 and mlp_outputs == [True] * n_layers + [False] * (n_layers - 1)
 
 
 def test_qlora_matches_the_torch_engine_on_dequantised_weights(tmp_path):

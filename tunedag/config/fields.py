@@ -348,6 +348,11 @@ class RunConfig:
             "engine); auto: on one GPU with the triton engine the fastest of false, true, offload whose predicted "
             "peak memory fits the free GPU memory (tunedag.train.memory_model, recorded in train_info.json), "
             "true on the other engines' GPUs, false on the CPU")
+    gradient_checkpointing_skip_layers: int = _field(
+        0, stages=("train",),
+        doc="with gradient_checkpointing true or offload (triton engine): the last N decoder layers keep their "
+            "activations instead of recomputing them in backward, each trading one layer's activations of GPU "
+            "memory for a layer's forward of time; auto sets it to the most that fit beside checkpointing on")
     activation_offloading: bool = _field(False, stages=("train",),
                                          doc="with gradient_checkpointing true (or auto, when it checkpoints): keep "
                                              "layer inputs in pinned CPU memory (triton engine)")

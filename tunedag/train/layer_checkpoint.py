@@ -71,14 +71,15 @@ class _CheckpointedLayer(torch.autograd.Function):
         return hidden.grad, None, None
 
 
-def run_layers(layers, hidden: torch.Tensor, call: Callable, mode: Mode) -> torch.Tensor:
-    """hidden -> call(layer, hidden) for each layer, checkpointed per ``mode``."""
+def run_layers(layers, hidden: torch.Tensor, call: Callable, mode: Mode, skip_last: int = 0) -> torch.Tensor:
+    """hidden -> call(layer, hidden) for each layer, checkpointed per ``mode`` but for the last ``skip_last``
+    layers, which keep their activations (no recompute: faster, by a layer's activations of memory each)."""
     last = len(layers) - 1
     for i, layer in enumerate(layers):
         def run(h, layer=layer):
             return call(layer, h)
 
-        if mode == "off" or not torch.is_grad_enabled():
+        if mode == "off" or i > last - skip_last or not torch.is_grad_enabled():
             hidden = run(hidden)
             continue
         offload = (mode == "offload" and hidden.is_cuda and i != last

@@ -17,6 +17,8 @@ expert a token visits its gathered input and output, gate_up, act and their prod
 - ``on``: every layer's input (2H bytes) plus one recomputed layer in backward;
 - ``offload``: ``OFFLOAD_RESIDENT_INPUTS`` layer inputs stay on the GPU (the last layer's, which
   backward needs at once, and one in flight), plus one recomputed layer in backward;
+- ``on`` or ``offload`` with ``gradient_checkpointing_skip_layers`` k: the last k layers' S as under
+  ``off`` beside the other layers' inputs (``auto`` under ``on`` keeps as many as fit);
 
 or, when larger, the stored part plus the fused cross-entropy's fp32 logits chunk. S and the weights
 come from the model's shape; the three constants are fitted to the peaks measured on an H200
@@ -145,8 +147,9 @@ def lora_params(model: ModelShape, step: StepShape) -> int:
     return model.layers * per_layer
 
 
-def predict_peak(model: ModelShape, step: StepShape, setting: Mode) -> dict[str, int]:
-    """Predicted peak bytes of a step and its parts: weights, optimizer, gradients, activations, total."""
+def predict_peak(model: ModelShape, step: StepShape, setting: Mode, skip_layers: int = 0) -> dict[str, int]:
+    """Predicted peak bytes of a step and its parts: weights, optimizer, gradients, activations, total.
+    ``skip_layers``: checkpointed settings' last layers that keep their activations (``off`` keeps all)."""
     h, n = model.hidden, step.tokens
     head = model.vocab * h  # one of embed_tokens / lm_head
     if step.adapter is None:
@@ -164,9 +167,12 @@ def predict_peak(model: ModelShape, step: StepShape, setting: Mode) -> dict[str,
     trained_bytes = 2 if kahan else 4  # each trained weight and its gradient
     state += 2 if kahan else 0  # the compensation buffer is optimizer state
     s = model.saved_bytes_per_token()
-    stored = {"off": model.layers * s, "on": model.layers * 2 * h, "offload": OFFLOAD_RESIDENT_INPUTS * 2 * h}[setting]
+    kept = model.layers if setting == "off" else min(skip_layers, model.layers)  # layers keeping their S
+    checkpointed = model.layers - kept
+    inputs = {"off": 0, "on": checkpointed, "offload": min(OFFLOAD_RESIDENT_INPUTS, checkpointed)}[setting] * 2 * h
+    stored = inputs + kept * s
     in_backward = BACKWARD_LAYER_FACTOR * s
-    others = (model.layers - 1) * s if setting == "off" else stored
+    others = stored - s if kept else stored  # backward starts in the last layer: a kept one's S is in_backward
     activations = max(n * (others + in_backward), n * stored + min(n, CE_CHUNK_ROWS) * model.vocab * 4)
     gradients = trained_bytes * trained
     weights = int(frozen_bytes + trained_bytes * trained
@@ -191,18 +197,33 @@ def choose(predicted: dict[Mode, int], free: int,
     return candidates[-1], False
 
 
+def most_skipped_layers(model: ModelShape, step: StepShape, free: int) -> int:
+    """The most last layers that may keep their activations under checkpointing ``on`` in ``free`` bytes."""
+    for skip in range(model.layers - 1, 0, -1):
+        if fits(predict_peak(model, step, "on", skip)["total"], free):
+            return skip
+    return 0
+
+
 def auto_record(model: ModelShape, step: StepShape, free: int,
                 candidates: Sequence[Mode] = FASTEST_FIRST) -> dict[str, Any]:
-    """``auto``'s choice for a step on a GPU with ``free`` bytes, with the figures it used (train_info.json)."""
+    """``auto``'s choice for a step on a GPU with ``free`` bytes, with the figures it used (train_info.json):
+    the fastest setting that fits, and under ``on`` as many last layers kept out of checkpointing as fit."""
     predicted = {s: predict_peak(model, step, s)["total"] for s in FASTEST_FIRST}
     setting, ok = choose(predicted, free, candidates)
     record = {"requested": "auto", "setting": setting, "free_gib": round(free / GIB, 3),
               "tokens_per_micro_batch": step.tokens,
               "predicted_peak_gib": {s: round(b / GIB, 3) for s, b in predicted.items()},
               "reserve": f"{RESERVE_BYTES / GIB:g} GiB + {RESERVE_SHARE:.0%} of the prediction"}
+    skip = most_skipped_layers(model, step, free) if ok and setting == "on" else 0
+    if skip:
+        record["skip_layers"] = skip
+        record["predicted_peak_gib"][f"on, last {skip} layers kept"] = round(
+            predict_peak(model, step, "on", skip)["total"] / GIB, 3)
     if ok:
-        log.info("gradient_checkpointing auto: %s (predicted peak %.1f GiB of %.1f GiB free; off %.1f, on %.1f, "
-                 "offload %.1f)", setting, predicted[setting] / GIB, free / GIB,
+        log.info("gradient_checkpointing auto: %s%s (predicted peak %.1f GiB of %.1f GiB free; off %.1f, on %.1f, "
+                 "offload %.1f)", setting, f" but for the last {skip} of {model.layers} layers" if skip else "",
+                 predict_peak(model, step, setting, skip)["total"] / GIB, free / GIB,
                  *(predicted[s] / GIB for s in FASTEST_FIRST))
     else:
         need = predicted[setting] * (1 + RESERVE_SHARE) + RESERVE_BYTES
@@ -240,6 +261,7 @@ def resolve_checkpointing(run: RunConfig, model_path: Path, device: torch.device
     GPUs, which the model does not cover."""
     asked = checkpoint_setting(run)
     record: dict[str, Any] = {"requested": asked}
+    skip = run.gradient_checkpointing_skip_layers
     if asked != "auto":
         setting: Mode = asked
     elif device.type != "cuda":
@@ -258,12 +280,16 @@ def resolve_checkpointing(run: RunConfig, model_path: Path, device: torch.device
         free = torch.cuda.mem_get_info(device)[0]
         record = auto_record(ModelShape.from_config(config), step, free,
                              ("off", "offload") if run.activation_offloading else FASTEST_FIRST)
-        setting = record["setting"]
+        setting, skip = record["setting"], record.get("skip_layers", 0)
     if setting == "offload" and engine != "triton":
         setting, record["reason"] = "on", f"offload is the triton engine's; the {engine} engine checkpoints on the GPU"
     record["setting"] = setting
+    skip = skip if setting != "off" else 0
+    if skip:
+        record["skip_layers"] = skip
     value = {"off": False, "on": True, "offload": "offload"}[setting]
-    return dataclasses.replace(run, gradient_checkpointing=value, activation_offloading=setting == "offload"), record
+    return dataclasses.replace(run, gradient_checkpointing=value, activation_offloading=setting == "offload",
+                               gradient_checkpointing_skip_layers=skip), record
 
 
 # The shapes scripts/bench_train.py measures (vocab 128256 for all).

@@ -116,10 +116,12 @@ class TritonEngine:
             model = self._lora_model(base, run)
             nf4 = quantize_base_weights(model) if run.adapter == "qlora" else {}
         self.patches = patch_model(model, nf4)
-        log.info("triton engine: %s; gradient checkpointing %s", self.patches.summary(), build_setting(run))
+        self.checkpointing: Mode = build_setting(run)
+        self.skip_layers = run.gradient_checkpointing_skip_layers if self.checkpointing != "off" else 0
+        log.info("triton engine: %s; gradient checkpointing %s%s", self.patches.summary(), self.checkpointing,
+                 f" but for the last {self.skip_layers} layers" if self.skip_layers else "")
         model.train()
         self.model = model
-        self.checkpointing: Mode = build_setting(run)
         self.causal_lm = model if self.full else model.get_base_model()
         self.decoder = self.causal_lm.model
         self.spec = ARCHITECTURES[self.causal_lm.config.model_type]
@@ -190,7 +192,7 @@ class TritonEngine:
                         position_embeddings=cos_sin[layer.self_attn.layer_idx])
             return out[0] if isinstance(out, tuple) else out
 
-        hidden = run_layers(self.decoder.layers, hidden, call, self.checkpointing)
+        hidden = run_layers(self.decoder.layers, hidden, call, self.checkpointing, self.skip_layers)
         return self.decoder.norm(hidden)[0]
 
     def _rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> list:
