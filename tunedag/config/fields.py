@@ -352,7 +352,8 @@ class RunConfig:
         0, stages=("train",),
         doc="with gradient_checkpointing true or offload (triton engine): the last N decoder layers keep their "
             "activations instead of recomputing them in backward, each trading one layer's activations of GPU "
-            "memory for a layer's forward of time; auto sets it to the most that fit beside checkpointing on")
+            "memory for a layer's forward of time (the last layer always does: 0 and 1 are the same); auto sets "
+            "it to the most that fit beside checkpointing on")
     activation_offloading: bool = _field(False, stages=("train",),
                                          doc="with gradient_checkpointing true (or auto, when it checkpoints): keep "
                                              "layer inputs in pinned CPU memory (triton engine)")

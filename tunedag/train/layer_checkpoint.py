@@ -6,7 +6,10 @@ backward runs the layer again (with grad) before back-propagating through it.
 stream so the copy overlaps the next layers' compute, and comes back for the recompute. A
 layer input of 4096 tokens x 4096 hidden in bf16 is 32 MiB: on an 8B model that is 1 GiB of
 GPU memory returned for 32 layers. Tiny inputs (< 1 MiB, where a copy costs more than it
-frees) and the last layer (whose input backward needs first, immediately) stay on the GPU.
+frees) stay on the GPU.
+
+In both, the last layer is not checkpointed (backward starts with it), and neither are the last
+``skip_last`` layers (``gradient_checkpointing_skip_layers``).
 
 Implemented as a reentrant autograd Function: backward recomputes and calls
 ``torch.autograd.backward`` on the layer's output, which accumulates the LoRA gradients into
@@ -73,8 +76,11 @@ class _CheckpointedLayer(torch.autograd.Function):
 
 def run_layers(layers, hidden: torch.Tensor, call: Callable, mode: Mode, skip_last: int = 0) -> torch.Tensor:
     """hidden -> call(layer, hidden) for each layer, checkpointed per ``mode`` but for the last ``skip_last``
-    layers, which keep their activations (no recompute: faster, by a layer's activations of memory each)."""
+    layers, which keep their activations (no recompute: faster, by a layer's activations of memory each).
+    The last layer is never checkpointed: backward starts there, so its recompute would hold the same
+    activations at once, beside its saved input, and only cost time."""
     last = len(layers) - 1
+    skip_last = max(skip_last, 1)
     for i, layer in enumerate(layers):
         def run(h, layer=layer):
             return call(layer, h)
@@ -82,7 +88,7 @@ def run_layers(layers, hidden: torch.Tensor, call: Callable, mode: Mode, skip_la
         if mode == "off" or i > last - skip_last or not torch.is_grad_enabled():
             hidden = run(hidden)
             continue
-        offload = (mode == "offload" and hidden.is_cuda and i != last
+        offload = (mode == "offload" and hidden.is_cuda
                    and hidden.numel() * hidden.element_size() >= MIN_OFFLOAD_BYTES)
         hidden = _CheckpointedLayer.apply(hidden, run, offload)
     return hidden

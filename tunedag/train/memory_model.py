@@ -15,10 +15,10 @@ expert a token visits its gathered input and output, gate_up, act and their prod
 - ``off``: every layer's S; the layer in backward holds its S plus its gradients' work space,
   ``BACKWARD_LAYER_FACTOR`` x S in all;
 - ``on``: every layer's input (2H bytes) plus one recomputed layer in backward;
-- ``offload``: ``OFFLOAD_RESIDENT_INPUTS`` layer inputs stay on the GPU (the last layer's, which
-  backward needs at once, and one in flight), plus one recomputed layer in backward;
-- ``on`` or ``offload`` with ``gradient_checkpointing_skip_layers`` k: the last k layers' S as under
-  ``off`` beside the other layers' inputs (``auto`` under ``on`` keeps as many as fit);
+- ``offload``: ``OFFLOAD_RESIDENT_INPUTS`` layer inputs stay on the GPU, plus one recomputed layer
+  in backward;
+- in both, the last k layers keep their S as under ``off``: k = ``gradient_checkpointing_skip_layers``,
+  at least 1 (the last layer is never checkpointed; ``auto`` under ``on`` keeps as many as fit);
 
 or, when larger, the stored part plus the fused cross-entropy's fp32 logits chunk. S and the weights
 come from the model's shape; the three constants are fitted to the peaks measured on an H200
@@ -49,7 +49,8 @@ FASTEST_FIRST: tuple[Mode, ...] = ("off", "on", "offload")
 # 8B QLoRA rows of 65,536-262,144 tokens (where fixed costs vanish), 1.39 for Phi-3-mini, 1.46-1.59 at 4,096-32,768
 # tokens (where STEP_OVERHEAD is a larger share).
 BACKWARD_LAYER_FACTOR = 1.42
-# Fitted to the 8B QLoRA offload row at 131,072 tokens: 2.25 layer inputs per token beside the layer in backward.
+# Fitted to the 8B QLoRA offload row at 131,072 tokens: 2.25 layer inputs per token beside the layer in backward
+# (measured when the last layer was checkpointed too, its input on the GPU; now it keeps its S, counted apart).
 OFFLOAD_RESIDENT_INPUTS = 2
 # Fitted: the median of the rows' measured minus predicted peak without it (cuBLAS workspaces, small tensors).
 STEP_OVERHEAD = int(0.15 * GIB)
@@ -167,7 +168,7 @@ def predict_peak(model: ModelShape, step: StepShape, setting: Mode, skip_layers:
     trained_bytes = 2 if kahan else 4  # each trained weight and its gradient
     state += 2 if kahan else 0  # the compensation buffer is optimizer state
     s = model.saved_bytes_per_token()
-    kept = model.layers if setting == "off" else min(skip_layers, model.layers)  # layers keeping their S
+    kept = model.layers if setting == "off" else min(max(skip_layers, 1), model.layers)  # layers keeping their S
     checkpointed = model.layers - kept
     inputs = {"off": 0, "on": checkpointed, "offload": min(OFFLOAD_RESIDENT_INPUTS, checkpointed)}[setting] * 2 * h
     stored = inputs + kept * s
@@ -199,10 +200,10 @@ def choose(predicted: dict[Mode, int], free: int,
 
 def most_skipped_layers(model: ModelShape, step: StepShape, free: int) -> int:
     """The most last layers that may keep their activations under checkpointing ``on`` in ``free`` bytes."""
-    for skip in range(model.layers - 1, 0, -1):
+    for skip in range(model.layers - 1, 1, -1):
         if fits(predict_peak(model, step, "on", skip)["total"], free):
             return skip
-    return 0
+    return 0  # the last layer alone, which on never checkpoints
 
 
 def auto_record(model: ModelShape, step: StepShape, free: int,
