@@ -42,7 +42,7 @@ from tunedag.train.layer_checkpoint import Mode
 log = logging.getLogger(__name__)
 
 GIB = 2**30
-# fastest first: 14,515 / 10,328 / 10,008 tokens/s for the 8B shape at 4 x 4096 (notes/gpu-peers.md)
+# fastest first: 15,837 / 11,973 / 11,467 tokens/s for the 8B shape at 4 x 4096 (BENCHMARKS.md, 2026-12-01)
 FASTEST_FIRST: tuple[Mode, ...] = ("off", "on", "offload")
 
 # Fitted to CALIBRATION's "on" rows: (peak - weights - optimizer - N x L x 2H) / (N x S) is 1.41-1.42 for the
