@@ -11,9 +11,9 @@ Backends, chosen by device and features:
 - CUDA, no logit softcap, every document of the micro-batch one length L (one document per row,
   or DPO's chosen and rejected of one length), no window shorter than L: cuDNN's dense causal
   attention over (documents, H, L, D), with grouped key/value heads (repeated to the query heads
-  where cuDNN refuses them). On an H200
-  (torch 2.11) it runs forward + backward at 1.8x the varlen kernel's rate for 4 x 4096 tokens
-  and 1.6x for one 131,072-token document (``scripts/bench_attention.py``; BENCHMARKS.md).
+  where cuDNN refuses them). On an H200 (torch 2.11) it runs forward + backward at 1.8x the varlen
+  kernel's rate for 4 x 4096 tokens and 1.6x for one 131,072-token document
+  (``scripts/bench_attention.py``; BENCHMARKS.md).
 - CUDA otherwise, no logit softcap: ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention-2
   varlen kernel; causal via ``window_size=(-1, 0)``; GQA natively).
 - CUDA, logit softcap (Gemma-2): FlexAttention, compiled, with a same-document causal block
