@@ -5,7 +5,6 @@ no Slurm cluster is needed.
 """
 import os
 import stat
-from pathlib import Path
 
 import pytest
 

@@ -3,7 +3,6 @@
 Every wait is bounded; a cluster without accounting would make submitit and the Snakemake plugin
 hang, which slurm-up.sh avoids by running slurmdbd.
 """
-import dataclasses
 import json
 import subprocess
 import sys
