@@ -123,6 +123,14 @@ def test_layers_kept_out_of_checkpointing_are_not_recomputed(tmp_path, mlp_outpu
     assert n_layers > 1 and mlp_outputs == [True] * n_layers  # no recompute at all
 
 
+def test_the_torch_engine_says_it_recomputes_every_layer(tmp_path, caplog):
+    run = _run(tiny_model("llama", tmp_path / "llama"), gradient_checkpointing=True,
+               gradient_checkpointing_skip_layers=1, train_engine="torch")
+    with caplog.at_level(logging.WARNING):
+        TorchEngine(run, tmp_path / "llama", CPU)
+    assert "gradient_checkpointing_skip_layers: 1 is the triton engine's" in caplog.text
+
+
 def test_qlora_matches_the_torch_engine_on_dequantised_weights(tmp_path):
     model_dir = tiny_model("llama", tmp_path / "llama")
     ref, fast = _engines(model_dir, adapter="qlora")

@@ -103,6 +103,9 @@ class TorchEngine:
         if build_setting(run) != "off":  # offload is the triton engine's: here checkpointing on the GPU
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.enable_input_require_grads()
+            if run.gradient_checkpointing_skip_layers:
+                log.warning("gradient_checkpointing_skip_layers: %d is the triton engine's; HF's checkpointing "
+                            "here recomputes every layer", run.gradient_checkpointing_skip_layers)
         if self.full:
             n = unfreeze_only(base, run.unfrozen_parameters)
             log.info("full fine-tuning: %d of %d parameter tensors trained", n, len(list(base.parameters())))
