@@ -54,6 +54,8 @@ Usage: python scripts/bench_train.py --out bench.jsonl [--budget-s 330] [--plan 
        python scripts/bench_train.py --plan profile --profile --out profile.jsonl --budget-s 500   (each row's GPU
            time split by kernel class: matmul, attention, tunedag kernels, copies, rest)
        python scripts/bench_train.py --plan unsloth --out unsloth.jsonl --budget-s 330   (Unsloth and its HF rows, 8b, batch 4)
+       python scripts/bench_train.py --plan settings --out settings.jsonl --budget-s 560   (every checkpointing setting
+           of the 8B shape, LoRA and QLoRA, beside HF, Unsloth and Liger; about 70 s a row)
        python scripts/bench_train.py --plan dpo --out dpo.jsonl --budget-s 390   (DPO rows, 8b, 2 pairs)
        python scripts/bench_train.py --plan real_arches --out arches.jsonl --budget-s 520   (MoE and Gemma-3
            models at their real shapes against HF + peft, batch 2)
@@ -119,6 +121,10 @@ PLANS = {
     # with --profile: where each setting's step goes, for HF, Liger, Unsloth and tunedag's checkpointing settings
     "profile": [("hf_peft", "8b", 4), ("hf_peft_liger", "8b", 4), ("unsloth_lora", "8b", 4), ("ours_lora", "8b", 4),
                 ("ours_lora_offload", "8b", 4), ("ours_lora_nockpt", "8b", 4)],
+    # every setting of the 8B table beside its peers (BENCHMARKS.md "Training: single GPU", 2026-12-01)
+    "settings": [("hf_peft", "8b", 4), ("unsloth_lora", "8b", 4), ("ours_lora", "8b", 4), ("ours_lora_offload", "8b", 4),
+                 ("ours_lora_nockpt", "8b", 4), ("ours_lora_skip8", "8b", 4), ("ours_lora_skip16", "8b", 4),
+                 ("ours_qlora_offload", "8b", 4), ("ours_qlora", "8b", 4), ("hf_peft_liger", "8b", 4)],
     "real_arches": [(v, shape, 2) for shape in ("gpt-oss-20b", "gemma3-4b", "qwen3-30b-a3b", "mixtral-8x7b")
                     for v in ("ours_lora", "hf_peft")],
     "dpo": [("trl_dpo", "8b", 2), ("ours_dpo", "8b", 2), ("ours_dpo_precomputed", "8b", 2),
