@@ -287,8 +287,8 @@ def _check_ranges(run: RunConfig, where: str) -> None:
                   "save_steps", "keep_last_checkpoints", "logging_steps", "eval_max_samples", "eval_max_new_tokens")
     problems += [f"{where}.{name}: must be at least 1, got {getattr(run, name)!r}"
                  for name in at_least_1 if getattr(run, name) < 1]
-    at_least_0 = ("warmup_steps", "gradient_checkpointing_skip_layers", "weight_decay", "max_grad_norm", "eval_temperature", "orpo_alpha",
-                  "kto_desirable_weight", "kto_undesirable_weight")
+    at_least_0 = ("warmup_steps", "gradient_checkpointing_skip_layers", "weight_decay", "max_grad_norm",
+                  "eval_temperature", "orpo_alpha", "kto_desirable_weight", "kto_undesirable_weight")
     problems += [f"{where}.{name}: must be at least 0, got {getattr(run, name)!r}"
                  for name in at_least_0 if getattr(run, name) < 0]
     problems += [f"{where}.{name}: must be positive, got {getattr(run, name)!r}"
