@@ -346,7 +346,8 @@ class RunConfig:
         "auto", stages=("train",),
         doc="recompute activations in backward; offload: also keep the layer inputs in pinned CPU memory (triton "
             "engine); auto: on one GPU with the triton engine the fastest of false, true, offload whose predicted "
-            "peak memory fits the free GPU memory (tunedag.train.memory_model, recorded in train_info.json), "
+            "peak memory fits the free GPU memory (tunedag.train.memory_model, recorded in train_info.json), with "
+            "true keeping as many last layers out of checkpointing as fit (gradient_checkpointing_skip_layers); "
             "true on the other engines' GPUs, false on the CPU")
     gradient_checkpointing_skip_layers: int = _field(
         0, stages=("train",),
